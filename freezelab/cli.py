@@ -1,0 +1,106 @@
+"""The ``freezelab`` command line.
+
+    freezelab policies [--format table|json]
+    freezelab inspect --model NAME --policy FILE_OR_JSON [--epoch E] [--format table|json]
+    freezelab train CONFIG [--set a.b=value ...] [--address RAY_ADDRESS]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except UserError as err:
+        print(f"freezelab {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: printed without a traceback."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="freezelab",
+        description="Freeze-policy experiments for fine-tuning pretrained vision backbones.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("policies", help="list the freeze-policy catalog")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(run=_policies)
+
+    p = commands.add_parser("inspect", help="show what a policy freezes on a model")
+    p.add_argument("--model", required=True, help="vgg16 or any timm model name")
+    p.add_argument("--policy", required=True, help="a policy file (JSON/YAML) or inline JSON")
+    p.add_argument("--epoch", type=int, default=0)
+    p.add_argument("--num-classes", type=int, default=2)
+    p.add_argument(
+        "--head",
+        default=None,
+        help='custom head as JSON, e.g. \'{"pool": "flatten", "hidden": [256]}\'',
+    )
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(run=_inspect)
+
+    return parser
+
+
+def _policies(args: argparse.Namespace) -> int:
+    from freezelab.policies import list_policies
+
+    catalog = []
+    for name, cls in list_policies().items():
+        fields = {
+            field: _field_summary(info)
+            for field, info in cls.model_fields.items()
+            if field != "type"
+        }
+        catalog.append({"type": name, "description": cls.description, "fields": fields})
+    if args.format == "json":
+        print(json.dumps(catalog, indent=2))
+        return 0
+    for entry in catalog:
+        print(f"{entry['type']}: {entry['description']}")
+        for field, summary in entry["fields"].items():
+            print(f"    {field}: {summary}")
+    return 0
+
+
+def _field_summary(info) -> str:
+    annotation = info.annotation
+    if isinstance(annotation, type):
+        annotation = annotation.__name__
+    annotation = str(annotation).replace("typing.", "")
+    if info.is_required():
+        return f"{annotation} (required)"
+    return f"{annotation} = {info.default!r}"
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from freezelab.policies import PolicyError, load_policy
+    from freezelab.policies.summary import format_table, summarize_plan
+    from freezelab.trainers.models import build_model
+
+    try:
+        policy = load_policy(args.policy)
+        head = json.loads(args.head) if args.head else None
+        model = build_model(args.model, args.num_classes, head=head)
+        report = summarize_plan(model, policy, args.model, epoch=args.epoch)
+    except (PolicyError, ValueError, FileNotFoundError) as err:
+        raise UserError(str(err)) from None
+    if args.format == "json":
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_table(report))
+    return 0

@@ -1,0 +1,64 @@
+"""Apply a plan to a model: ``requires_grad`` per parameter, and the norm layers' modes.
+
+>>> import timm
+>>> from freezelab.policies import apply, from_dict
+>>> model = timm.create_model("test_resnet", num_classes=2)
+>>> plan = from_dict({"type": "head_only"}).plan(model, epoch=0)
+>>> apply(model, plan)
+>>> model.train().bn1.training  # frozen BatchNorm stays in eval mode
+False
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch.nn as nn
+
+from freezelab.policies.base import FreezePlan
+from freezelab.policies.groups import group_of_module
+
+_STAT_NORMS = (nn.modules.batchnorm._NormBase,)
+
+
+def apply(model: nn.Module, plan: FreezePlan) -> None:
+    """Set ``requires_grad`` from the plan and pin norm layers of eval-mode groups.
+
+    A pinned norm layer stays in eval mode (fixed running statistics) when
+    ``model.train()`` is called again; a later plan that trains it unpins it.
+    """
+    known = {n for g in plan.groups for n in g.param_names}
+    names = {n for n, _ in model.named_parameters()}
+    if known != names:
+        raise ValueError(
+            "plan does not belong to this model: "
+            f"{len(names - known)} parameters of the model are not in the plan, "
+            f"{len(known - names)} parameters of the plan are not in the model"
+        )
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in plan.trainable_param_names)
+    for module_name, module in model.named_modules():
+        if not isinstance(module, _STAT_NORMS):
+            continue
+        group = group_of_module(plan.groups, module_name)
+        pinned = group is not None and plan.bn[group.name] == "eval"
+        _pin_eval(module, pinned)
+    model.train(model.training)
+
+
+def is_pinned_eval(module: nn.Module) -> bool:
+    return "train" in module.__dict__
+
+
+def _pin_eval(module: nn.Module, pinned: bool) -> None:
+    if pinned:
+        # An instance-level ``train`` shadows nn.Module.train, which the parent's
+        # ``train()`` calls for every child: the layer stays in eval mode.
+        module.train = types.MethodType(_stay_in_eval, module)
+        nn.Module.train(module, False)
+    elif is_pinned_eval(module):
+        del module.train
+
+
+def _stay_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:
+    return nn.Module.train(self, False)

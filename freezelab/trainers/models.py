@@ -1,0 +1,206 @@
+"""Build a backbone with a fresh classifier: VGG16 or any timm model.
+
+>>> model = build_model("test_resnet", num_classes=3)
+>>> model.get_classifier().out_features
+3
+
+The classic Keras recipe (VGG16 without its top, then Flatten, Dense(256, relu),
+Dense(num_classes)) is ``build_model("vgg16", 2, head={"pool": "flatten",
+"hidden": [256]})``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field
+
+log = logging.getLogger(__name__)
+
+
+class HeadConfig(BaseModel):
+    """A custom classifier on the backbone's features.
+
+    ``pool``: ``flatten`` (the feature map as is, Keras's Flatten), ``avg`` or ``max``
+    (global pooling of the feature map), or ``default`` (timm's own pooling and
+    pre-logits). ``hidden``: sizes of the hidden Linear+ReLU layers.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    pool: Literal["flatten", "avg", "max", "default"] = "default"
+    hidden: tuple[int, ...] = ()
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class FineTuneModel(nn.Module):
+    """A timm backbone without its classifier, and a custom ``head``.
+
+    Groups, policies and checkpoints see ``backbone.*`` and ``head.*`` parameters.
+    """
+
+    def __init__(self, backbone: nn.Module, head_config: HeadConfig, num_classes: int, input_size):
+        super().__init__()
+        self.backbone = backbone
+        self.pool = head_config.pool
+        if self.pool != "default":
+            _drop_modules_after_features(backbone)
+        with torch.no_grad():
+            was_training = backbone.training
+            backbone.eval()
+            features = self.features(torch.zeros(1, *input_size))
+            backbone.train(was_training)
+        layers: list[nn.Module] = []
+        width = features.shape[1]
+        for size in head_config.hidden:
+            layers += [nn.Linear(width, size), nn.ReLU(inplace=True)]
+            if head_config.dropout:
+                layers.append(nn.Dropout(head_config.dropout))
+            width = size
+        layers.append(nn.Linear(width, num_classes))
+        self.head = nn.Sequential(*layers)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's output as a (batch, features) matrix."""
+        x = self.backbone.forward_features(x)
+        if self.pool == "default":
+            return self.backbone.forward_head(x, pre_logits=True)
+        if x.ndim == 3:  # tokens (ViT): pool over the sequence
+            x = x.transpose(1, 2).unsqueeze(-1)
+        if self.pool == "flatten":
+            return torch.flatten(x, 1)
+        if self.pool == "avg":
+            return x.mean(dim=(2, 3))
+        return x.amax(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+
+def _drop_modules_after_features(backbone: nn.Module) -> None:
+    # With pool flatten/avg/max the head reads forward_features() directly: the
+    # backbone's own pre-logits and classifier would hold parameters that get no
+    # gradient (DDP raises on those), so they go.
+    backbone.reset_classifier(0)
+    for name in ("pre_logits", "fc_norm", "head"):
+        module = getattr(backbone, name, None)
+        if isinstance(module, nn.Module) and any(True for _ in module.parameters()):
+            setattr(backbone, name, nn.Identity())
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    *,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
+    head: HeadConfig | dict | None = None,
+    in_chans: int = 3,
+) -> nn.Module:
+    """A backbone with a fresh classifier for ``num_classes``.
+
+    ``pretrained=True`` downloads the weights through timm (the Hugging Face Hub);
+    ``weights=PATH`` loads a local safetensors or state-dict file instead. Classifier
+    weights whose class count differs are dropped with a log line.
+    """
+    import timm
+
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if pretrained and weights:
+        raise ValueError("set either pretrained or weights, not both")
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name}*")[:8]
+        hint = f"; similar names: {', '.join(close)}" if close else ""
+        raise ValueError(f"unknown model {name!r}: not a timm model name{hint}")
+    head_config = HeadConfig.model_validate(head) if isinstance(head, dict) else head
+    classes = 0 if head_config else num_classes
+    try:
+        backbone = timm.create_model(name, pretrained=pretrained, num_classes=classes, in_chans=in_chans)
+    except Exception as err:
+        if not pretrained:
+            raise
+        raise RuntimeError(
+            f"could not download the pretrained weights of {name!r} ({type(err).__name__}: {err}). "
+            "Without internet access, point model.weights at a local safetensors or "
+            "state-dict file instead."
+        ) from err
+    if head_config is None:
+        model = backbone
+    else:
+        input_size = (in_chans, *timm.data.resolve_data_config({}, model=backbone)["input_size"][1:])
+        model = FineTuneModel(backbone, head_config, num_classes, input_size)
+    if weights:
+        load_weights(model, weights)
+    return model
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from a safetensors file, or a state dict saved with ``torch.save``.
+
+    Pickled files are read with ``weights_only=True``: a weights file never runs code.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):  # common checkpoint wrappers
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{str(path)!r} does not hold a state dict of tensors")
+    return state
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a weights file into ``model``, dropping a classifier of another shape.
+
+    Keys may carry DDP's ``module.`` prefix; weights of a plain timm model load into
+    the backbone of a model with a custom head.
+    """
+    state = {k.removeprefix("module."): v for k, v in read_state_dict(path).items()}
+    target = model.state_dict()
+    if isinstance(model, FineTuneModel) and not any(k.startswith("backbone.") for k in state):
+        state = {"backbone." + k: v for k, v in state.items()}
+    head_keys = _head_state_keys(model)
+    mismatched = [k for k, v in state.items() if k in target and target[k].shape != v.shape]
+    for key in mismatched:
+        if key not in head_keys:
+            raise ValueError(
+                f"weights file {str(path)!r}: {key} has shape {tuple(state[key].shape)}, "
+                f"the model expects {tuple(target[key].shape)}"
+            )
+        del state[key]
+    if mismatched:
+        log.info("dropped classifier weights of another class count: %s", ", ".join(mismatched))
+    unexpected = [k for k in state if k not in target]
+    for key in unexpected:
+        del state[key]
+    if unexpected:
+        log.info("ignored %d weights the model does not have: %s", len(unexpected), ", ".join(unexpected[:5]))
+    missing = [k for k in target if k not in state and k not in head_keys]
+    if missing:
+        raise ValueError(
+            f"weights file {str(path)!r} lacks {len(missing)} backbone tensors, e.g. {missing[:3]}: "
+            "is it the weights of another architecture?"
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def _head_state_keys(model: nn.Module) -> set[str]:
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, nn.Module):
+        return set()
+    ids = {id(t) for t in (*head.parameters(), *head.buffers())}
+    return {k for k, t in model.state_dict(keep_vars=True).items() if id(t) in ids}
