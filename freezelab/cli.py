@@ -53,7 +53,49 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.set_defaults(run=_inspect)
 
+    p = commands.add_parser("train", help="fine-tune under a freeze policy on Ray Train")
+    p.add_argument("config", help="a train config (YAML)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set optimizer.lr=0.001 (repeatable)",
+    )
+    p.add_argument("--address", default=None, help="Ray address to join (else RAY_ADDRESS, else local)")
+    p.set_defaults(run=_train)
+
+    p = commands.add_parser("demo", help="the transfer study: pretrain on digits 0-4, fine-tune on 5-9")
+    p.add_argument("--config", default=None, help="a study config (YAML); default: the built-in one")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--address", default=None)
+    p.set_defaults(run=_demo)
     return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from freezelab.trainers.config import ConfigError, load_config
+    from freezelab.trainers.launch import run_training, summarize_result
+
+    try:
+        config = load_config(args.config, overrides=args.overrides)
+        result = run_training(config, address=args.address)
+    except ConfigError as err:
+        raise UserError(str(err)) from None
+    print(summarize_result(config, result))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from freezelab.trainers.config import ConfigError
+    from freezelab.trainers.study import run_study
+
+    try:
+        run_study(args.config, overrides=args.overrides, address=args.address)
+    except ConfigError as err:
+        raise UserError(str(err)) from None
+    return 0
 
 
 def _policies(args: argparse.Namespace) -> int:

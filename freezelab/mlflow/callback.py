@@ -1,0 +1,119 @@
+"""Per-epoch metrics into MLflow from one process: the Train controller.
+
+Ray's ``MLflowLoggerCallback`` is a Tune callback and ``setup_mlflow`` runs inside
+the workers; neither fits a Ray Train V2 run, whose ``RunConfig`` takes only
+``ray.train.UserCallback``. This callback runs on the controller (once per report,
+not once per worker) and logs rank 0's metrics with ``step=epoch``.
+
+Every epoch is logged exactly once: epochs already in the run (a resumed run, or a
+worker group restarted from an older checkpoint, as in Ray issue 48664) are skipped.
+A tracking server lost mid-run never stops training: the metrics wait in memory and
+are retried at the next report, and every pending batch is also appended to a local
+JSON-lines file whose path is printed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from ray.train import UserCallback
+
+NUMERIC = (int, float)
+
+
+class MlflowMetricsCallback(UserCallback):
+    def __init__(self, tracking_uri: str, run_id: str, fallback_file: str):
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self.fallback_file = fallback_file
+        self._logged_epochs: set[int] | None = None
+        self._pending: dict[int, dict[str, float]] = {}
+        self._warned = False
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        rank0 = metrics[0] if metrics else {}
+        if "epoch" not in rank0:
+            return
+        epoch = int(rank0["epoch"])
+        values = {k: float(v) for k, v in rank0.items() if isinstance(v, NUMERIC) and not isinstance(v, bool) and k != "epoch"}
+        self._pending[epoch] = values
+        self.flush()
+
+    def flush(self) -> bool:
+        """Write pending epochs; True when nothing is left pending."""
+        if not self._pending:
+            return True
+        try:
+            client = self._client()
+            if self._logged_epochs is None:
+                self._logged_epochs = logged_epochs(client, self.run_id)
+            from mlflow.entities import Metric
+
+            for epoch in sorted(self._pending):
+                if epoch not in self._logged_epochs:
+                    now = int(time.time() * 1000)
+                    batch = [Metric(key, value, now, epoch) for key, value in self._pending[epoch].items()]
+                    # log_batch takes at most 1000 metrics per call
+                    for start in range(0, len(batch), 1000):
+                        client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+                    client.log_metric(self.run_id, "epoch", epoch, timestamp=now, step=epoch)
+                    self._logged_epochs.add(epoch)
+                del self._pending[epoch]
+            if self._warned:
+                print(f"[freezelab] MLflow reachable again: metrics up to date in run {self.run_id}")
+                self._warned = False
+            return True
+        except Exception as err:  # a lost tracking server must never stop training
+            self._spill(err)
+            return False
+
+    def _client(self):
+        import mlflow
+
+        return mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+
+    def _spill(self, err: Exception) -> None:
+        path = Path(self.fallback_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            for epoch, values in sorted(self._pending.items()):
+                f.write(json.dumps({"run_id": self.run_id, "epoch": epoch, "metrics": values}) + "\n")
+        message = (
+            f"MLflow at {self.tracking_uri} is unreachable ({type(err).__name__}: {err}); "
+            f"training goes on. {len(self._pending)} pending epoch(s) will be retried at the next "
+            f"report and are saved in {path}"
+        )
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        print(f"[freezelab] warning: {message}", flush=True)
+        self._warned = True
+
+
+def logged_epochs(client, run_id: str) -> set[int]:
+    """Epochs whose metrics the run already has (its ``epoch`` metric's steps)."""
+    return {int(m.step) for m in client.get_metric_history(run_id, "epoch")}
+
+
+def replay_fallback_file(path: str | Path, tracking_uri: str) -> int:
+    """Write the epochs saved in a fallback file into their runs; returns epochs written."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    written = 0
+    done: dict[str, set[int]] = {}
+    for line in Path(path).read_text().splitlines():
+        entry = json.loads(line)
+        run_id, epoch = entry["run_id"], int(entry["epoch"])
+        seen = done.setdefault(run_id, logged_epochs(client, run_id))
+        if epoch in seen:
+            continue
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, v, now, epoch) for k, v in entry["metrics"].items()])
+        client.log_metric(run_id, "epoch", epoch, timestamp=now, step=epoch)
+        seen.add(epoch)
+        written += 1
+    return written

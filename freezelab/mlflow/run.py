@@ -1,0 +1,195 @@
+"""One MLflow run per training run, opened and closed on the driver.
+
+The driver creates the run (params, tags, the resolved config and the policy), the
+Train controller logs each epoch's metrics (``callback.py``), and the driver closes
+it with the plan of each phase, the model and, if asked, a registry alias. A rerun
+of the same name and storage resumes the same MLflow run, as it resumes training.
+
+>>> tracked = TrackedRun.start(config)          # doctest: +SKIP
+>>> outcome = run_training(config, callbacks=[tracked.callback()])  # doctest: +SKIP
+>>> tracked.finish(config, outcome)             # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from freezelab.mlflow.callback import MlflowMetricsCallback
+from freezelab.mlflow.tracking import (
+    TrackingUnavailable,
+    ensure_reachable,
+    flatten_params,
+    resolve_tracking_uri,
+    run_tags,
+)
+
+RUN_KEY_TAG = "freezelab.run_key"
+
+
+@dataclass
+class TrackedRun:
+    tracking_uri: str
+    run_id: str
+    experiment_id: str
+    fallback_file: str
+
+    @classmethod
+    def start(cls, config: Any, parent_run_id: str | None = None) -> TrackedRun | None:
+        """Open (or reopen) the run of ``config``; None when tracking is off or, with
+        ``mlflow.required: false``, unreachable."""
+        import mlflow
+
+        section = config.mlflow
+        if not section.enabled:
+            return None
+        uri = resolve_tracking_uri(section.tracking_uri)
+        try:
+            ensure_reachable(uri)
+        except TrackingUnavailable as err:
+            if section.required:
+                raise
+            print(f"[freezelab] warning: {err}; training without MLflow tracking")
+            return None
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        experiment = client.get_experiment_by_name(section.experiment)
+        experiment_id = (
+            experiment.experiment_id if experiment else client.create_experiment(section.experiment)
+        )
+        key = f"{config.storage_path.rstrip('/')}/{config.name}"
+        existing = client.search_runs(
+            [experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{_quote(key)}'", max_results=1
+        )
+        if existing:
+            run_id = existing[0].info.run_id
+            client.update_run(run_id, status="RUNNING")
+            print(f"[freezelab] MLflow: continuing run {run_id} of {config.name!r}")
+        else:
+            tags = {**run_tags(config), RUN_KEY_TAG: key}
+            if parent_run_id:
+                tags["mlflow.parentRunId"] = parent_run_id
+            run = client.create_run(experiment_id, run_name=section.run_name or config.name, tags=tags)
+            run_id = run.info.run_id
+            params = flatten_params({k: v for k, v in config.to_dict().items() if k != "mlflow"})
+            from mlflow.entities import Param
+
+            items = [Param(k, v) for k, v in params.items()]
+            for start in range(0, len(items), 100):
+                client.log_batch(run_id, params=items[start : start + 100])
+            with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+                (Path(tmp) / "policy.json").write_text(json.dumps(config.policy.to_dict(), indent=2))
+                client.log_artifact(run_id, str(Path(tmp) / "config.yaml"))
+                client.log_artifact(run_id, str(Path(tmp) / "policy.json"))
+            print(f"[freezelab] MLflow: run {run_id} in experiment {section.experiment!r} at {uri}")
+        fallback = str(Path(config.storage_path) / config.name / "mlflow_pending_metrics.jsonl")
+        return cls(uri, run_id, experiment_id, fallback)
+
+    def callback(self) -> MlflowMetricsCallback:
+        return MlflowMetricsCallback(self.tracking_uri, self.run_id, self.fallback_file)
+
+    def finish(self, config: Any, outcome: Any, status: str = "FINISHED") -> str | None:
+        """Log the phases, the model and its registration; close the run. Returns the
+        logged model's URI (None without a checkpoint)."""
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+        model_uri = None
+        try:
+            self._log_phases(client, config)
+            if config.mlflow.log_model and outcome is not None and outcome.checkpoint_dir:
+                model_uri = log_checkpoint_model(self.tracking_uri, self.run_id, config, outcome.checkpoint_dir)
+                if config.mlflow.register_as:
+                    register(self.tracking_uri, model_uri, config.mlflow.register_as, config.mlflow.alias)
+        finally:
+            client.set_terminated(self.run_id, status=status)
+        return model_uri
+
+    def _log_phases(self, client, config: Any) -> None:
+        from freezelab.policies.summary import format_table, summarize_plan
+        from freezelab.trainers.launch import build_for_config
+
+        model = build_for_config(config, with_weights=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            previous = None
+            lines = []
+            for epoch in range(config.epochs):
+                report = summarize_plan(model, config.policy, config.model.name, epoch=epoch)
+                key = json.dumps([report["groups"], report["phase"]])
+                if key != previous:
+                    lines.append(f"== from epoch {epoch} ==\n{format_table(report)}\n")
+                    path = Path(tmp) / f"phase_epoch{epoch:04d}.json"
+                    path.write_text(json.dumps(report, indent=2))
+                    client.log_artifact(self.run_id, str(path), artifact_path="phases")
+                previous = key
+            text = Path(tmp) / "phases.txt"
+            text.write_text("\n".join(lines))
+            client.log_artifact(self.run_id, str(text), artifact_path="phases")
+
+
+def log_checkpoint_model(tracking_uri: str, run_id: str, config: Any, checkpoint_dir: str) -> str:
+    """Log the checkpoint's model as an MLflow model (a LoggedModel) with a signature
+    and an input example; its safetensors weights ride along for safe reloading."""
+    import mlflow
+    import numpy as np
+    import torch
+
+    from freezelab.trainers import checkpoint as ckpt
+    from freezelab.trainers.data import input_size_of
+    from freezelab.trainers.launch import build_for_config
+
+    model = build_for_config(config, with_weights=False)
+    ckpt.load_model_weights(checkpoint_dir, model)
+    model.eval()
+    example = np.zeros((1, *input_size_of(config.data, model)), dtype=np.float32)
+    with torch.no_grad():
+        output = model(torch.from_numpy(example)).numpy()
+    signature = mlflow.models.infer_signature(example, output)
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            signature=signature,
+            input_example=example,
+            extra_files=[str(Path(checkpoint_dir) / ckpt.MODEL_FILE)],
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm"],
+        )
+    return info.model_uri
+
+
+def register(tracking_uri: str, model_uri: str, name: str, alias: str) -> str:
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    version = mlflow.register_model(model_uri, name)
+    mlflow.MlflowClient(tracking_uri=tracking_uri).set_registered_model_alias(name, alias, version.version)
+    print(f"[freezelab] MLflow: registered {name} version {version.version} as @{alias}")
+    return version.version
+
+
+def download_weights(model_uri: str, tracking_uri: str | None = None) -> str:
+    """A local safetensors file for ``models:/NAME@ALIAS`` or ``runs:/RUN_ID/...``:
+    the weights that freezelab logged beside the model (never an unpickled model)."""
+    import mlflow
+
+    from freezelab.trainers.checkpoint import MODEL_FILE
+
+    uri = resolve_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    found = sorted(local.rglob(MODEL_FILE)) if local.is_dir() else [local]
+    if not found or found[0].suffix != ".safetensors":
+        raise FileNotFoundError(
+            f"{model_uri} holds no {MODEL_FILE}: only models logged by freezelab can seed a run"
+        )
+    return str(found[0])
+
+
+def _quote(text: str) -> str:
+    return text.replace("'", "\\'")

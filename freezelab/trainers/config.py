@@ -1,0 +1,203 @@
+"""The train config: one YAML file, validated into typed sections before Ray starts.
+
+>>> config = load_config("examples/train_tiny.yaml", overrides=["epochs=1"])
+>>> config.epochs
+1
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from freezelab.policies import FreezePolicy, PolicyError, from_dict
+from freezelab.trainers.data import DataConfig
+from freezelab.trainers.models import HeadConfig
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: the message names the field and the value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelSection(_Section):
+    name: str
+    pretrained: bool = False
+    weights: str | None = None
+    head: HeadConfig | None = None
+    in_chans: int = Field(3, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSection:
+        if self.pretrained and self.weights:
+            raise ValueError("set either pretrained or weights, not both")
+        return self
+
+
+class OptimizerSection(_Section):
+    name: Literal["sgd", "adamw", "adam"] = "sgd"
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class ScheduleSection(_Section):
+    """The LR factor as a function of training progress, set before every step."""
+
+    name: Literal["constant", "cosine", "step"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    min_lr_factor: float = Field(0.0, ge=0.0, le=1.0)
+    step_epochs: int = Field(10, ge=1)
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+
+
+class ScalingSection(_Section):
+    num_workers: int = Field(1, ge=0)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] | None = None
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+
+class PerformanceSection(_Section):
+    """GPU switches (autocast, channels_last, compile) and the frozen-feature cache."""
+
+    amp: Literal["bf16", "fp16"] | None = None
+    channels_last: bool = False
+    compile: bool = False
+    feature_cache: bool = True
+    torch_threads: int | None = Field(None, ge=1)
+
+
+class CheckpointSection(_Section):
+    every: int = Field(1, ge=1)
+    keep: int | None = Field(2, ge=1)
+
+
+class MlflowSection(_Section):
+    """Filled in by the MLflow integration; off by default in the train config."""
+
+    enabled: bool = False
+    tracking_uri: str | None = None
+    experiment: str = "freezelab"
+    run_name: str | None = None
+    required: bool = True
+    register_as: str | None = None
+    alias: str = "champion"
+    log_model: bool = True
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class TrainConfig(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$")
+    model: ModelSection
+    data: DataConfig
+    policy: SerializeAsAny[FreezePolicy]
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(32, ge=1)
+    seed: int = 0
+    optimizer: OptimizerSection = OptimizerSection()
+    schedule: ScheduleSection = ScheduleSection()
+    scaling: ScalingSection = ScalingSection()
+    performance: PerformanceSection = PerformanceSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    max_failures: int = Field(0, ge=-1)
+    storage_path: str = "freezelab_runs"
+    mlflow: MlflowSection = MlflowSection()
+
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _policy(cls, value: Any) -> FreezePolicy:
+        try:
+            return from_dict(value)
+        except PolicyError as err:
+            raise ValueError(str(err)) from None
+
+    @field_validator("storage_path")
+    @classmethod
+    def _absolute_storage(cls, value: str) -> str:
+        # Ray needs an absolute path or a URI; relative paths mean the working directory.
+        if "://" in value:
+            return value
+        return str(Path(os.path.expanduser(value)).resolve())
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> TrainConfig:
+    """Read and validate a train config; ``overrides`` are ``a.b=value`` strings."""
+    if isinstance(source, dict):
+        data, origin = dict(source), "config"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        origin = str(path)
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a train config is a mapping, got {type(data).__name__}")
+    for override in overrides or []:
+        apply_override(data, override)
+    return validate_config(data, origin)
+
+
+def validate_config(data: dict[str, Any], origin: str = "config") -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(describe_errors(origin, err)) from None
+
+
+def describe_errors(origin: str, err: ValidationError) -> str:
+    lines = [f"{origin}: invalid config"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {field}: unknown field")
+        elif e["type"] == "missing":
+            lines.append(f"  {field}: missing")
+        else:
+            value = e.get("input")
+            shown = repr(value) if not isinstance(value, dict) else "{...}"
+            lines.append(f"  {field}: {e['msg']} (got {shown})")
+    return "\n".join(lines)
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Set ``a.b.c=value`` in a nested dict; the value is parsed as YAML (so ``3``,
+    ``true``, ``[1, 2]`` and ``{type: full}`` keep their types)."""
+    if "=" not in override:
+        raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. optimizer.lr=0.001")
+    key, raw = override.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {override!r}: value is not valid YAML: {err}") from None
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {override!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value

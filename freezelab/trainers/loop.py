@@ -1,0 +1,375 @@
+"""The per-worker training function that Ray Train runs on every rank.
+
+It reads top to bottom: set up, resume, the epoch loop, report. The freeze plan of
+each epoch is derived from (policy, model, epoch); when it changes, the model is
+re-wrapped in DDP and the optimizer rebuilt, because DDP only synchronizes the
+parameters that required grad when it was built.
+
+The Ray-specific steps are ``ray.train.get_context``, ``ray.train.torch.get_device``,
+``ray.train.torch.prepare_data_loader``, ``ray.train.get_checkpoint`` and
+``ray.train.report``; the rest is plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import resource
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
+
+from freezelab.policies import FreezePlan, apply
+from freezelab.trainers import checkpoint as ckpt
+from freezelab.trainers.config import TrainConfig, validate_config
+from freezelab.trainers.data import build_datasets, train_transform_is_deterministic
+from freezelab.trainers.feature_cache import FeatureCache, cache_blocker, classifier_of
+from freezelab.trainers.launch import build_for_config
+from freezelab.trainers.optim import build_optimizer, load_state_by_name, lr_factor, set_lr, state_by_name
+
+# Demonstrates what goes wrong without the rebuild (Lightning issue 20340): newly
+# unfrozen layers are not synchronized and the replicas drift apart. Never set it for
+# real training; the replica check reports the drift.
+SKIP_DDP_REBUILD_ENV = "FREEZELAB_DEBUG_SKIP_DDP_REBUILD"
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    config = validate_config(loop_config["config"])
+    local_checkpoints = loop_config.get("local_checkpoint_dir")
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    if config.performance.torch_threads:
+        torch.set_num_threads(config.performance.torch_threads)
+
+    # -- set up: the same initial weights on every rank (seeded), data, loaders --------
+    _seed_everything(config.seed)
+    model = build_for_config(config)
+    initial_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_set, val_set, _ = build_datasets(config.data, model)
+    deterministic = train_transform_is_deterministic(config.data)
+    model.to(device)
+    if config.performance.channels_last:
+        model.to(memory_format=torch.channels_last)
+    # Ray's own sampler ignores the run's seed; this one is seeded and also used on a
+    # single process, so the order of samples depends only on (seed, epoch).
+    sampler = DistributedSampler(
+        train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=config.seed
+    )
+    train_loader = ray.train.torch.prepare_data_loader(
+        DataLoader(
+            _Indexed(train_set),
+            batch_size=config.batch_size,
+            sampler=sampler,
+            num_workers=config.data.num_workers,
+        )
+    )
+    val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world_size))
+    val_loader = DataLoader(
+        _Indexed(val_shard),
+        batch_size=config.batch_size,
+        num_workers=config.data.num_workers,
+    )
+
+    # -- resume ------------------------------------------------------------------
+    start_epoch, step, optimizer_state, best_val_acc = 0, 0, {}, None
+    resumed = _resume(ray.train.get_checkpoint(), local_checkpoints)
+    if resumed is not None:
+        with resumed as directory:
+            ckpt.load_model_weights(directory, model)
+            state = ckpt.read_state(directory)
+            optimizer_state = ckpt.load_optimizer_state(directory)
+        start_epoch, step, best_val_acc = state["epoch"] + 1, state["step"], state.get("best_val_acc")
+        if rank == 0:
+            print(f"[freezelab] resuming {config.name} at epoch {start_epoch} (step {step})")
+
+    # -- the epoch loop ------------------------------------------------------------
+    plan: FreezePlan | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    trained: nn.Module = model
+    cache: FeatureCache | None = None
+    val_cache: FeatureCache | None = None
+    scaler = torch.amp.GradScaler(device.type, enabled=config.performance.amp == "fp16")
+    steps_per_epoch = -(-len(sampler) // config.batch_size)
+    for epoch in range(start_epoch, config.epochs):
+        _seed_everything(config.seed, epoch=epoch, rank=rank)
+        sampler.set_epoch(epoch)
+        epoch_plan = config.policy.plan(model, epoch)
+        if plan is None or epoch_plan.signature() != plan.signature() or epoch_plan.bn != plan.bn:
+            apply(model, epoch_plan)
+            optimizer = build_optimizer(model, epoch_plan, config.optimizer, previous=optimizer)
+            load_state_by_name(optimizer, optimizer_state)
+            optimizer_state = {}
+            cache = _new_cache(config, model, epoch_plan, deterministic, len(train_set), rank)
+            val_cache = FeatureCache(len(val_shard)) if cache is not None else None
+            target = classifier_of(model) if cache is not None else model
+            if plan is None or not os.environ.get(SKIP_DDP_REBUILD_ENV):
+                trained = _wrap(target, world_size, device)
+            if rank == 0 and plan is not None:
+                print(f"[freezelab] epoch {epoch}: plan changes to phase {epoch_plan.phase!r}")
+        plan = epoch_plan
+        assert optimizer is not None
+
+        model.train()
+        started = time.perf_counter()
+        totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+        use_cached = cache is not None and cache.complete
+        batches = BatchSampler(sampler, config.batch_size, drop_last=False) if use_cached else train_loader
+        for batch in batches:
+            set_lr(optimizer, config.optimizer.lr, lr_factor(config.schedule, step / steps_per_epoch, config.epochs))
+            if use_cached:
+                inputs, labels = cache.batch(batch)
+                inputs, labels = inputs.to(device), labels.to(device)
+            else:
+                images, labels, indices = (t.to(device) for t in batch)
+                if config.performance.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                inputs = cache.features_for(model, images, labels, indices) if cache else images
+            with _autocast(config, device):
+                logits = trained(inputs)
+                loss = F.cross_entropy(logits, labels, label_smoothing=config.optimizer.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            totals += torch.tensor(
+                [loss.item() * len(labels), (logits.argmax(1) == labels).sum().item(), len(labels)],
+                dtype=torch.float64,
+                device=device,
+            )
+        if cache is not None and not cache.complete:
+            cache.share()
+        train_time = time.perf_counter() - started
+
+        val_loss, val_acc = _evaluate(model, val_loader, device, config, val_cache)
+        totals = _all_reduce(totals)
+        metrics = {
+            "epoch": epoch,
+            "phase": plan.phase,
+            "train_loss": float(totals[0] / totals[2]),
+            "train_acc": float(totals[1] / totals[2]),
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "epoch_time_s": time.perf_counter() - started,
+            "images_per_s": float(totals[2]) / train_time,
+            "trainable_params": plan.trainable_params,
+            "frozen_params": plan.total_params - plan.trainable_params,
+            "feature_cache": int(use_cached),
+            "peak_memory_mb": _peak_memory_mb(device),
+            "replicas_in_sync": _replicas_in_sync(model, world_size),
+            **{f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups},
+            **{f"drift/{name}": value for name, value in _drift(model, initial_weights, plan).items()},
+        }
+        best_val_acc = val_acc if best_val_acc is None else max(best_val_acc, val_acc)
+        metrics["best_val_acc"] = best_val_acc
+        if rank == 0:
+            _print_epoch(config, metrics)
+
+        # -- report (a barrier: every rank calls it once per epoch) ----------------
+        save = (epoch + 1) % config.checkpoint.every == 0 or epoch == config.epochs - 1
+        state = {
+            "epoch": epoch,
+            "step": step,
+            "best_val_acc": best_val_acc,
+            "config": config.to_dict(),
+            "policy": config.policy.to_dict(),
+            "metrics": metrics,
+        }
+        _report(metrics, model, optimizer, state, save and rank == 0, local_checkpoints, config)
+
+
+class _Indexed(Dataset):
+    """Adds the dataset index to each item: the feature cache is keyed by it."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, label = self.dataset[index]
+        return image, label, index
+
+
+def _seed_everything(seed: int, epoch: int = -1, rank: int = 0) -> None:
+    # Every epoch draws from a seed of (seed, epoch, rank): a resumed run continues
+    # with the random numbers the uninterrupted run would have drawn.
+    value = (seed * 1_000_003 + (epoch + 1) * 7_919 + rank) % 2**31
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+
+
+def _new_cache(
+    config: TrainConfig, model: nn.Module, plan: FreezePlan, deterministic: bool, size: int, rank: int
+) -> FeatureCache | None:
+    if not config.performance.feature_cache:
+        return None
+    blocker = cache_blocker(model, plan, deterministic)
+    if blocker is not None:
+        if rank == 0 and plan.trainable_param_names <= {n for g in plan.groups if g.is_head for n in g.param_names}:
+            print(f"[freezelab] frozen-feature cache off: {blocker}")
+        return None
+    return FeatureCache(size)
+
+
+def _wrap(module: nn.Module, world_size: int, device: torch.device) -> nn.Module:
+    if world_size <= 1:
+        return module
+    device_ids = [device.index] if device.type == "cuda" else None
+    # Every trainable parameter of every policy takes part in the forward pass, so
+    # DDP's slow unused-parameter search stays off.
+    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    if config.performance.amp is None:
+        return nullcontext()
+    dtype = torch.bfloat16 if config.performance.amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def _evaluate(
+    model: nn.Module, loader: DataLoader, device: torch.device, config: TrainConfig, cache: FeatureCache | None
+) -> tuple[float, float]:
+    """Loss and accuracy over the whole validation set: each rank takes a disjoint
+    stride of it (no padding, unlike DistributedSampler), then the sums are reduced.
+    In a frozen phase the backbone's features of the validation set are cached too."""
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    for images, labels, indices in loader:
+        images, labels = images.to(device), labels.to(device)
+        if config.performance.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with _autocast(config, device):
+            if cache is None:
+                logits = model(images)
+            else:
+                logits = classifier_of(model)(cache.features_for(model, images, labels, indices))
+        loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+        correct = (logits.argmax(1) == labels).sum()
+        totals += torch.stack([loss.double(), correct.double(), torch.tensor(len(labels), dtype=torch.float64, device=device)])
+    model.train()
+    totals = _all_reduce(totals)
+    return float(totals[0] / totals[2]), float(totals[1] / totals[2])
+
+
+def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+@torch.no_grad()
+def _drift(model: nn.Module, initial: dict[str, torch.Tensor], plan: FreezePlan) -> dict[str, float]:
+    """Relative L2 distance of each group's weights from where training started."""
+    params = dict(model.named_parameters())
+    drift = {}
+    for group in plan.groups:
+        delta = sum(float((params[n] - initial[n].to(params[n].device)).float().pow(2).sum()) for n in group.param_names)
+        base = sum(float(initial[n].float().pow(2).sum()) for n in group.param_names)
+        drift[group.name] = (delta / base) ** 0.5 if base > 0 else delta**0.5
+    return drift
+
+
+@torch.no_grad()
+def _replicas_in_sync(model: nn.Module, world_size: int) -> int:
+    """1 when every rank holds bit-identical parameters, else 0 (always 1 on one rank).
+
+    The checksum sums each parameter's bytes as integers: equal bits give equal sums.
+    """
+    if world_size <= 1 or not dist.is_initialized():
+        return 1
+    sums = torch.stack(
+        [p.detach().contiguous().view(torch.uint8).to(torch.int64).sum() for p in model.parameters()]
+    ).to(torch.int64)
+    gathered = [torch.empty_like(sums) for _ in range(world_size)]
+    dist.all_gather(gathered, sums)
+    return int(all(torch.equal(gathered[0], other) for other in gathered[1:]))
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _print_epoch(config: TrainConfig, m: dict[str, Any]) -> None:
+    print(
+        f"[freezelab] {config.name} epoch {m['epoch'] + 1}/{config.epochs} phase {m['phase']}: "
+        f"train_loss {m['train_loss']:.4f} train_acc {m['train_acc']:.3f} "
+        f"val_loss {m['val_loss']:.4f} val_acc {m['val_acc']:.3f} "
+        f"({m['epoch_time_s']:.1f}s, {m['images_per_s']:.0f} img/s"
+        f"{', cached features' if m['feature_cache'] else ''})",
+        flush=True,
+    )
+
+
+def _resume(ray_checkpoint, local_checkpoint_dir: str | None):
+    """A context manager yielding the directory of the checkpoint to resume, or None."""
+    if ray_checkpoint is not None:
+        return ray_checkpoint.as_directory()
+    if local_checkpoint_dir:
+        latest = ckpt.latest_checkpoint(local_checkpoint_dir)
+        if latest is not None:
+            return nullcontext(str(latest))
+    return None
+
+
+def _report(
+    metrics: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    save: bool,
+    local_checkpoint_dir: str | None,
+    config: TrainConfig,
+) -> None:
+    import ray.train
+
+    if local_checkpoint_dir:
+        # Local mode keeps no checkpoints of its own and calls no Train callbacks:
+        # write checkpoints where a rerun finds them, and call the callbacks here.
+        from freezelab.trainers.launch import local_callbacks
+
+        checkpoint = None
+        if save:
+            directory = Path(local_checkpoint_dir) / f"checkpoint_epoch={state['epoch']:06d}"
+            ckpt.save_checkpoint(directory, model, state_by_name(optimizer), state)
+            _prune(Path(local_checkpoint_dir), config.checkpoint.keep)
+            checkpoint = ray.train.Checkpoint.from_directory(str(directory))
+        ray.train.report(metrics)
+        for callback in local_callbacks():
+            callback.after_report(run_context=None, metrics=[metrics], checkpoint=checkpoint)
+        return
+    if not save:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        ckpt.save_checkpoint(directory, model, state_by_name(optimizer), state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def _prune(root: Path, keep: int | None) -> None:
+    if keep is None:
+        return
+    import shutil
+
+    directories = sorted(d for d in root.iterdir() if d.name.startswith("checkpoint_epoch="))
+    for old in directories[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
