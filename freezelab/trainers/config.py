@@ -118,7 +118,7 @@ class TrainConfig(_Section):
     performance: PerformanceSection = PerformanceSection()
     checkpoint: CheckpointSection = CheckpointSection()
     max_failures: int = Field(0, ge=-1)
-    storage_path: str = "freezelab_runs"
+    storage_path: str = Field("freezelab_runs", validate_default=True)
     mlflow: MlflowSection = MlflowSection()
 
     @field_validator("policy", mode="before")

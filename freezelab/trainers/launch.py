@@ -66,7 +66,7 @@ def run_training(
         scaling = ScalingConfig(num_workers=0)
         _install_local_callbacks(callbacks)
     else:
-        _init_ray(address, env_vars)
+        _init_ray(address)
         scaling = ScalingConfig(
             num_workers=config.scaling.num_workers,
             use_gpu=config.scaling.use_gpu,
@@ -85,6 +85,9 @@ def run_training(
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep),
             callbacks=list(callbacks) or None,
+            # Env vars for the workers of this run (e.g. GLOO_SOCKET_IFNAME), also when
+            # joining a Ray that is already up.
+            worker_runtime_env={"env_vars": dict(env_vars)} if env_vars else None,
         ),
     )
     try:
@@ -133,7 +136,11 @@ def build_for_config(config: TrainConfig, *, with_weights: bool = True):
 
     ``model.weights`` may be a local file or an MLflow model URI (``models:/NAME@ALIAS``
     or ``runs:/RUN_ID/model``) of a model that freezelab logged: chained fine-tuning.
+    The fresh layers are initialized from ``config.seed``, so every rank, a resumed run
+    and the driver build the same starting weights (the reference of the drift metric).
     """
+    import torch
+
     from freezelab.trainers.data import num_classes_of
     from freezelab.trainers.models import build_model
 
@@ -143,6 +150,7 @@ def build_for_config(config: TrainConfig, *, with_weights: bool = True):
         from freezelab.mlflow.run import download_weights
 
         weights = download_weights(weights, config.mlflow.tracking_uri)
+    torch.manual_seed(config.seed)
     return build_model(
         section.name,
         num_classes_of(config.data),
@@ -197,17 +205,16 @@ def worker_resources(config: TrainConfig) -> dict[str, float]:
     return requested
 
 
-def _init_ray(address: str | None, env_vars: dict[str, str] | None) -> None:
+def _init_ray(address: str | None) -> None:
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": env_vars} if env_vars else None
     if address:
-        ray.init(address=address, runtime_env=runtime_env)
+        ray.init(address=address)
     else:
-        ray.init(runtime_env=runtime_env, include_dashboard=False)
+        ray.init(include_dashboard=False)
 
 
 # Local mode runs the loop in this process and calls no Train callbacks: the loop's

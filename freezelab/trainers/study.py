@@ -27,19 +27,19 @@ DEFAULT_STUDY: dict[str, Any] = {
     "base": {
         "model": {"name": "resnet18"},
         "data": {"kind": "digits", "input_size": 32, "val_fraction": 0.3},
-        "batch_size": 32,
+        "batch_size": 16,
         "scaling": {"num_workers": 2},
         "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0001},
         "schedule": {"name": "cosine"},
         "seed": 0,
     },
     "pretrain": {
-        "epochs": 5,
+        "epochs": 4,
         "data": {"classes": [0, 1, 2, 3, 4]},
         "policy": {"type": "full"},
     },
     "finetune": {
-        "epochs": 6,
+        "epochs": 8,
         "data": {"classes": [5, 6, 7, 8, 9], "train_per_class": 20},
         "optimizer": {"lr": 0.02},
     },
@@ -49,7 +49,7 @@ DEFAULT_STUDY: dict[str, Any] = {
         {"type": "last_n", "n": 1},
         {"type": "bitfit"},
         {"type": "gradual", "every": 2},
-        {"type": "lp_ft", "probe_epochs": 2, "ft_lr_factor": 0.5},
+        {"type": "lp_ft", "probe_epochs": 3, "ft_lr_factor": 0.5},
     ],
 }
 
@@ -137,8 +137,12 @@ def _mean_backbone_drift(metrics: dict[str, Any]) -> float:
 
 
 def _policy_label(policy: dict[str, Any]) -> str:
-    fields = [f"{k}{v}" for k, v in sorted(policy.items()) if k not in {"type", "unit"} and not isinstance(v, dict)]
-    return "-".join([policy["type"], *fields]).replace("_", "").replace(".", "p")[:40] or policy["type"]
+    """A short, name-safe label from the fields that differ from their defaults."""
+    from freezelab.policies import from_dict
+
+    fields = from_dict(policy).model_dump(exclude_defaults=True, mode="json")
+    parts = [policy["type"]] + [f"{k}{v}" for k, v in sorted(fields.items()) if k != "type" and not isinstance(v, (dict, list))]
+    return "-".join(parts).replace(".", "p")[:48]
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

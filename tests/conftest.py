@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny train configs, and one Ray session for the tests that need it.
+
+Starting Ray costs about 15 s on a 2-core machine, so every test that needs a cluster
+shares the session-scoped ``ray_session``; loop logic runs in Ray Train's in-process
+local mode (``scaling.num_workers: 0``) instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import pytest
+
+# Ray Train V2 changes into a per-run directory in the workers; tests keep cwd.
+os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+TINY: dict[str, Any] = {
+    "name": "tiny",
+    "model": {"name": "test_resnet"},
+    "data": {
+        "kind": "digits",
+        "classes": [0, 1, 2],
+        "input_size": 32,
+        "train_per_class": 24,
+        "val_fraction": 0.25,
+    },
+    "policy": {"type": "full"},
+    "epochs": 2,
+    "batch_size": 16,
+    "seed": 0,
+    "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+    "scaling": {"num_workers": 0},
+}
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """Build a validated tiny TrainConfig: ``tiny_config(policy={...}, epochs=3)``."""
+    from freezelab.trainers.config import validate_config
+
+    def build(**update: Any):
+        data = merge(TINY, {"storage_path": str(tmp_path / "runs"), **update})
+        return validate_config(data)
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray with 2 CPUs for every test that needs workers."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()

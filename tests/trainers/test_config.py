@@ -1,0 +1,88 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from freezelab.trainers.config import ConfigError, load_config, validate_config
+from freezelab.trainers.study import DEFAULT_STUDY, load_study, stage_config
+from tests.conftest import TINY
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    data = yaml.safe_load(path.read_text())
+    if "policies" in data:  # a study file
+        study = load_study(path)
+        for policy in study.policies:
+            stage_config(study, study.finetune, "check", policy=policy)
+    elif "type" in data:  # a policy file
+        from freezelab.policies import load_policy
+
+        load_policy(path)
+    else:
+        config = load_config(path)
+        assert config.name == data["name"]
+
+
+def test_example_study_file_is_the_builtin_study():
+    assert yaml.safe_load((EXAMPLES / "transfer_study.yaml").read_text()) == DEFAULT_STUDY
+
+
+def test_overrides_keep_yaml_types(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "storage_path": str(tmp_path)}))
+    config = load_config(
+        path,
+        overrides=["optimizer.lr=0.001", "epochs=7", "policy={type: last_n, n: 2}", "scaling.use_gpu=true"],
+    )
+    assert config.optimizer.lr == 0.001
+    assert config.epochs == 7
+    assert config.policy.type == "last_n" and config.policy.n == 2
+    assert config.scaling.use_gpu is True
+
+
+def test_relative_storage_path_becomes_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = validate_config({k: v for k, v in TINY.items()})
+    assert config.storage_path == str(tmp_path / "freezelab_runs")
+    assert validate_config({**TINY, "storage_path": "s3://bucket/x"}).storage_path == "s3://bucket/x"
+
+
+@pytest.mark.parametrize(
+    ("update", "expected"),
+    [
+        ({"epochs": 0}, "epochs: Input should be greater than or equal to 1 (got 0)"),
+        ({"optimizer": {"name": "lion"}}, "optimizer.name"),
+        ({"batch_sizes": 3}, "batch_sizes: unknown field"),
+        ({"policy": {"type": "freeze_all"}}, "unknown policy type 'freeze_all'"),
+        ({"policy": {"type": "last_n"}}, "missing field 'n'"),
+        ({"name": "has space"}, "name: String should match pattern"),
+        ({"model": {"name": "x", "pretrained": True, "weights": "w.pt"}}, "either pretrained or weights"),
+    ],
+)
+def test_bad_config_names_field_and_value(update, expected):
+    with pytest.raises(ConfigError) as err:
+        validate_config({**TINY, **update})
+    assert expected in str(err.value)
+
+
+def test_missing_file_and_bad_override(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(path, overrides=["epochs"])
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="is a mapping"):
+        load_config(path)
+
+
+def test_config_round_trips_through_its_dict():
+    config = validate_config({**TINY, "policy": {"type": "lp_ft", "probe_epochs": 2}})
+    again = validate_config(config.to_dict())
+    assert again == config
+    assert again.to_dict()["policy"] == {**config.policy.to_dict()}
+    assert again.to_dict()["policy"]["probe_epochs"] == 2

@@ -1,0 +1,175 @@
+"""The training loop in Ray Train's local mode (in-process): policies, metrics,
+checkpoints, resume, and the frozen-feature cache."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from freezelab.trainers import checkpoint as ckpt
+from freezelab.trainers import loop
+from freezelab.trainers.launch import build_for_config, run_training
+
+
+def _weights(outcome):
+    return load_file(outcome.weights_file)
+
+
+POLICIES = [
+    {"type": "full"},
+    {"type": "head_only"},
+    {"type": "last_n", "n": 1},
+    {"type": "patterns", "include": ["layer4.*"]},
+    {"type": "gradual", "every": 1},
+    {"type": "lp_ft", "probe_epochs": 1},
+    {"type": "bitfit", "include_norm": True},
+    {"type": "progressive_freeze", "start": 1, "every": 1},
+]
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p["type"])
+def test_each_policy_trains_exactly_its_plan(tiny_config, policy):
+    config = tiny_config(name=f"p-{policy['type']}", policy=policy)
+    outcome = run_training(config)
+    start = build_for_config(config).state_dict()
+    end = _weights(outcome)
+    model = build_for_config(config)
+    trained_at_some_epoch = set()
+    for epoch in range(config.epochs):
+        trained_at_some_epoch |= config.policy.plan(model, epoch).trainable_param_names
+    for name, tensor in end.items():
+        if name in trained_at_some_epoch and name.endswith("weight") and "bn" not in name:
+            assert not torch.equal(tensor, start[name]), f"{name} should have trained"
+        elif name in dict(model.named_parameters()) and name not in trained_at_some_epoch:
+            assert torch.equal(tensor, start[name]), f"{name} is frozen and must not change"
+    metrics = outcome.metrics
+    assert metrics["epoch"] == config.epochs - 1
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s", "images_per_s",
+                "trainable_params", "frozen_params", "phase", "peak_memory_mb", "lr/head"):
+        assert key in metrics, key
+    plan = config.policy.plan(model, config.epochs - 1)
+    assert metrics["trainable_params"] == plan.trainable_params
+    assert metrics["frozen_params"] == plan.total_params - plan.trainable_params
+    for group in plan.groups:
+        drift = metrics[f"drift/{group.name}"]
+        if not any(n in trained_at_some_epoch for n in group.param_names):
+            assert drift == 0.0
+        else:
+            assert drift > 0.0
+
+
+def test_frozen_batchnorm_keeps_its_statistics(tiny_config):
+    config = tiny_config(name="bn", policy={"type": "head_only"}, performance={"feature_cache": False})
+    outcome = run_training(config)
+    start = build_for_config(config).state_dict()
+    end = _weights(outcome)
+    running = [k for k in end if k.endswith("running_mean")]
+    assert running and all(torch.equal(end[k], start[k]) for k in running)
+
+    config = tiny_config(name="bn-train", policy={"type": "head_only", "bn": "train"},
+                         performance={"feature_cache": False})
+    end = _weights(run_training(config))
+    assert any(not torch.equal(end[k], start[k]) for k in running)
+
+
+def test_val_metrics_cover_the_whole_validation_set(tiny_config):
+    from freezelab.trainers.data import build_datasets
+
+    config = tiny_config(name="val", epochs=1)
+    outcome = run_training(config)
+    model = build_for_config(config)
+    ckpt.load_model_weights(outcome.checkpoint_dir, model)
+    _, val_set, _ = build_datasets(config.data, model)
+    model.eval()
+    with torch.no_grad():
+        images = torch.stack([val_set[i][0] for i in range(len(val_set))])
+        labels = torch.tensor([val_set[i][1] for i in range(len(val_set))])
+        accuracy = (model(images).argmax(1) == labels).float().mean().item()
+    assert outcome.metrics["val_acc"] == pytest.approx(accuracy)
+
+
+def test_checkpoint_holds_config_policy_and_safetensors(tiny_config):
+    config = tiny_config(name="ck", policy={"type": "lp_ft", "probe_epochs": 1})
+    outcome = run_training(config)
+    directory = Path(outcome.checkpoint_dir)
+    state = ckpt.read_state(directory)
+    assert state["epoch"] == 1
+    assert state["config"]["name"] == "ck"
+    assert state["policy"] == config.policy.to_dict()
+    assert (directory / "model.safetensors").is_file()
+    optimizer_state = ckpt.load_optimizer_state(directory)
+    assert "fc.weight" in optimizer_state and "momentum_buffer" in optimizer_state["fc.weight"]
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [{"type": "full"}, {"type": "lp_ft", "probe_epochs": 2, "ft_lr_factor": 0.5}, {"type": "gradual", "every": 1}],
+    ids=lambda p: p["type"],
+)
+def test_interrupted_and_resumed_run_ends_with_identical_weights(tiny_config, monkeypatch, policy):
+    epochs = 4
+    reference = _weights(run_training(tiny_config(name="straight", policy=policy, epochs=epochs)))
+
+    original = loop._report
+
+    def report_then_crash(metrics, *args, **kwargs):
+        original(metrics, *args, **kwargs)
+        if metrics["epoch"] == 1:
+            raise _Interrupt
+
+    config = tiny_config(name="interrupted", policy=policy, epochs=epochs)
+    monkeypatch.setattr(loop, "_report", report_then_crash)
+    with pytest.raises(_Interrupt):
+        run_training(config)
+    monkeypatch.setattr(loop, "_report", original)
+    resumed = run_training(config)
+    assert resumed.metrics["epoch"] == epochs - 1
+    weights = _weights(resumed)
+    assert weights.keys() == reference.keys()
+    for name in reference:
+        assert torch.equal(weights[name], reference[name]), name
+
+
+def test_a_complete_run_is_not_trained_again(tiny_config, capsys):
+    config = tiny_config(name="once", epochs=1)
+    first = run_training(config)
+    again = run_training(config)
+    assert again.already_complete
+    assert again.checkpoint_dir == first.checkpoint_dir
+    assert "already complete" in capsys.readouterr().out
+
+
+def test_feature_cache_equals_recomputation(tiny_config):
+    policy = {"type": "head_only"}
+    cached = run_training(tiny_config(name="cached", policy=policy, epochs=3))
+    plain = run_training(
+        tiny_config(name="plain", policy=policy, epochs=3, performance={"feature_cache": False})
+    )
+    assert cached.metrics["feature_cache"] == 1 and plain.metrics["feature_cache"] == 0
+    a, b = _weights(cached), _weights(plain)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+    assert cached.metrics["val_acc"] == pytest.approx(plain.metrics["val_acc"])
+    assert cached.metrics["train_loss"] == pytest.approx(plain.metrics["train_loss"], rel=1e-4)
+
+
+def test_feature_cache_stays_off_with_augmentation(tiny_config):
+    config = tiny_config(name="aug", policy={"type": "head_only"}, data={"augment": True}, epochs=2)
+    assert run_training(config).metrics["feature_cache"] == 0
+
+
+def test_lp_ft_switches_lr_and_groups_at_the_boundary(tiny_config):
+    config = tiny_config(
+        name="lpft",
+        policy={"type": "lp_ft", "probe_epochs": 1, "ft_lr_factor": 0.1},
+        schedule={"name": "constant"},
+    )
+    metrics = run_training(config).metrics
+    assert metrics["phase"] == "finetune"
+    assert metrics["lr/head"] == pytest.approx(0.05 * 0.1)
+    assert metrics["lr/stem"] == pytest.approx(0.05 * 0.1)
