@@ -3,6 +3,8 @@
     freezelab policies [--format table|json]
     freezelab inspect --model NAME --policy FILE_OR_JSON [--epoch E] [--format table|json]
     freezelab train CONFIG [--set a.b=value ...] [--address RAY_ADDRESS]
+    freezelab compare EXPERIMENT [--format table|md|csv|json] [--sort METRIC]
+    freezelab demo [--config STUDY]
 """
 
 from __future__ import annotations
@@ -66,6 +68,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray address to join (else RAY_ADDRESS, else local)")
     p.set_defaults(run=_train)
 
+    p = commands.add_parser("compare", help="an MLflow experiment's runs side by side")
+    p.add_argument("experiment")
+    p.add_argument("--format", choices=("table", "md", "csv", "json"), default="table")
+    p.add_argument("--sort", default="best_val_acc", help="a column to sort by (descending)")
+    p.add_argument("--tracking-uri", default=None, help="else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    p.set_defaults(run=_compare)
+
     p = commands.add_parser("demo", help="the transfer study: pretrain on digits 0-4, fine-tune on 5-9")
     p.add_argument("--config", default=None, help="a study config (YAML); default: the built-in one")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -84,6 +93,18 @@ def _train(args: argparse.Namespace) -> int:
     except ConfigError as err:
         raise UserError(str(err)) from None
     print(summarize_result(config, result))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from freezelab.mlflow.compare import compare_rows, format_rows
+    from freezelab.mlflow.tracking import resolve_tracking_uri
+
+    try:
+        rows = compare_rows(args.experiment, resolve_tracking_uri(args.tracking_uri), sort=args.sort)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    print(format_rows(rows, args.format))
     return 0
 
 

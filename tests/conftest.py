@@ -33,6 +33,7 @@ TINY: dict[str, Any] = {
     "seed": 0,
     "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
     "scaling": {"num_workers": 0},
+    "mlflow": {"enabled": False},
 }
 
 

@@ -91,9 +91,10 @@ class CheckpointSection(_Section):
 
 
 class MlflowSection(_Section):
-    """Filled in by the MLflow integration; off by default in the train config."""
+    """MLflow tracking. The URI: ``tracking_uri``, else ``MLFLOW_TRACKING_URI``, else
+    ``sqlite:///mlflow.db`` in the working directory."""
 
-    enabled: bool = False
+    enabled: bool = True
     tracking_uri: str | None = None
     experiment: str = "freezelab"
     run_name: str | None = None

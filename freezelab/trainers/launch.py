@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,8 @@ class TrainOutcome:
     metrics: dict[str, Any]
     checkpoint_dir: str | None
     already_complete: bool = False
+    mlflow_run_id: str | None = None
+    model_uri: str | None = None
 
     @property
     def weights_file(self) -> str | None:
@@ -37,19 +39,43 @@ def run_training(
     address: str | None = None,
     callbacks: Sequence[Any] = (),
     env_vars: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
 ) -> TrainOutcome:
     """Fit ``config`` with a ``TorchTrainer``; return its last metrics and checkpoint.
 
     ``num_workers: 0`` runs in-process (Ray Train's local mode, no Ray cluster). With
     workers it joins ``address`` (or ``RAY_ADDRESS``), else starts a local Ray.
     Running the same config and name again resumes from its latest checkpoint.
+    With ``mlflow.enabled`` the run is tracked in MLflow (``parent_run_id`` nests it
+    under a sweep's run).
     """
+    validate_policy_for_model(config)
+    tracked = None
+    if config.mlflow.enabled:
+        from freezelab.mlflow.run import TrackedRun
+
+        # Before any worker starts: an unreachable server fails here (mlflow.required).
+        tracked = TrackedRun.start(config, parent_run_id=parent_run_id)
+    if tracked is not None:
+        callbacks = [*callbacks, tracked.callback()]
+    try:
+        outcome = _fit(config, address=address, callbacks=callbacks, env_vars=env_vars)
+    except BaseException:
+        if tracked is not None:
+            tracked.finish(config, None, status="FAILED")
+        raise
+    if tracked is not None:
+        model_uri = tracked.finish(config, outcome)
+        outcome = replace(outcome, mlflow_run_id=tracked.run_id, model_uri=model_uri)
+    return outcome
+
+
+def _fit(config: TrainConfig, *, address, callbacks, env_vars) -> TrainOutcome:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from freezelab.trainers.loop import train_loop_per_worker
 
-    validate_policy_for_model(config)
     finished = completed_checkpoint(config)
     if finished is not None:
         state = ckpt.read_state(finished)

@@ -40,6 +40,9 @@ from freezelab.trainers.optim import build_optimizer, load_state_by_name, lr_fac
 # unfrozen layers are not synchronized and the replicas drift apart. Never set it for
 # real training; the replica check reports the drift.
 SKIP_DDP_REBUILD_ENV = "FREEZELAB_DEBUG_SKIP_DDP_REBUILD"
+# Fault injection for failure drills: "RANK:EPOCH:MARKER_FILE" kills that rank right
+# after that epoch's report, once (the marker file records that it happened).
+KILL_WORKER_ENV = "FREEZELAB_DEBUG_KILL_WORKER"
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -189,6 +192,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "metrics": metrics,
         }
         _report(metrics, model, optimizer, state, save and rank == 0, local_checkpoints, config)
+        _maybe_inject_failure(rank, epoch)
 
 
 class _Indexed(Dataset):
@@ -363,6 +367,17 @@ def _report(
     with tempfile.TemporaryDirectory() as directory:
         ckpt.save_checkpoint(directory, model, state_by_name(optimizer), state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def _maybe_inject_failure(rank: int, epoch: int) -> None:
+    spec = os.environ.get(KILL_WORKER_ENV)
+    if not spec:
+        return
+    kill_rank, kill_epoch, marker = spec.split(":", 2)
+    if (rank, epoch) == (int(kill_rank), int(kill_epoch)) and not Path(marker).exists():
+        Path(marker).write_text(f"killed rank {rank} after epoch {epoch}\n")
+        print(f"[freezelab] {KILL_WORKER_ENV}: killing rank {rank} after epoch {epoch}", flush=True)
+        os._exit(1)
 
 
 def _prune(root: Path, keep: int | None) -> None:
