@@ -3,6 +3,7 @@
     freezelab policies [--format table|json]
     freezelab inspect --model NAME --policy FILE_OR_JSON [--epoch E] [--format table|json]
     freezelab train CONFIG [--set a.b=value ...] [--address RAY_ADDRESS]
+    freezelab sweep SWEEP [--resume]
     freezelab compare EXPERIMENT [--format table|md|csv|json] [--sort METRIC]
     freezelab demo [--config STUDY]
 """
@@ -68,6 +69,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray address to join (else RAY_ADDRESS, else local)")
     p.set_defaults(run=_train)
 
+    p = commands.add_parser("sweep", help="explore freeze policies with Ray Tune")
+    p.add_argument("sweep", help="a sweep file (YAML)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--address", default=None)
+    p.set_defaults(run=_sweep)
+
     p = commands.add_parser("compare", help="an MLflow experiment's runs side by side")
     p.add_argument("experiment")
     p.add_argument("--format", choices=("table", "md", "csv", "json"), default="table")
@@ -93,6 +101,18 @@ def _train(args: argparse.Namespace) -> int:
     except ConfigError as err:
         raise UserError(str(err)) from None
     print(summarize_result(config, result))
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from freezelab.sweep.run import run_sweep
+    from freezelab.sweep.space import load_sweep
+    from freezelab.trainers.config import ConfigError
+
+    try:
+        run_sweep(load_sweep(args.sweep, args.overrides), resume=args.resume, address=args.address)
+    except ConfigError as err:
+        raise UserError(str(err)) from None
     return 0
 
 

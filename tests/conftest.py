@@ -65,6 +65,6 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=2, log_to_driver=True)
     yield ray
     ray.shutdown()

@@ -11,7 +11,7 @@ False
 
 from __future__ import annotations
 
-import types
+import functools
 
 import torch.nn as nn
 
@@ -53,8 +53,9 @@ def is_pinned_eval(module: nn.Module) -> bool:
 def _pin_eval(module: nn.Module, pinned: bool) -> None:
     if pinned:
         # An instance-level ``train`` shadows nn.Module.train, which the parent's
-        # ``train()`` calls for every child: the layer stays in eval mode.
-        module.train = types.MethodType(_stay_in_eval, module)
+        # ``train()`` calls for every child: the layer stays in eval mode. A partial of
+        # a module-level function, unlike a bound method, survives pickling.
+        module.train = functools.partial(_stay_in_eval, module)
         nn.Module.train(module, False)
     elif is_pinned_eval(module):
         del module.train

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ class TrainOutcome:
     already_complete: bool = False
     mlflow_run_id: str | None = None
     model_uri: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)  # every epoch's metrics
 
     @property
     def weights_file(self) -> str | None:
@@ -83,7 +84,9 @@ def _fit(config: TrainConfig, *, address, callbacks, env_vars) -> TrainOutcome:
             f"[freezelab] run {config.name!r} is already complete ({config.epochs} epochs) under "
             f"{run_directory(config)}: nothing to train. Choose another name to train again."
         )
-        return TrainOutcome(config.name, state["metrics"], str(finished), already_complete=True)
+        return TrainOutcome(
+            config.name, state["metrics"], str(finished), already_complete=True, history=state.get("history", [])
+        )
     loop_config: dict[str, Any] = {"config": config.to_dict()}
     if config.scaling.num_workers == 0:
         loop_config["local_checkpoint_dir"] = str(run_directory(config) / "local_checkpoints")
@@ -125,8 +128,8 @@ def _fit(config: TrainConfig, *, address, callbacks, env_vars) -> TrainOutcome:
     else:
         latest = ckpt.latest_checkpoint(loop_config.get("local_checkpoint_dir", "/nonexistent"))
         directory = str(latest) if latest else None
-    metrics = ckpt.read_state(directory)["metrics"] if directory else dict(result.metrics or {})
-    return TrainOutcome(config.name, metrics, directory)
+    state = ckpt.read_state(directory) if directory else {"metrics": dict(result.metrics or {})}
+    return TrainOutcome(config.name, state["metrics"], directory, history=state.get("history", []))
 
 
 def completed_checkpoint(config: TrainConfig) -> Path | None:
@@ -240,7 +243,9 @@ def _init_ray(address: str | None) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(include_dashboard=False)
+        # The dashboard also serves the state API that Ray Train's placement-group
+        # cleaner needs: without it, finished runs can leave their resources held.
+        ray.init()
 
 
 # Local mode runs the loop in this process and calls no Train callbacks: the loop's

@@ -88,6 +88,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     # -- resume ------------------------------------------------------------------
     start_epoch, step, optimizer_state, best_val_acc = 0, 0, {}, None
+    history: list[dict[str, Any]] = []  # every epoch's metrics, kept in each checkpoint
     resumed = _resume(ray.train.get_checkpoint(), local_checkpoints)
     if resumed is not None:
         with resumed as directory:
@@ -95,6 +96,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state = ckpt.read_state(directory)
             optimizer_state = ckpt.load_optimizer_state(directory)
         start_epoch, step, best_val_acc = state["epoch"] + 1, state["step"], state.get("best_val_acc")
+        history = state.get("history", [])
         if rank == 0:
             print(f"[freezelab] resuming {config.name} at epoch {start_epoch} (step {step})")
 
@@ -178,6 +180,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         }
         best_val_acc = val_acc if best_val_acc is None else max(best_val_acc, val_acc)
         metrics["best_val_acc"] = best_val_acc
+        history.append(metrics)
         if rank == 0:
             _print_epoch(config, metrics)
 
@@ -190,6 +193,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "config": config.to_dict(),
             "policy": config.policy.to_dict(),
             "metrics": metrics,
+            "history": history,
         }
         _report(metrics, model, optimizer, state, save and rank == 0, local_checkpoints, config)
         _maybe_inject_failure(rank, epoch)

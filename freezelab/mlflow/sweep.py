@@ -1,0 +1,97 @@
+"""A sweep's parent run in MLflow: its trials are nested child runs
+(``mlflow.parentRunId``), so the UI groups and compares them. The parent holds the
+search space, the results table and the best config; the best model is registered
+when the sweep asks.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from freezelab.mlflow.run import RUN_KEY_TAG, register
+from freezelab.mlflow.tracking import ensure_reachable, resolve_tracking_uri, run_tags
+
+
+def start_sweep_run(sweep: Any, base: Any) -> str:
+    import mlflow
+
+    uri = resolve_tracking_uri(base.mlflow.tracking_uri)
+    ensure_reachable(uri)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(base.mlflow.experiment)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(base.mlflow.experiment)
+    key = f"{base.storage_path.rstrip('/')}/{sweep.name}#sweep"
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    tags = {k: v for k, v in run_tags(base).items() if k not in ("freezelab.policy", "freezelab.run_name")}
+    tags.update({RUN_KEY_TAG: key, "freezelab.kind": "sweep"})
+    run = client.create_run(experiment_id, run_name=sweep.name, tags=tags)
+    run_id = run.info.run_id
+    client.log_param(run_id, "sweep.algorithm", sweep.algorithm)
+    client.log_param(run_id, "sweep.num_samples", sweep.num_samples)
+    client.log_param(run_id, "sweep.metric", f"{sweep.metric} ({sweep.mode})")
+    client.log_param(run_id, "sweep.asha", json.dumps(sweep.asha.model_dump() if sweep.asha else None))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "search_space.json"
+        path.write_text(json.dumps(sweep.model_dump(mode="json"), indent=2))
+        client.log_artifact(run_id, str(path))
+    print(f"[freezelab] MLflow: sweep run {run_id} in experiment {base.mlflow.experiment!r}")
+    return run_id
+
+
+def finish_sweep_run(sweep: Any, base: Any, outcome: Any) -> None:
+    import mlflow
+
+    uri = resolve_tracking_uri(base.mlflow.tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run_id = outcome.parent_run_id
+    best = outcome.rows[0] if outcome.rows else None
+    if best is not None and best["metric"] is not None:
+        client.log_metric(run_id, f"best_{sweep.metric}", float(best["metric"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        best_config = {"policy": outcome.best_policy, "params": outcome.best_params}
+        (Path(tmp) / "best_config.yaml").write_text(yaml.safe_dump(best_config, sort_keys=False))
+        (Path(tmp) / "results.json").write_text(json.dumps(outcome.rows, indent=2, default=str))
+        client.log_artifact(run_id, str(Path(tmp) / "best_config.yaml"))
+        client.log_artifact(run_id, str(Path(tmp) / "results.json"))
+    for key, value in outcome.best_policy.items():
+        client.set_tag(run_id, f"best.policy.{key}", str(value))
+    if sweep.register_best_as and best is not None:
+        model_uri = best_trial_model_uri(client, base, best["run_name"])
+        if model_uri:
+            register(uri, model_uri, sweep.register_best_as, base.mlflow.alias)
+    client.set_terminated(run_id)
+
+
+def best_trial_model_uri(client: Any, base: Any, run_name: str) -> str | None:
+    import mlflow
+
+    key = f"{base.storage_path.rstrip('/')}/{run_name}"
+    experiment = client.get_experiment_by_name(base.mlflow.experiment)
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1)
+    if not runs:
+        return None
+    models = mlflow.search_logged_models(
+        experiment_ids=[experiment.experiment_id],
+        filter_string=f"source_run_id = '{runs[0].info.run_id}'",
+        output_format="list",
+    )
+    return models[0].model_uri if models else None
+
+
+def child_runs(tracking_uri: str, experiment: str, parent_run_id: str) -> list[Any]:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs(
+        [found.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=5000
+    )

@@ -1,0 +1,275 @@
+"""Run a sweep on Ray Tune: each trial is a Tune function that fits a ``TorchTrainer``
+and forwards its reports with Ray's ``TuneReportCallback`` (the Train V2 way: no
+trainer is passed to the Tuner).
+
+>>> from freezelab.sweep.space import load_sweep
+>>> outcome = run_sweep(load_sweep("examples/sweep_tiny.yaml"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from freezelab.sweep.space import SweepConfig, is_range, validate_space
+from freezelab.trainers.config import ConfigError
+
+RESULT_COLUMNS = ("policy", "metric", "best_val_acc", "epochs", "stopped_early", "time_s", "run_name")
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    rows: list[dict[str, Any]]
+    best_policy: dict[str, Any]
+    best_params: dict[str, Any]
+    directory: str
+    parent_run_id: str | None
+
+
+def run_sweep(sweep: SweepConfig, *, resume: bool = False, address: str | None = None) -> SweepOutcome:
+    import ray
+    from ray import tune
+
+    validate_space(sweep)  # every policy the space can produce, before any trial starts
+    base = sweep.trial_config(sweep.space.extreme_policies()[0], {}, f"{sweep.name}-base")
+    directory = str(Path(base.storage_path) / sweep.name)
+    if resume and not tune.Tuner.can_restore(directory):
+        raise ConfigError(f"sweep {sweep.name!r}: nothing to resume at {directory}")
+    if not resume and tune.Tuner.can_restore(directory):
+        raise ConfigError(
+            f"sweep {sweep.name!r} already exists at {directory}: pass --resume to continue it, "
+            "or choose another name"
+        )
+    if not ray.is_initialized():
+        ray.init(address=address) if address else ray.init()
+    trial_resources, concurrent, per_worker = trial_resources_for(sweep, base)
+    sweep = sweep.model_copy(update={"overrides": [*sweep.overrides, f"scaling.resources_per_worker={json.dumps(per_worker)}"]})
+    parent = _start_parent(sweep, base)
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, sweep_dict=sweep.model_dump(mode="json"), parent_run_id=parent),
+        trial_resources,
+    )
+    param_space, search_alg, num_samples = _search(sweep)
+    scheduler = None
+    if sweep.asha is not None:
+        scheduler = tune.schedulers.ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=base.epochs,
+            grace_period=sweep.asha.grace_period,
+            reduction_factor=sweep.asha.reduction_factor,
+        )
+    if resume:
+        print(f"[freezelab] resuming sweep {sweep.name!r} from {directory}")
+        tuner = tune.Tuner.restore(directory, trainable, resume_errored=True, param_space=param_space)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=sweep.metric,
+                mode=sweep.mode,
+                search_alg=search_alg,
+                scheduler=scheduler,
+                num_samples=num_samples,
+                max_concurrent_trials=concurrent,
+            ),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=base.storage_path),
+        )
+    print(
+        f"[freezelab] sweep {sweep.name!r}: {sweep.algorithm}, {num_samples if sweep.algorithm != 'grid' else len(param_space['trial']['grid_search'])} "
+        f"trial(s), up to {concurrent} at once, each trial {trial_resources} + {base.scaling.num_workers} worker(s) x {per_worker}"
+    )
+    grid = tuner.fit()
+    rows = result_rows(grid, sweep, base.epochs)
+    best = grid.get_best_result(metric=sweep.metric, mode=sweep.mode, scope="all")
+    choice = _choice(best.config)
+    outcome = SweepOutcome(rows, choice["policy"], choice["params"], directory, parent)
+    _write_best(outcome, sweep)
+    _finish_parent(sweep, base, outcome)
+    print(format_results(rows, sweep))
+    print(f"[freezelab] best policy (paste as `policy:` into a train config), also in {directory}/best_policy.yaml:")
+    print(yaml.safe_dump({"policy": outcome.best_policy}, sort_keys=False).rstrip())
+    return outcome
+
+
+def trial_run_name(sweep_name: str, choice: dict[str, Any]) -> str:
+    """Stable per trial config: a retried trial resumes its Train run."""
+    digest = hashlib.sha1(json.dumps(choice, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{sweep_name}-{choice['policy']['type']}-{digest}"
+
+
+def _trial(trial_config: dict[str, Any], sweep_dict: dict[str, Any], parent_run_id: str | None) -> None:
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from freezelab.trainers.launch import run_training
+
+    sweep = SweepConfig.model_validate(sweep_dict)
+    choice = _choice(trial_config)
+    config = sweep.trial_config(choice["policy"], choice["params"], trial_run_name(sweep.name, choice))
+    outcome = run_training(config, callbacks=[TuneReportCallback()], parent_run_id=parent_run_id)
+    if outcome.already_complete:
+        # A retried or resumed trial whose Train run had finished: replay its epochs.
+        from ray import tune
+
+        for metrics in outcome.history:
+            tune.report(metrics)
+
+
+def _choice(trial_config: dict[str, Any]) -> dict[str, Any]:
+    choice = trial_config.get("trial", trial_config)
+    return {"policy": dict(choice["policy"]), "params": dict(choice.get("params") or {})}
+
+
+TRIAL_CPU = 0.01
+
+
+def trial_resources_for(sweep: SweepConfig, base) -> tuple[dict[str, float], int, dict[str, float]]:
+    """Resources of one trial's Tune function, how many trials run at once, and the
+    resources of each Train worker.
+
+    The trial only drives a TorchTrainer: it takes a sliver of a CPU and no GPU, and
+    its workers hold the real resources. Unless ``resources_per_worker`` is set, a CPU
+    worker gets what is left of its trial's share, so trials and workers never wait on
+    each other (the quiet deadlock of 1 CPU per trial plus 1 per worker on 2 CPUs).
+    """
+    import ray
+
+    from freezelab.trainers.launch import worker_resources
+
+    totals = ray.cluster_resources()
+    workers = base.scaling.num_workers
+    if base.scaling.resources_per_worker is None and not base.scaling.use_gpu:
+        cpus = totals.get("CPU", 1.0)
+        concurrent = max(1, int(cpus // workers))
+        if sweep.max_concurrent_trials:
+            concurrent = min(concurrent, sweep.max_concurrent_trials)
+        per_worker = {"CPU": round((cpus / concurrent - TRIAL_CPU) / workers, 3)}
+    else:
+        per_worker = worker_resources(base)  # raises if a worker can never fit
+        fits = min(
+            int((totals.get(k, 0.0) + 1e-9) // (v * workers + (TRIAL_CPU if k == "CPU" else 0))) if v else 10**6
+            for k, v in per_worker.items()
+        )
+        if fits < 1:
+            raise ConfigError(
+                f"sweep {sweep.name!r}: one trial ({workers} workers x {per_worker}) does not fit "
+                f"this cluster ({totals})"
+            )
+        concurrent = min(sweep.max_concurrent_trials or fits, fits)
+    return {"CPU": TRIAL_CPU}, concurrent, per_worker
+
+
+def _search(sweep: SweepConfig):
+    from ray import tune
+
+    space = sweep.space
+    if sweep.algorithm == "grid":
+        trials = [{"policy": p, "params": q} for p in space.grid_policies() for q in space.grid_params()]
+        return {"trial": tune.grid_search(trials)}, None, sweep.num_samples
+    if sweep.algorithm == "random":
+        rng = random.Random(sweep.seed)
+        return {"trial": tune.sample_from(lambda _spec: space.sample(rng))}, None, sweep.num_samples
+    from ray.tune.search.optuna import OptunaSearch
+
+    searcher = OptunaSearch(space=_define_by_run(sweep), metric=sweep.metric, mode=sweep.mode, seed=sweep.seed)
+    return {}, searcher, sweep.num_samples
+
+
+def _define_by_run(sweep: SweepConfig):
+    """Optuna's define-by-run space: the policy type decides which fields are sampled."""
+    policies = [dict(p) for p in sweep.space.policies]
+    params = dict(sweep.space.params)
+
+    def define(trial) -> dict[str, Any]:
+        index = trial.suggest_categorical("policy_entry", list(range(len(policies))))
+        entry = policies[index]
+        policy = {k: _suggest(trial, f"{entry['type']}.{k}.{index}", v) for k, v in entry.items()}
+        values = {k: _suggest(trial, f"param.{k}", v) for k, v in params.items()}
+        return {"policy": policy, "params": values}
+
+    return define
+
+
+def _suggest(trial, name: str, value: Any) -> Any:
+    if not is_range(value):
+        return value
+    kind, spec = next(iter(value.items()))
+    if kind == "choice":
+        picked = trial.suggest_categorical(name, list(range(len(spec))))
+        return spec[picked]
+    if kind == "randint":
+        return trial.suggest_int(name, int(spec[0]), int(spec[1]))
+    return trial.suggest_float(name, float(spec[0]), float(spec[1]), log=kind == "loguniform")
+
+
+def result_rows(grid, sweep: SweepConfig, epochs: int) -> list[dict[str, Any]]:
+    rows = []
+    for result in grid:
+        if result.config is None:
+            continue
+        choice = _choice(result.config)
+        metrics = result.metrics or {}
+        ran = int(metrics.get("training_iteration", 0))
+        rows.append(
+            {
+                "policy": choice["policy"],
+                "params": choice["params"],
+                "metric": metrics.get(sweep.metric),
+                "best_val_acc": metrics.get("best_val_acc"),
+                "epochs": ran,
+                "stopped_early": ran < epochs and result.error is None,
+                "error": None if result.error is None else str(result.error).splitlines()[0][:200],
+                "time_s": round(float(metrics.get("time_total_s", math.nan)), 1),
+                "run_name": trial_run_name(sweep.name, choice),
+            }
+        )
+    sign = -1 if sweep.mode == "max" else 1
+    rows.sort(key=lambda r: (r["metric"] is None, sign * (r["metric"] or 0)))
+    return rows
+
+
+def format_results(rows: list[dict[str, Any]], sweep: SweepConfig) -> str:
+    lines = [f"{'policy':<44} {sweep.metric:>9} {'best_acc':>9} {'epochs':>6} {'early':>6} {'time_s':>7}"]
+    lines.append("-" * len(lines[0]))
+    for r in rows:
+        policy = json.dumps({k: v for k, v in r["policy"].items()}, separators=(",", ":"))
+        if r["params"]:
+            policy += " " + json.dumps(r["params"], separators=(",", ":"))
+        metric = "-" if r["metric"] is None else f"{r['metric']:.4f}"
+        best = "-" if r["best_val_acc"] is None else f"{r['best_val_acc']:.4f}"
+        lines.append(
+            f"{policy[:44]:<44} {metric:>9} {best:>9} {r['epochs']:>6} {'yes' if r['stopped_early'] else 'no':>6} {r['time_s']:>7}"
+            + (f"  ERROR {r['error']}" if r["error"] else "")
+        )
+    return "\n".join(lines)
+
+
+def _write_best(outcome: SweepOutcome, sweep: SweepConfig) -> None:
+    directory = Path(outcome.directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "best_policy.json").write_text(json.dumps(outcome.best_policy, indent=2))
+    (directory / "best_policy.yaml").write_text(yaml.safe_dump(outcome.best_policy, sort_keys=False))
+    (directory / "results.json").write_text(json.dumps(outcome.rows, indent=2, default=str))
+
+
+def _start_parent(sweep: SweepConfig, base) -> str | None:
+    if not base.mlflow.enabled:
+        return None
+    from freezelab.mlflow.sweep import start_sweep_run
+
+    return start_sweep_run(sweep, base)
+
+
+def _finish_parent(sweep: SweepConfig, base, outcome: SweepOutcome) -> None:
+    if outcome.parent_run_id is None:
+        return
+    from freezelab.mlflow.sweep import finish_sweep_run
+
+    finish_sweep_run(sweep, base, outcome)
