@@ -22,6 +22,8 @@ from typing import Any
 
 from ray.train import UserCallback
 
+from freezelab.mlflow.tracking import ensure_reachable
+
 NUMERIC = (int, float)
 
 
@@ -48,6 +50,9 @@ class MlflowMetricsCallback(UserCallback):
         if not self._pending:
             return True
         try:
+            # A quick probe first: MLflow's HTTP client retries a dead server for
+            # minutes, which would stall every report of the run.
+            ensure_reachable(self.tracking_uri, timeout_s=3.0)
             client = self._client()
             if self._logged_epochs is None:
                 self._logged_epochs = logged_epochs(client, self.run_id)

@@ -146,7 +146,8 @@ def log_checkpoint_model(tracking_uri: str, run_id: str, config: Any, checkpoint
     model = build_for_config(config, with_weights=False)
     ckpt.load_model_weights(checkpoint_dir, model)
     model.eval()
-    example = np.zeros((1, *input_size_of(config.data, model)), dtype=np.float32)
+    # Two rows: torch.export (MLflow 3's default format) specializes a batch of one.
+    example = np.zeros((2, *input_size_of(config.data, model)), dtype=np.float32)
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
     signature = mlflow.models.infer_signature(example, output)

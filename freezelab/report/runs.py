@@ -1,0 +1,358 @@
+"""The runs a report is about, read back from MLflow: which runs the argument names,
+each run's metric history and resolved config, and where its fine-tuned weights are.
+
+>>> uri = "sqlite:///mlflow.db"
+>>> client = mlflow.MlflowClient(uri)                         # doctest: +SKIP
+>>> target = resolve_target(client, "policy-sweep")           # doctest: +SKIP
+>>> records = [load_record(client, run, uri) for run in target.runs]  # doctest: +SKIP
+>>> records[0].best_val_acc, records[0].backbone_drift        # doctest: +SKIP
+(0.97, 0.12)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from freezelab.trainers import checkpoint as ckpt
+
+SWEEP_KIND_TAG = "freezelab.kind"
+PARENT_TAG = "mlflow.parentRunId"
+DRIFT_PREFIX = "drift/"
+HISTORY_KEYS = (
+    "val_acc", "train_loss", "epoch_time_s", "images_per_s", "trainable_params", "frozen_params",
+)
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class ReportError(ValueError):
+    """The report cannot be made as asked: the message says what was looked for."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the command-line argument names: a sweep's trials or an experiment's runs."""
+
+    name: str
+    description: str
+    runs: list[Any]
+    parent_run_id: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_target(client: Any, target: str) -> Target:
+    """A sweep parent run (by id, then by name) or else an experiment (by name).
+
+    A sweep gives its child runs; an experiment gives all its runs except sweep
+    parents. When a sweep and an experiment share the name, the sweep wins (its
+    parent run is where the report is logged) and a note says so.
+    """
+    if _RUN_ID.match(target):
+        run = _get_run(client, target)
+        if run is not None:
+            children = _children(client, run)
+            if not children and run.data.tags.get(SWEEP_KIND_TAG) != "sweep":
+                raise ReportError(f"run {target} is not a sweep's parent run: it has no child runs")
+            return _sweep_target(run, children, [])
+    experiments = client.search_experiments()
+    sweeps = _sweeps_named(client, [e.experiment_id for e in experiments], target)
+    experiment = client.get_experiment_by_name(target)
+    if experiment is not None and experiment.lifecycle_stage != "active":
+        experiment = None
+    if sweeps:
+        notes = []
+        if len(sweeps) > 1:
+            notes.append(
+                f"{len(sweeps)} sweep runs are named {target!r}: this is the newest, "
+                f"{sweeps[0].info.run_id}; pass a run id to report another"
+            )
+        if experiment is not None:
+            notes.append(
+                f"an experiment is also named {target!r}: this report is about the sweep"
+            )
+        return _sweep_target(sweeps[0], _children(client, sweeps[0]), notes)
+    if experiment is None:
+        names = ", ".join(sorted(e.name for e in experiments)) or "none"
+        raise ReportError(
+            f"no sweep run or experiment named {target!r} at {client.tracking_uri} "
+            f"(experiments: {names})"
+        )
+    runs = [
+        run for run in _search_all(client, experiment.experiment_id)
+        if run.data.tags.get(SWEEP_KIND_TAG) != "sweep"
+    ]
+    return Target(experiment.name, f"experiment {experiment.name!r}", runs)
+
+
+def _sweeps_named(client: Any, experiment_ids: list[str], name: str) -> list[Any]:
+    if not experiment_ids:
+        return []
+    quoted = name.replace("'", "\\'")
+    return list(client.search_runs(
+        experiment_ids,
+        filter_string=f"tags.`{SWEEP_KIND_TAG}` = 'sweep' and attributes.run_name = '{quoted}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=100,
+    ))
+
+
+def _sweep_target(parent: Any, children: list[Any], notes: list[str]) -> Target:
+    name = parent.info.run_name or parent.info.run_id
+    return Target(
+        name, f"sweep {name!r} (run {parent.info.run_id})", children, parent.info.run_id, notes
+    )
+
+
+def _get_run(client: Any, run_id: str) -> Any | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        return None
+
+
+def _children(client: Any, parent: Any) -> list[Any]:
+    return _search_all(
+        client,
+        parent.info.experiment_id,
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
+    )
+
+
+def _search_all(client: Any, experiment_id: str, filter_string: str = "") -> list[Any]:
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            [experiment_id], filter_string=filter_string, max_results=1000,
+            order_by=["attributes.start_time ASC"], page_token=token,
+        )
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+@dataclass
+class RunRecord:
+    """One training run as MLflow holds it; ``history[key][epoch]`` is a metric value."""
+
+    run_id: str
+    run_name: str
+    experiment_id: str
+    status: str
+    policy: str
+    config: Any | None  # the TrainConfig from the run's config.yaml, None if unreadable
+    history: dict[str, dict[int, float]]
+    groups: list[str]  # layer groups with a drift metric, input to output
+    head_groups: frozenset[str]
+    notes: list[str] = field(default_factory=list)
+
+    def series(self, key: str) -> list[tuple[int, float]]:
+        return sorted(self.history.get(key, {}).items())
+
+    def last(self, key: str) -> float:
+        values = self.series(key)
+        return values[-1][1] if values else math.nan
+
+    @property
+    def epochs(self) -> int:
+        return len(self.series("val_acc"))
+
+    @property
+    def best_val_acc(self) -> float:
+        return max((v for _, v in self.series("val_acc")), default=math.nan)
+
+    @property
+    def epochs_to_best(self) -> int | None:
+        """Epochs trained when val_acc first reached its best (1 = after the first)."""
+        best = self.best_val_acc
+        return next((epoch + 1 for epoch, v in self.series("val_acc") if v == best), None)
+
+    @property
+    def train_time_s(self) -> float:
+        values = [v for _, v in self.series("epoch_time_s")]
+        return sum(values) if values else math.nan
+
+    @property
+    def images_per_s(self) -> float:
+        values = [v for _, v in self.series("images_per_s")]
+        return sum(values) / len(values) if values else math.nan
+
+    @property
+    def trainable_share(self) -> float:
+        """Trainable parameters over all parameters, at the last epoch."""
+        trainable, frozen = self.last("trainable_params"), self.last("frozen_params")
+        total = trainable + frozen
+        return trainable / total if total > 0 else math.nan
+
+    @property
+    def backbone_drift(self) -> float:
+        """Mean over the non-head groups of their drift at the last epoch."""
+        values = [self.last(DRIFT_PREFIX + g) for g in self.groups if g not in self.head_groups]
+        return sum(values) / len(values) if values else math.nan
+
+
+def load_record(client: Any, run: Any, tracking_uri: str) -> RunRecord:
+    """Read a run's metric histories (one value per epoch) and its config."""
+    notes: list[str] = []
+    keys = [k for k in run.data.metrics if k in HISTORY_KEYS or k.startswith(DRIFT_PREFIX)]
+    history = {key: _history(client, run.info.run_id, key) for key in keys}
+    config = _load_config(run.info.run_id, tracking_uri, notes)
+    drifted = [k.removeprefix(DRIFT_PREFIX) for k in keys if k.startswith(DRIFT_PREFIX)]
+    order, head = _layout(config, notes) if config is not None else ([], frozenset({"head"}))
+    groups = [g for g in order if g in drifted] + sorted(g for g in drifted if g not in order)
+    return RunRecord(
+        run_id=run.info.run_id,
+        run_name=run.info.run_name or run.info.run_id,
+        experiment_id=run.info.experiment_id,
+        status=run.info.status,
+        policy=policy_label(config, run.data.params),
+        config=config,
+        history=history,
+        groups=groups,
+        head_groups=head,
+        notes=notes,
+    )
+
+
+def _history(client: Any, run_id: str, key: str) -> dict[int, float]:
+    by_step: dict[int, tuple[int, float]] = {}
+    for metric in client.get_metric_history(run_id, key):
+        # An epoch logged twice (a replayed fallback file) keeps its latest value.
+        if metric.step not in by_step or metric.timestamp >= by_step[metric.step][0]:
+            by_step[metric.step] = (metric.timestamp, metric.value)
+    return {step: value for step, (_, value) in by_step.items()}
+
+
+def _load_config(run_id: str, tracking_uri: str, notes: list[str]) -> Any | None:
+    import mlflow
+
+    from freezelab.trainers.config import validate_config
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path="config.yaml", dst_path=tmp, tracking_uri=tracking_uri
+            )
+            data = yaml.safe_load(Path(path).read_text())
+        return validate_config(data, "config.yaml")
+    except Exception as err:  # an old or foreign run: report its metrics all the same
+        notes.append(f"config.yaml unreadable ({type(err).__name__}: {err}); no CKA")
+        return None
+
+
+# Layer layouts depend only on (model, classes, unit): one model build per layout.
+_LAYOUTS: dict[str, tuple[list[str], frozenset[str]]] = {}
+
+
+def _layout(config: Any, notes: list[str]) -> tuple[list[str], frozenset[str]]:
+    """The model's layer groups at the policy's unit, input to output, and the head's."""
+    from freezelab.policies import layer_groups
+    from freezelab.trainers.launch import build_for_config
+
+    model, data = config.model.model_dump(mode="json"), config.data.model_dump(mode="json")
+    key = json.dumps([model, data, config.policy.unit])
+    if key not in _LAYOUTS:
+        try:
+            groups = layer_groups(build_for_config(config, with_weights=False), config.policy.unit)
+        except Exception as err:
+            notes.append(f"model not buildable here ({err}); 'head' taken as the head group")
+            return [], frozenset({"head"})
+        _LAYOUTS[key] = ([g.name for g in groups], frozenset(g.name for g in groups if g.is_head))
+    return _LAYOUTS[key]
+
+
+def policy_label(config: Any | None, params: dict[str, str]) -> str:
+    """The policy's type and its non-default fields: ``last_n(n=2)``."""
+    if config is None:
+        return params.get("policy.type", "?")
+    fields = config.policy.model_dump(mode="json", exclude_defaults=True)
+    fields.pop("type", None)
+    extra = ", ".join(f"{k}={v}" for k, v in fields.items())
+    return config.policy.type + (f"({extra})" if extra else "")
+
+
+def find_weights(
+    client: Any, record: RunRecord, tracking_uri: str, scratch: Path
+) -> tuple[Path | None, str]:
+    """The run's fine-tuned weights and where they came from, or None and why not.
+
+    First the newest checkpoint under the config's ``storage_path/name`` that was
+    written by this config, then the weights logged beside the run's MLflow model.
+    """
+    config = record.config
+    if config is None:
+        return None, "no config"
+    tried = []
+    if "://" not in config.storage_path:
+        root = Path(config.storage_path) / config.name
+        directory = newest_checkpoint(root)
+        if directory is None:
+            tried.append(f"no checkpoint under {root}")
+        elif not _written_by(directory, config):
+            tried.append(f"the checkpoint {directory} belongs to another config")
+        else:
+            return directory / ckpt.MODEL_FILE, f"checkpoint {directory}"
+    try:
+        path = _logged_weights(client, record, tracking_uri, scratch)
+    except Exception as err:  # a store without logged models, a model without the file
+        tried.append(f"logged model unusable ({type(err).__name__}: {err})")
+    else:
+        if path is not None:
+            return path, "the run's logged MLflow model"
+        tried.append("no logged MLflow model with its weights")
+    return None, "; ".join(tried)
+
+
+def newest_checkpoint(root: Path) -> Path | None:
+    """The checkpoint directory under ``root`` (any depth) of the latest epoch."""
+    found = []
+    for state_file in root.glob(f"**/{ckpt.STATE_FILE}") if root.is_dir() else ():
+        directory = state_file.parent
+        if not (directory / ckpt.MODEL_FILE).is_file():
+            continue
+        try:
+            epoch = int(ckpt.read_state(directory)["epoch"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        found.append((epoch, directory.stat().st_mtime, directory))
+    return max(found)[2] if found else None
+
+
+def _written_by(directory: Path, config: Any) -> bool:
+    # A name reused with another model or policy would give a CKA of the wrong run.
+    saved = ckpt.read_state(directory).get("config") or {}
+    mine = config.to_dict()
+    return all(saved.get(key) == mine.get(key) for key in ("model", "data", "policy", "seed"))
+
+
+def _logged_weights(
+    client: Any, record: RunRecord, tracking_uri: str, scratch: Path
+) -> Path | None:
+    import mlflow
+
+    models = client.search_logged_models(
+        experiment_ids=[record.experiment_id],
+        filter_string=f"source_run_id = '{record.run_id}'",
+        order_by=[{"field_name": "creation_time", "ascending": False}],
+    )
+    if not models:
+        return None
+    # The weights ride along as an extra file (freezelab.mlflow.run.log_checkpoint_model):
+    # loading them needs no unpickling of the logged model.
+    uri = models[0].artifact_location.rstrip("/") + f"/extra_files/{ckpt.MODEL_FILE}"
+    destination = scratch / record.run_id
+    destination.mkdir(parents=True, exist_ok=True)
+    return Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=str(destination), tracking_uri=tracking_uri
+        )
+    )

@@ -1,0 +1,119 @@
+"""The sweep file and its search space: no Ray needed."""
+
+import random
+
+import optuna
+import pytest
+import yaml
+
+from freezelab.policies import from_dict
+from freezelab.sweep.run import _define_by_run, trial_run_name
+from freezelab.sweep.space import SearchSpace, SweepConfig, load_sweep, validate_space
+from freezelab.trainers.config import ConfigError
+from tests.conftest import TINY
+
+SPACE = {
+    "policies": [
+        {"type": "full"},
+        {"type": "last_n", "n": {"randint": [1, 3]}},
+        {"type": "lp_ft", "probe_epochs": {"randint": [1, 2]}, "ft_lr_factor": {"loguniform": [0.01, 1.0]}},
+        {"type": "bitfit", "include_norm": {"choice": [True, False]}},
+    ],
+    "params": {"optimizer.lr": {"loguniform": [0.001, 0.1]}},
+}
+
+
+def _sweep(**update):
+    return SweepConfig.model_validate({"name": "s", "base": TINY, "space": SPACE, **update})
+
+
+def test_grid_expands_every_discrete_policy():
+    space = SearchSpace.model_validate({"policies": SPACE["policies"][:2] + SPACE["policies"][3:]})
+    assert space.grid_policies() == [
+        {"type": "full"},
+        {"type": "last_n", "n": 1},
+        {"type": "last_n", "n": 2},
+        {"type": "last_n", "n": 3},
+        {"type": "bitfit", "include_norm": True},
+        {"type": "bitfit", "include_norm": False},
+    ]
+    with pytest.raises(ValueError, match="float range"):
+        SearchSpace.model_validate(SPACE).grid_policies()
+
+
+def test_random_samples_stay_in_their_ranges_and_are_valid():
+    space = SearchSpace.model_validate(SPACE)
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(200):
+        sample = space.sample(rng)
+        policy = from_dict(sample["policy"])  # a valid policy every time
+        seen.add(policy.type)
+        if policy.type == "last_n":
+            assert 1 <= policy.n <= 3
+        if policy.type == "lp_ft":
+            assert 0.01 <= policy.ft_lr_factor <= 1.0
+        assert 0.001 <= sample["params"]["optimizer.lr"] <= 0.1
+    assert seen == {"full", "last_n", "lp_ft", "bitfit"}
+
+
+def test_optuna_define_by_run_samples_only_valid_conditional_policies():
+    define = _define_by_run(_sweep(algorithm="optuna"))
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+    types = set()
+    for _ in range(30):
+        trial = study.ask()
+        config = define(trial)
+        policy = from_dict(config["policy"])
+        types.add(policy.type)
+        # the type decides which fields were sampled
+        sampled = {k.split(".")[0] for k in trial.params if k != "policy_entry" and not k.startswith("param.")}
+        assert sampled <= {policy.type}
+        study.tell(trial, 0.5)
+    assert len(types) >= 3
+
+
+def test_validation_rejects_a_policy_that_cannot_fit_the_model():
+    space = {"policies": [{"type": "last_n", "n": {"randint": [1, 9]}}]}
+    with pytest.raises(ConfigError, match="n=6 is larger than the model.s 5 backbone groups"):
+        validate_space(_sweep(space=space))
+    validate_space(_sweep(space={"policies": [{"type": "last_n", "n": {"randint": [1, 5]}}]}))
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        ({"policies": [{"type": "last_n", "m": 1}]}, "has no field 'm'"),
+        ({"policies": [{"type": "nope"}]}, "unknown policy type"),
+        ({"policies": [{"type": "last_n", "n": {"randint": [3, 1]}}]}, "low <= high"),
+        ({"policies": [{"type": "lp_ft", "ft_lr_factor": {"loguniform": [0, 1]}}]}, "low > 0"),
+        ({"policies": []}, "at least 1"),
+    ],
+)
+def test_bad_spaces_are_named(space, message):
+    with pytest.raises(ValueError, match=message):
+        SearchSpace.model_validate(space)
+
+
+def test_sweep_file_with_relative_base_and_pinned_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({k: v for k, v in TINY.items() if k != "mlflow"}))
+    (tmp_path / "sweep.yaml").write_text(
+        yaml.safe_dump({"name": "x", "base": "base.yaml", "space": {"policies": [{"type": "full"}]},
+                        "overrides": ["epochs=5"]})
+    )
+    sweep = load_sweep(tmp_path / "sweep.yaml")
+    config = sweep.trial_config({"type": "full"}, {}, "t")
+    assert config.epochs == 5
+    assert config.storage_path == str(tmp_path / "freezelab_runs")
+    assert config.mlflow.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
+    assert config.scaling.num_workers == 1  # local mode cannot run inside a Tune trial
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_sweep(tmp_path / "missing.yaml")
+
+
+def test_trial_names_are_stable_per_config():
+    a = {"policy": {"type": "last_n", "n": 2}, "params": {"optimizer.lr": 0.01}}
+    b = {"params": {"optimizer.lr": 0.01}, "policy": {"n": 2, "type": "last_n"}}
+    assert trial_run_name("s", a) == trial_run_name("s", b)
+    assert trial_run_name("s", a) != trial_run_name("s", {**a, "params": {"optimizer.lr": 0.02}})
