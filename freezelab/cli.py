@@ -5,6 +5,7 @@
     freezelab train CONFIG [--set a.b=value ...] [--address RAY_ADDRESS]
     freezelab sweep SWEEP [--resume]
     freezelab compare EXPERIMENT [--format table|md|csv|json] [--sort METRIC]
+    freezelab report EXPERIMENT_OR_SWEEP [--out DIR] [--tracking-uri URI]
     freezelab demo [--config STUDY]
 """
 
@@ -83,6 +84,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None, help="else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     p.set_defaults(run=_compare)
 
+    p = commands.add_parser("report", help="an HTML report of a sweep's (or an experiment's) runs")
+    p.add_argument(
+        "target",
+        metavar="EXPERIMENT_OR_SWEEP",
+        help="a sweep's parent run (name or id), or an MLflow experiment name",
+    )
+    p.add_argument("--out", metavar="DIR", default=None, help="default: freezelab_reports/NAME")
+    p.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        default=None,
+        help="else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db",
+    )
+    p.set_defaults(run=_report)
+
     p = commands.add_parser("demo", help="the transfer study: pretrain on digits 0-4, fine-tune on 5-9")
     p.add_argument("--config", default=None, help="a study config (YAML); default: the built-in one")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -125,6 +141,18 @@ def _compare(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise UserError(str(err)) from None
     print(format_rows(rows, args.format))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from freezelab.mlflow.tracking import resolve_tracking_uri
+    from freezelab.report import ReportError, build_report
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    try:
+        build_report(args.target, out_dir=args.out, tracking_uri=uri)
+    except ReportError as err:
+        raise UserError(str(err)) from None
     return 0
 
 

@@ -47,6 +47,13 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@pytest.fixture(autouse=True)
+def _work_in_tmp(tmp_path, monkeypatch):
+    """Every test runs in its own directory: MLflow's default artifact root
+    (./mlruns) and any relative path land there, never in the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def tiny_config(tmp_path):
     """Build a validated tiny TrainConfig: ``tiny_config(policy={...}, epochs=3)``."""

@@ -213,12 +213,7 @@ def resolved_on_driver(sweep: SweepConfig) -> SweepConfig:
     if probe.scaling.num_workers == 0:
         # Ray Train's local mode cannot run inside a Tune trial: one worker instead.
         base.setdefault("scaling", {})["num_workers"] = 1
-    try:
-        return SweepConfig.model_validate({**sweep.model_dump(mode="json"), "base": base, "overrides": []})
-    except ValidationError as err:
-        from freezelab.trainers.config import describe_errors
-
-        raise ConfigError(describe_errors(str(path), err)) from None
+    return SweepConfig.model_validate({**sweep.model_dump(mode="json"), "base": base, "overrides": []})
 
 
 def validate_space(sweep: SweepConfig) -> None:

@@ -13,7 +13,11 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
     data = yaml.safe_load(path.read_text())
-    if "policies" in data:  # a study file
+    if "space" in data:  # a sweep file: its space is validated against the model
+        from freezelab.sweep.space import load_sweep, validate_space
+
+        validate_space(load_sweep(path))
+    elif "policies" in data:  # a study file
         study = load_study(path)
         for policy in study.policies:
             stage_config(study, study.finetune, "check", policy=policy)

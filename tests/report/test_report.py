@@ -1,0 +1,235 @@
+"""``freezelab report`` against a real sqlite MLflow store and real checkpoints: a sweep
+made by hand (a parent run tagged ``freezelab.kind=sweep``, three tiny local-mode runs
+nested under it), no Ray cluster."""
+
+from __future__ import annotations
+
+import doctest
+import html
+import importlib
+import math
+import shutil
+from dataclasses import replace
+from types import SimpleNamespace
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from freezelab.policies import from_dict
+from freezelab.report import ReportError, build_report, linear_cka, pareto_front
+from freezelab.report.build import FIGURES
+from freezelab.report.runs import find_weights, load_record, resolve_target
+from freezelab.trainers.config import validate_config
+from freezelab.trainers.launch import run_training
+from tests.conftest import TINY, merge
+
+EXPERIMENT = "report-tests"
+SWEEP = "policy-sweep"
+POLICIES = {
+    "full": {"type": "full"},
+    "head_only": {"type": "head_only"},
+    "last_n(n=1)": {"type": "last_n", "n": 1},
+}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """One sweep and its report for the whole module: training is the slow part.
+
+    The runs are ``tiny_config`` runs (the same TINY base), built here because a
+    module-scoped fixture cannot use the function-scoped ``tiny_config``.
+    """
+    root = tmp_path_factory.mktemp("report")
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    # An explicit artifact root: the default is ./mlruns in the working directory.
+    experiment_id = client.create_experiment(EXPERIMENT, artifact_location=str(root / "artifacts"))
+    parent = client.create_run(
+        experiment_id, run_name=SWEEP, tags={"freezelab.kind": "sweep"}
+    ).info.run_id
+    outcomes = {}
+    for label, policy in POLICIES.items():
+        name = f"sweep-{policy['type']}"
+        config = validate_config(merge(TINY, {
+            "name": name,
+            "storage_path": str(root / "runs"),
+            "policy": policy,
+            "epochs": 2,
+            "mlflow": {
+                "enabled": True, "tracking_uri": uri, "experiment": EXPERIMENT,
+                # Only head_only logs its model: its CKA must come from there.
+                "log_model": policy["type"] == "head_only",
+            },
+        }))
+        outcomes[label] = run_training(config, parent_run_id=parent)
+    client.set_terminated(parent)
+    # Where each run's fine-tuned weights are found: full from its checkpoint,
+    # head_only from its logged MLflow model, last_n nowhere (its CKA is skipped).
+    shutil.rmtree(root / "runs" / "sweep-head_only")
+    shutil.rmtree(root / "runs" / "sweep-last_n")
+    report = build_report(SWEEP, out_dir=root / "out", tracking_uri=uri)
+    rows = {row["policy"]: row for row in report.rows}
+    return SimpleNamespace(
+        uri=uri, client=client, parent=parent, outcomes=outcomes, report=report, rows=rows
+    )
+
+
+def _history(client, run_id, key):
+    return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def test_every_figure_is_a_valid_png(sweep):
+    from matplotlib.image import imread
+    from PIL import Image
+
+    assert sorted(sweep.report.figures) == sorted(FIGURES)
+    page = sweep.report.index.read_text()
+    for name, path in sweep.report.figures.items():
+        assert path.is_file() and path.parent == sweep.report.directory
+        assert path.read_bytes()[:8] == PNG_SIGNATURE, name
+        with Image.open(path) as image:
+            image.verify()
+        pixels = imread(path)
+        assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
+        assert f'src="{path.name}"' in page
+
+
+def test_table_matches_the_mlflow_runs(sweep):
+    client = sweep.client
+    assert set(sweep.rows) == set(POLICIES)
+    for label, row in sweep.rows.items():
+        run = client.get_run(row["run_id"])
+        assert run.info.run_id == sweep.outcomes[label].mlflow_run_id
+        assert run.data.tags["mlflow.parentRunId"] == sweep.parent
+        assert run.data.params["policy.type"] == POLICIES[label]["type"]
+        metrics = run.data.metrics
+        val_acc = _history(client, run.info.run_id, "val_acc")
+        assert row["best_val_acc"] == metrics["best_val_acc"] == max(val_acc)
+        assert row["epochs_to_best"] == val_acc.index(max(val_acc)) + 1
+        assert row["epochs"] == len(val_acc) == 2
+        times = _history(client, run.info.run_id, "epoch_time_s")
+        assert row["train_time_s"] == pytest.approx(sum(times), rel=1e-12)
+        speeds = _history(client, run.info.run_id, "images_per_s")
+        assert row["images_per_s"] == pytest.approx(sum(speeds) / len(speeds), rel=1e-12)
+        trainable, frozen = metrics["trainable_params"], metrics["frozen_params"]
+        assert row["trainable_share"] == trainable / (trainable + frozen)
+        backbone = [v for k, v in metrics.items() if k.startswith("drift/") and k != "drift/head"]
+        assert row["backbone_drift"] == pytest.approx(sum(backbone) / len(backbone), rel=1e-12)
+    assert sweep.rows["full"]["trainable_share"] == 1.0
+    # best first, as the page shows them
+    accuracies = [row["best_val_acc"] for row in sweep.report.rows]
+    assert accuracies == sorted(accuracies, reverse=True)
+
+
+def test_drift_is_zero_for_frozen_groups_and_positive_for_trained_ones(sweep):
+    client = sweep.client
+
+    def final_drift(label):
+        metrics = client.get_run(sweep.rows[label]["run_id"]).data.metrics
+        return {k.removeprefix("drift/"): v for k, v in metrics.items() if k.startswith("drift/")}
+
+    head_only = final_drift("head_only")
+    assert set(head_only) == {"stem", "layer1", "layer2", "layer3", "layer4", "head"}
+    assert all(head_only[g] == 0.0 for g in head_only if g != "head")
+    assert head_only["head"] > 0
+    assert sweep.rows["head_only"]["backbone_drift"] == 0.0
+    assert all(value > 0 for value in final_drift("full").values())
+    last_n = final_drift("last_n(n=1)")
+    assert last_n["layer4"] > 0 and last_n["head"] > 0
+    assert all(last_n[g] == 0.0 for g in ("stem", "layer1", "layer2", "layer3"))
+    assert 0 < sweep.rows["last_n(n=1)"]["backbone_drift"] < sweep.rows["full"]["backbone_drift"]
+
+
+def test_cka_of_an_untouched_backbone_is_one(sweep):
+    head_only, full = sweep.rows["head_only"], sweep.rows["full"]
+    assert head_only["cka"] == pytest.approx(1.0, abs=1e-6)
+    assert head_only["cka_source"] == "the run's logged MLflow model"
+    assert full["cka_source"].startswith("checkpoint ")
+    assert 0 < full["cka"] < 1 - 1e-6
+
+
+def test_missing_weights_skip_cka_with_a_note(sweep):
+    row = sweep.rows["last_n(n=1)"]
+    assert row["cka"] is None
+    assert "no checkpoint under" in row["cka_source"]
+    note = next(n for n in sweep.report.notes if "CKA skipped" in n)
+    assert "last_n(n=1)" in note
+    assert "CKA skipped" in sweep.report.index.read_text()
+
+
+def test_a_checkpoint_of_another_config_is_not_used(sweep, tmp_path):
+    run = sweep.client.get_run(sweep.rows["full"]["run_id"])
+    record = load_record(sweep.client, run, sweep.uri)
+    assert find_weights(sweep.client, record, sweep.uri, tmp_path)[0] is not None
+    # The same name and storage, but another policy: its checkpoint is not this run's.
+    other = record.config.model_copy(update={"policy": from_dict({"type": "head_only"})})
+    weights, why = find_weights(sweep.client, replace(record, config=other), sweep.uri, tmp_path)
+    assert weights is None and "belongs to another config" in why
+
+
+def test_linear_cka_identity_orthogonal_and_scale_invariance():
+    rng = np.random.default_rng(0)
+    for n, p in ((40, 12), (10, 30)):  # both computation paths: n > p and n <= p
+        x = rng.normal(size=(n, p))
+        q, _ = np.linalg.qr(rng.normal(size=(p, p)))
+        assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)
+        assert linear_cka(x, x @ q) == pytest.approx(1.0, abs=1e-12)
+        assert linear_cka(x, 7.5 * x) == pytest.approx(1.0, abs=1e-12)
+        assert linear_cka(x, 0.01 * x @ q + 3.0) == pytest.approx(1.0, abs=1e-12)
+        y = rng.normal(size=(n, 5))
+        assert linear_cka(x, y) == pytest.approx(linear_cka(y, x), abs=1e-12)
+        assert 0 <= linear_cka(x, y) < 1
+    x = rng.normal(size=(50, 4))
+    # not invariant to an anisotropic scaling
+    assert linear_cka(x, x * np.array([1.0, 1.0, 1.0, 20.0])) < 0.99
+    as_tensor = torch.from_numpy(x).float().reshape(50, 2, 2)
+    assert linear_cka(as_tensor, x) == pytest.approx(1.0, abs=1e-6)
+    assert math.isnan(linear_cka(np.ones((5, 3)), x[:5]))
+    with pytest.raises(ValueError, match="examples"):
+        linear_cka(x, x[:10])
+
+
+def test_summary_names_the_winning_policy(sweep):
+    client = sweep.client
+    runs = [client.get_run(row["run_id"]) for row in sweep.report.rows]
+    winner = max(runs, key=lambda r: r.data.metrics["best_val_acc"])
+    label = next(p for p, row in sweep.rows.items() if row["run_id"] == winner.info.run_id)
+    assert sweep.report.summary.startswith(f"{label} won: best val_acc")
+    assert f"{winner.data.metrics['best_val_acc']:.4f}" in sweep.report.summary
+    assert "head_only intact" in sweep.report.summary
+    assert html.escape(sweep.report.summary) in sweep.report.index.read_text()
+
+
+def test_report_is_logged_on_the_sweep_parent_run(sweep):
+    assert sweep.report.logged and sweep.report.parent_run_id == sweep.parent
+    logged = {a.path for a in sweep.client.list_artifacts(sweep.parent, "report")}
+    expected = {f"report/{name}.png" for name in FIGURES} | {"report/index.html"}
+    assert expected <= logged
+
+
+def test_targets_sweep_by_id_experiment_by_name_and_unknown(sweep, tmp_path, capsys):
+    by_id = resolve_target(sweep.client, sweep.parent)
+    assert by_id.parent_run_id == sweep.parent and len(by_id.runs) == 3
+    report = build_report(EXPERIMENT, out_dir=tmp_path, tracking_uri=sweep.uri, cka=False)
+    out = capsys.readouterr().out
+    assert f"[freezelab] report: {report.index.resolve()}" in out
+    assert report.parent_run_id is None and not report.logged
+    assert {row["run_id"] for row in report.rows} == {r["run_id"] for r in sweep.rows.values()}
+    with pytest.raises(ReportError, match="no sweep run or experiment named 'nope'"):
+        build_report("nope", out_dir=tmp_path, tracking_uri=sweep.uri)
+
+
+def test_pareto_front():
+    points = [(1.0, 0.5), (2.0, 0.9), (3.0, 0.8), (0.5, 0.5), (2.0, 0.7), (math.nan, 1.0)]
+    assert pareto_front(points) == [3, 1]
+    assert pareto_front([]) == []
+    assert pareto_front([(1.0, 0.6), (1.0, 0.6)]) == [0]
+
+
+@pytest.mark.parametrize("name", ["freezelab.report.build", "freezelab.report.cka"])
+def test_docstring_examples(name):
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
