@@ -17,7 +17,9 @@ from freezelab.mlflow.run import RUN_KEY_TAG, register
 from freezelab.mlflow.tracking import ensure_reachable, resolve_tracking_uri, run_tags
 
 
-def start_sweep_run(sweep: Any, base: Any) -> str:
+def start_group_run(base: Any, name: str, kind: str) -> tuple[str, bool]:
+    """Open (or reopen) the parent run of a group of runs (a sweep, a study); returns
+    its id and whether it already existed."""
     import mlflow
 
     uri = resolve_tracking_uri(base.mlflow.tracking_uri)
@@ -25,16 +27,27 @@ def start_sweep_run(sweep: Any, base: Any) -> str:
     client = mlflow.MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(base.mlflow.experiment)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(base.mlflow.experiment)
-    key = f"{base.storage_path.rstrip('/')}/{sweep.name}#sweep"
+    key = f"{base.storage_path.rstrip('/')}/{name}#{kind}"
     found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1)
     if found:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
-        return run_id
+        return run_id, True
     tags = {k: v for k, v in run_tags(base).items() if k not in ("freezelab.policy", "freezelab.run_name")}
-    tags.update({RUN_KEY_TAG: key, "freezelab.kind": "sweep"})
-    run = client.create_run(experiment_id, run_name=sweep.name, tags=tags)
-    run_id = run.info.run_id
+    # Reports and `freezelab compare` treat every group run alike: kind "sweep".
+    tags.update({RUN_KEY_TAG: key, "freezelab.kind": "sweep", "freezelab.group": kind})
+    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    print(f"[freezelab] MLflow: {kind} run {run.info.run_id} in experiment {base.mlflow.experiment!r}")
+    return run.info.run_id, False
+
+
+def start_sweep_run(sweep: Any, base: Any) -> str:
+    import mlflow
+
+    run_id, existed = start_group_run(base, sweep.name, "sweep")
+    if existed:
+        return run_id
+    client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(base.mlflow.tracking_uri))
     client.log_param(run_id, "sweep.algorithm", sweep.algorithm)
     client.log_param(run_id, "sweep.num_samples", sweep.num_samples)
     client.log_param(run_id, "sweep.metric", f"{sweep.metric} ({sweep.mode})")
@@ -43,7 +56,6 @@ def start_sweep_run(sweep: Any, base: Any) -> str:
         path = Path(tmp) / "search_space.json"
         path.write_text(json.dumps(sweep.model_dump(mode="json"), indent=2))
         client.log_artifact(run_id, str(path))
-    print(f"[freezelab] MLflow: sweep run {run_id} in experiment {base.mlflow.experiment!r}")
     return run_id
 
 

@@ -96,13 +96,18 @@ def run_study(source: str | Path | None = None, overrides: list[str] | None = No
     ]  # validated before anything trains
     print(f"[freezelab] transfer study {tag}: pretraining {pretrain.model.name} on the source task")
     source = run_training(pretrain, address=address)
+    parent = None
+    if finetunes[0].mlflow.enabled:
+        from freezelab.mlflow.sweep import start_group_run
+
+        parent, _ = start_group_run(finetunes[0], tag, "study")
     weights = source.weights_file
     print(f"[freezelab] source model val_acc {source.metrics.get('val_acc', float('nan')):.3f}; weights {weights}")
     rows = []
     for config in finetunes:
         config = config.model_copy(update={"model": config.model.model_copy(update={"weights": weights})})
         started = time.perf_counter()
-        outcome = run_training(config, address=address)
+        outcome = run_training(config, address=address, parent_run_id=parent)
         m = outcome.metrics
         total = m["trainable_params"] + m["frozen_params"]
         rows.append(
@@ -116,6 +121,17 @@ def run_study(source: str | Path | None = None, overrides: list[str] | None = No
             }
         )
     print(format_study(tag, rows))
+    if parent is not None:
+        import mlflow
+
+        from freezelab.mlflow.tracking import resolve_tracking_uri
+        from freezelab.report import build_report
+
+        uri = resolve_tracking_uri(finetunes[0].mlflow.tracking_uri)
+        report = build_report(parent, out_dir=Path("freezelab_reports") / tag, tracking_uri=uri)
+        mlflow.MlflowClient(tracking_uri=uri).set_terminated(parent)
+        print(f"[freezelab] report of the study: {report.index}")
+        print(f"[freezelab] compare the runs in the MLflow UI: mlflow ui --backend-store-uri {uri}")
     return rows
 
 
