@@ -1,12 +1,12 @@
 """The ``freezelab`` command line.
 
-    freezelab policies [--format table|json]
-    freezelab inspect --model NAME --policy FILE_OR_JSON [--epoch E] [--format table|json]
-    freezelab train CONFIG [--set a.b=value ...] [--address RAY_ADDRESS]
-    freezelab sweep SWEEP [--resume]
-    freezelab compare EXPERIMENT [--format table|md|csv|json] [--sort METRIC]
-    freezelab report EXPERIMENT_OR_SWEEP [--out DIR] [--tracking-uri URI]
-    freezelab demo [--config STUDY]
+freezelab policies [--format table|json]
+freezelab inspect --model NAME --policy FILE_OR_JSON [--epoch E] [--format table|json]
+freezelab train CONFIG [--set a.b=value ...] [--address RAY_ADDRESS]
+freezelab sweep SWEEP [--resume]
+freezelab compare EXPERIMENT [--format table|md|csv|json] [--sort METRIC]
+freezelab report EXPERIMENT_OR_SWEEP [--out DIR] [--tracking-uri URI]
+freezelab demo [--config STUDY]
 """
 
 from __future__ import annotations
@@ -67,7 +67,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config field, e.g. --set optimizer.lr=0.001 (repeatable)",
     )
-    p.add_argument("--address", default=None, help="Ray address to join (else RAY_ADDRESS, else local)")
+    p.add_argument(
+        "--address", default=None, help="Ray address to join (else RAY_ADDRESS, else local)"
+    )
     p.set_defaults(run=_train)
 
     p = commands.add_parser("sweep", help="explore freeze policies with Ray Tune")
@@ -81,7 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("experiment")
     p.add_argument("--format", choices=("table", "md", "csv", "json"), default="table")
     p.add_argument("--sort", default="best_val_acc", help="a column to sort by (descending)")
-    p.add_argument("--tracking-uri", default=None, help="else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    p.add_argument(
+        "--tracking-uri", default=None, help="else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"
+    )
     p.set_defaults(run=_compare)
 
     p = commands.add_parser("report", help="an HTML report of a sweep's (or an experiment's) runs")
@@ -99,8 +103,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=_report)
 
-    p = commands.add_parser("demo", help="the transfer study: pretrain on digits 0-4, fine-tune on 5-9")
-    p.add_argument("--config", default=None, help="a study config (YAML); default: the built-in one")
+    p = commands.add_parser(
+        "demo", help="the transfer study: pretrain on digits 0-4, fine-tune on 5-9"
+    )
+    p.add_argument(
+        "--config", default=None, help="a study config (YAML); default: the built-in one"
+    )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--address", default=None)
     p.set_defaults(run=_demo)
@@ -137,7 +145,9 @@ def _compare(args: argparse.Namespace) -> int:
     from freezelab.mlflow.tracking import resolve_tracking_uri
 
     try:
-        rows = compare_rows(args.experiment, resolve_tracking_uri(args.tracking_uri), sort=args.sort)
+        rows = compare_rows(
+            args.experiment, resolve_tracking_uri(args.tracking_uri), sort=args.sort
+        )
     except ValueError as err:
         raise UserError(str(err)) from None
     print(format_rows(rows, args.format))

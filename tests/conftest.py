@@ -7,11 +7,12 @@ local mode (``scaling.num_workers: 0``) instead.
 
 from __future__ import annotations
 
-import copy
 import os
 from typing import Any
 
 import pytest
+
+from freezelab.trainers.config import deep_merge
 
 # Ray Train V2 changes into a per-run directory in the workers; tests keep cwd.
 os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
@@ -37,14 +38,7 @@ TINY: dict[str, Any] = {
 }
 
 
-def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+merge = deep_merge
 
 
 @pytest.fixture(autouse=True)
@@ -52,6 +46,7 @@ def _work_in_tmp(tmp_path, monkeypatch):
     """Every test runs in its own directory: MLflow's default artifact root
     (./mlruns) and any relative path land there, never in the checkout."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
 @pytest.fixture

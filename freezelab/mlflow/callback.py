@@ -41,7 +41,11 @@ class MlflowMetricsCallback(UserCallback):
         if "epoch" not in rank0:
             return
         epoch = int(rank0["epoch"])
-        values = {k: float(v) for k, v in rank0.items() if isinstance(v, NUMERIC) and not isinstance(v, bool) and k != "epoch"}
+        values = {
+            k: float(v)
+            for k, v in rank0.items()
+            if isinstance(v, NUMERIC) and not isinstance(v, bool) and k != "epoch"
+        }
         self._pending[epoch] = values
         self.flush()
 
@@ -61,7 +65,10 @@ class MlflowMetricsCallback(UserCallback):
             for epoch in sorted(self._pending):
                 if epoch not in self._logged_epochs:
                     now = int(time.time() * 1000)
-                    batch = [Metric(key, value, now, epoch) for key, value in self._pending[epoch].items()]
+                    batch = [
+                        Metric(key, value, now, epoch)
+                        for key, value in self._pending[epoch].items()
+                    ]
                     # log_batch takes at most 1000 metrics per call
                     for start in range(0, len(batch), 1000):
                         client.log_batch(self.run_id, metrics=batch[start : start + 1000])
@@ -69,7 +76,9 @@ class MlflowMetricsCallback(UserCallback):
                     self._logged_epochs.add(epoch)
                 del self._pending[epoch]
             if self._warned:
-                print(f"[freezelab] MLflow reachable again: metrics up to date in run {self.run_id}")
+                print(
+                    f"[freezelab] MLflow reachable again: metrics up to date in run {self.run_id}"
+                )
                 self._warned = False
             return True
         except Exception as err:  # a lost tracking server must never stop training
@@ -86,7 +95,9 @@ class MlflowMetricsCallback(UserCallback):
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
             for epoch, values in sorted(self._pending.items()):
-                f.write(json.dumps({"run_id": self.run_id, "epoch": epoch, "metrics": values}) + "\n")
+                f.write(
+                    json.dumps({"run_id": self.run_id, "epoch": epoch, "metrics": values}) + "\n"
+                )
         message = (
             f"MLflow at {self.tracking_uri} is unreachable ({type(err).__name__}: {err}); "
             f"training goes on. {len(self._pending)} pending epoch(s) will be retried at the next "
@@ -117,7 +128,9 @@ def replay_fallback_file(path: str | Path, tracking_uri: str) -> int:
         if epoch in seen:
             continue
         now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, v, now, epoch) for k, v in entry["metrics"].items()])
+        client.log_batch(
+            run_id, metrics=[Metric(k, v, now, epoch) for k, v in entry["metrics"].items()]
+        )
         client.log_metric(run_id, "epoch", epoch, timestamp=now, step=epoch)
         seen.add(epoch)
         written += 1

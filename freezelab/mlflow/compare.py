@@ -11,17 +11,31 @@ import io
 import json
 from typing import Any
 
-COLUMNS = ("policy", "best_val_acc", "val_acc", "epochs", "time_s", "trainable_pct", "status", "run_name", "run_id")
+COLUMNS = (
+    "policy",
+    "best_val_acc",
+    "val_acc",
+    "epochs",
+    "time_s",
+    "trainable_pct",
+    "status",
+    "run_name",
+    "run_id",
+)
 
 
-def compare_rows(experiment: str, tracking_uri: str, sort: str = "best_val_acc") -> list[dict[str, Any]]:
+def compare_rows(
+    experiment: str, tracking_uri: str, sort: str = "best_val_acc"
+) -> list[dict[str, Any]]:
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         names = [e.name for e in client.search_experiments()]
-        raise ValueError(f"no MLflow experiment {experiment!r} at {tracking_uri}; experiments: {', '.join(names) or 'none'}")
+        raise ValueError(
+            f"no MLflow experiment {experiment!r} at {tracking_uri}; experiments: {', '.join(names) or 'none'}"
+        )
     rows = []
     for run in client.search_runs([found.experiment_id], max_results=5000):
         metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
@@ -47,7 +61,12 @@ def compare_rows(experiment: str, tracking_uri: str, sort: str = "best_val_acc")
     key = sort if sort in COLUMNS else None
     if key is None and rows and not any(sort in r for r in rows):
         raise ValueError(f"cannot sort by {sort!r}; columns: {', '.join(COLUMNS)}")
-    rows.sort(key=lambda r: (r.get(sort) is None, -(r.get(sort) or 0) if isinstance(r.get(sort), (int, float)) else str(r.get(sort))))
+    rows.sort(
+        key=lambda r: (
+            r.get(sort) is None,
+            -(r.get(sort) or 0) if isinstance(r.get(sort), (int, float)) else str(r.get(sort)),
+        )
+    )
     return rows
 
 
@@ -57,7 +76,9 @@ def _policy_summary(params: dict[str, str]) -> str:
     extra = [
         f"{k.removeprefix('policy.')}={v}"
         for k, v in sorted(params.items())
-        if k.startswith("policy.") and k != "policy.type" and v not in ("None", "()")
+        if k.startswith("policy.")
+        and k != "policy.type"
+        and v not in ("None", "()")
         and defaults.get(k.removeprefix("policy.")) != v
     ]
     return kind + (f"({', '.join(extra)})" if extra else "")

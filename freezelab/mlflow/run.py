@@ -12,7 +12,9 @@ of the same name and storage resumes the same MLflow run, as it resumes training
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +75,9 @@ class TrackedRun:
             tags = {**run_tags(config), RUN_KEY_TAG: key}
             if parent_run_id:
                 tags["mlflow.parentRunId"] = parent_run_id
-            run = client.create_run(experiment_id, run_name=section.run_name or config.name, tags=tags)
+            run = client.create_run(
+                experiment_id, run_name=section.run_name or config.name, tags=tags
+            )
             run_id = run.info.run_id
             params = flatten_params({k: v for k, v in config.to_dict().items() if k != "mlflow"})
             from mlflow.entities import Param
@@ -82,8 +86,12 @@ class TrackedRun:
             for start in range(0, len(items), 100):
                 client.log_batch(run_id, params=items[start : start + 100])
             with tempfile.TemporaryDirectory() as tmp:
-                (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-                (Path(tmp) / "policy.json").write_text(json.dumps(config.policy.to_dict(), indent=2))
+                (Path(tmp) / "config.yaml").write_text(
+                    yaml.safe_dump(config.to_dict(), sort_keys=False)
+                )
+                (Path(tmp) / "policy.json").write_text(
+                    json.dumps(config.policy.to_dict(), indent=2)
+                )
                 client.log_artifact(run_id, str(Path(tmp) / "config.yaml"))
                 client.log_artifact(run_id, str(Path(tmp) / "policy.json"))
             print(f"[freezelab] MLflow: run {run_id} in experiment {section.experiment!r} at {uri}")
@@ -103,9 +111,13 @@ class TrackedRun:
         try:
             self._log_phases(client, config)
             if config.mlflow.log_model and outcome is not None and outcome.checkpoint_dir:
-                model_uri = log_checkpoint_model(self.tracking_uri, self.run_id, config, outcome.checkpoint_dir)
+                model_uri = log_checkpoint_model(
+                    self.tracking_uri, self.run_id, config, outcome.checkpoint_dir
+                )
                 if config.mlflow.register_as:
-                    register(self.tracking_uri, model_uri, config.mlflow.register_as, config.mlflow.alias)
+                    register(
+                        self.tracking_uri, model_uri, config.mlflow.register_as, config.mlflow.alias
+                    )
         finally:
             client.set_terminated(self.run_id, status=status)
         return model_uri
@@ -151,8 +163,7 @@ def log_checkpoint_model(tracking_uri: str, run_id: str, config: Any, checkpoint
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
     signature = mlflow.models.infer_signature(example, output)
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id):
+    with tracking_uri_set(tracking_uri), mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(
             model,
             name="model",
@@ -167,9 +178,11 @@ def log_checkpoint_model(tracking_uri: str, run_id: str, config: Any, checkpoint
 def register(tracking_uri: str, model_uri: str, name: str, alias: str) -> str:
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri)
-    version = mlflow.register_model(model_uri, name)
-    mlflow.MlflowClient(tracking_uri=tracking_uri).set_registered_model_alias(name, alias, version.version)
+    with tracking_uri_set(tracking_uri):
+        version = mlflow.register_model(model_uri, name)
+    mlflow.MlflowClient(tracking_uri=tracking_uri).set_registered_model_alias(
+        name, alias, version.version
+    )
     print(f"[freezelab] MLflow: registered {name} version {version.version} as @{alias}")
     return version.version
 
@@ -182,14 +195,34 @@ def download_weights(model_uri: str, tracking_uri: str | None = None) -> str:
     from freezelab.trainers.checkpoint import MODEL_FILE
 
     uri = resolve_tracking_uri(tracking_uri)
-    mlflow.set_tracking_uri(uri)
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    with tracking_uri_set(uri):
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
     found = sorted(local.rglob(MODEL_FILE)) if local.is_dir() else [local]
     if not found or found[0].suffix != ".safetensors":
         raise FileNotFoundError(
             f"{model_uri} holds no {MODEL_FILE}: only models logged by freezelab can seed a run"
         )
     return str(found[0])
+
+
+@contextlib.contextmanager
+def tracking_uri_set(uri: str):
+    """MLflow's fluent API for one call. ``mlflow.set_tracking_uri`` also writes the
+    MLFLOW_TRACKING_URI environment variable, which would leak into every later run
+    of this process: the previous value is restored."""
+    import mlflow
+
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
 def _quote(text: str) -> str:

@@ -26,18 +26,28 @@ def start_group_run(base: Any, name: str, kind: str) -> tuple[str, bool]:
     ensure_reachable(uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(base.mlflow.experiment)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(base.mlflow.experiment)
+    experiment_id = (
+        experiment.experiment_id if experiment else client.create_experiment(base.mlflow.experiment)
+    )
     key = f"{base.storage_path.rstrip('/')}/{name}#{kind}"
-    found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1)
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1
+    )
     if found:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id, True
-    tags = {k: v for k, v in run_tags(base).items() if k not in ("freezelab.policy", "freezelab.run_name")}
+    tags = {
+        k: v
+        for k, v in run_tags(base).items()
+        if k not in ("freezelab.policy", "freezelab.run_name")
+    }
     # Reports and `freezelab compare` treat every group run alike: kind "sweep".
     tags.update({RUN_KEY_TAG: key, "freezelab.kind": "sweep", "freezelab.group": kind})
     run = client.create_run(experiment_id, run_name=name, tags=tags)
-    print(f"[freezelab] MLflow: {kind} run {run.info.run_id} in experiment {base.mlflow.experiment!r}")
+    print(
+        f"[freezelab] MLflow: {kind} run {run.info.run_id} in experiment {base.mlflow.experiment!r}"
+    )
     return run.info.run_id, False
 
 
@@ -51,7 +61,9 @@ def start_sweep_run(sweep: Any, base: Any) -> str:
     client.log_param(run_id, "sweep.algorithm", sweep.algorithm)
     client.log_param(run_id, "sweep.num_samples", sweep.num_samples)
     client.log_param(run_id, "sweep.metric", f"{sweep.metric} ({sweep.mode})")
-    client.log_param(run_id, "sweep.asha", json.dumps(sweep.asha.model_dump() if sweep.asha else None))
+    client.log_param(
+        run_id, "sweep.asha", json.dumps(sweep.asha.model_dump() if sweep.asha else None)
+    )
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "search_space.json"
         path.write_text(json.dumps(sweep.model_dump(mode="json"), indent=2))
@@ -88,7 +100,9 @@ def best_trial_model_uri(client: Any, base: Any, run_name: str) -> str | None:
 
     key = f"{base.storage_path.rstrip('/')}/{run_name}"
     experiment = client.get_experiment_by_name(base.mlflow.experiment)
-    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1)
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1
+    )
     if not runs:
         return None
     models = mlflow.search_logged_models(
@@ -105,5 +119,7 @@ def child_runs(tracking_uri: str, experiment: str, parent_run_id: str) -> list[A
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     found = client.get_experiment_by_name(experiment)
     return client.search_runs(
-        [found.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=5000
+        [found.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+        max_results=5000,
     )

@@ -39,7 +39,9 @@ def ensure_reachable(uri: str, timeout_s: float = 10.0) -> None:
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
                 if response.status != 200:
-                    raise TrackingUnavailable(f"MLflow server {uri} answered {response.status} on /health")
+                    raise TrackingUnavailable(
+                        f"MLflow server {uri} answered {response.status} on /health"
+                    )
         except (urllib.error.URLError, OSError) as err:
             raise TrackingUnavailable(
                 f"MLflow tracking server {uri} is unreachable ({err}). Start it, fix "

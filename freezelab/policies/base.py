@@ -47,7 +47,9 @@ class FreezePlan:
 
     def trainable_groups(self) -> list[LayerGroup]:
         """Groups with at least one trainable parameter, input to output."""
-        return [g for g in self.groups if any(n in self.trainable_param_names for n in g.param_names)]
+        return [
+            g for g in self.groups if any(n in self.trainable_param_names for n in g.param_names)
+        ]
 
     def group_is_trainable(self, group: LayerGroup) -> bool:
         return any(n in self.trainable_param_names for n in group.param_names)
@@ -202,7 +204,9 @@ def from_dict(data: dict[str, Any] | FreezePolicy) -> FreezePolicy:
     if isinstance(data, FreezePolicy):
         return data
     if not isinstance(data, dict):
-        raise PolicyError(f"a policy must be a mapping with a 'type' key, got {type(data).__name__}")
+        raise PolicyError(
+            f"a policy must be a mapping with a 'type' key, got {type(data).__name__}"
+        )
     if "type" not in data:
         raise PolicyError(
             f"policy {data!r} has no 'type'; registered types: {', '.join(_REGISTRY)}"

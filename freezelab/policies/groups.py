@@ -59,7 +59,7 @@ def layer_groups(model: nn.Module, unit: Unit = "stage") -> list[LayerGroup]:
     head_names = _head_param_names(model)
     backbone, prefix = _backbone_of(model)
     backbone_names = [n for n in sizes if n not in head_names]
-    local_names = [n[len(prefix):] for n in backbone_names]
+    local_names = [n[len(prefix) :] for n in backbone_names]
 
     if _is_vgg(backbone):
         ordered = _vgg_groups(backbone, local_names, unit)
@@ -182,21 +182,23 @@ def _matcher_groups(model: nn.Module, names: list[str], unit: Unit) -> list[tupl
     return [("", by_id[k]) for k in sorted(by_id)]
 
 
-def _module_tree_groups(model: nn.Module, names: list[str], unit: Unit) -> list[tuple[str, list[str]]]:
+def _module_tree_groups(
+    model: nn.Module, names: list[str], unit: Unit
+) -> list[tuple[str, list[str]]]:
     wanted = set(names)
     if unit == "stage":
         modules: Iterable[tuple[str, nn.Module]] = model.named_children()
     else:
         modules = (
-            (n, m) for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))
+            (n, m)
+            for n, m in model.named_modules()
+            if any(True for _ in m.parameters(recurse=False))
         )
     ordered: list[tuple[str, list[str]]] = []
     seen: set[str] = set()
     for module_name, module in modules:
         recurse = unit == "stage"
-        params = [
-            f"{module_name}.{n}" for n, _ in module.named_parameters(recurse=recurse)
-        ]
+        params = [f"{module_name}.{n}" for n, _ in module.named_parameters(recurse=recurse)]
         params = [p for p in params if p in wanted and p not in seen]
         if params:
             seen.update(params)

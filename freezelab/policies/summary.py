@@ -16,7 +16,9 @@ import torch.nn as nn
 from freezelab.policies import FreezePolicy
 
 
-def summarize_plan(model: nn.Module, policy: FreezePolicy, model_name: str, epoch: int = 0) -> dict[str, Any]:
+def summarize_plan(
+    model: nn.Module, policy: FreezePolicy, model_name: str, epoch: int = 0
+) -> dict[str, Any]:
     """The plan of ``policy`` on ``model`` at ``epoch`` as a JSON-ready dict."""
     plan = policy.plan(model, epoch)
     groups = []
@@ -57,7 +59,11 @@ def summarize_plan(model: nn.Module, policy: FreezePolicy, model_name: str, epoc
 def format_table(report: dict[str, Any]) -> str:
     rows = [("group", "params", "trainable", "lr_mult", "bn")]
     for g in report["groups"]:
-        status = "yes" if g["params"] == g["trainable_params"] else ("partial" if g["trainable"] else "frozen")
+        status = (
+            "yes"
+            if g["params"] == g["trainable_params"]
+            else ("partial" if g["trainable"] else "frozen")
+        )
         rows.append((g["name"], f"{g['params']:,}", status, f"{g['lr_mult']:.4g}", g["bn"]))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = [
@@ -66,7 +72,12 @@ def format_table(report: dict[str, Any]) -> str:
         "",
     ]
     for index, row in enumerate(rows):
-        lines.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))))
+        lines.append(
+            "  ".join(
+                cell.ljust(w) if i == 0 else cell.rjust(w)
+                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
         if index == 0:
             lines.append("  ".join("-" * w for w in widths))
     lines += [

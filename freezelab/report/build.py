@@ -88,7 +88,8 @@ def build_report(
         notes += [f"run {record.run_name} ({record.policy}): {n}" for n in record.notes]
     notes += [
         f"run {row['run_name']} ({row['policy']}): CKA skipped: {row['cka_source']}"
-        for row in rows if row["cka"] is None and cka
+        for row in rows
+        if row["cka"] is None and cka
     ]
     if len(rows) > MAX_DRIFT_PANELS:
         notes.append(f"the drift figure shows the best {MAX_DRIFT_PANELS} of {len(rows)} runs")
@@ -97,8 +98,15 @@ def build_report(
     index = directory / "index.html"
     index.write_text(html_page(found.description, rows, figures, summary, notes))
     (directory / "report.json").write_text(
-        json.dumps({"target": found.description, "rows": _json_safe(rows), "summary": summary,
-                    "notes": notes}, indent=2)
+        json.dumps(
+            {
+                "target": found.description,
+                "rows": _json_safe(rows),
+                "summary": summary,
+                "notes": notes,
+            },
+            indent=2,
+        )
     )
     print(f"[freezelab] report: {index.resolve()}")
     logged = _log_on_parent(client, found.parent_run_id, directory)
@@ -226,7 +234,10 @@ MAX_DRIFT_PANELS = 12
 
 
 def draw_figures(
-    directory: Path, records: list[RunRecord], labels: list[str], rows: list[dict[str, Any]],
+    directory: Path,
+    records: list[RunRecord],
+    labels: list[str],
+    rows: list[dict[str, Any]],
     front: list[int],
 ) -> dict[str, Path]:
     """One PNG per figure in ``FIGURES``; ``records``, ``labels`` and ``rows`` align."""
@@ -291,8 +302,13 @@ def _learning_curves(records: list[RunRecord], labels: list[str], colors: list) 
     for record, label, color in zip(records, labels, colors, strict=True):
         for ax, key in zip(axes, ("val_acc", "train_loss"), strict=True):
             series = record.series(key)
-            ax.plot([e + 1 for e, _ in series], [v for _, v in series], marker=".", color=color,
-                    label=label)
+            ax.plot(
+                [e + 1 for e, _ in series],
+                [v for _, v in series],
+                marker=".",
+                color=color,
+                label=label,
+            )
     for ax, key in zip(axes, ("val_acc", "train_loss"), strict=True):
         _epoch_axis(ax)
         ax.set_title(key)
@@ -317,13 +333,24 @@ def _drift(records: list[RunRecord], labels: list[str]) -> Any:
         head_ax = ax.twinx() if backbone and len(backbone) < len(record.groups) else ax
         for j, group in enumerate(backbone):
             series = record.series(f"drift/{group}")
-            ax.plot([e + 1 for e, _ in series], [v for _, v in series], marker=".",
-                    color=palette(j / max(1, len(backbone) - 1)), label=group)
+            ax.plot(
+                [e + 1 for e, _ in series],
+                [v for _, v in series],
+                marker=".",
+                color=palette(j / max(1, len(backbone) - 1)),
+                label=group,
+            )
         for group in (g for g in record.groups if g in record.head_groups):
             series = record.series(f"drift/{group}")
             name = f"{group} (right axis)" if head_ax is not ax else group
-            head_ax.plot([e + 1 for e, _ in series], [v for _, v in series], marker=".",
-                         color="gray", linestyle="--", label=name)
+            head_ax.plot(
+                [e + 1 for e, _ in series],
+                [v for _, v in series],
+                marker=".",
+                color="gray",
+                linestyle="--",
+                label=name,
+            )
         if not record.groups:
             ax.text(0.5, 0.5, "no drift/ metrics", ha="center", transform=ax.transAxes)
         ax.set_title(label, fontsize=9)
@@ -336,7 +363,7 @@ def _drift(records: list[RunRecord], labels: list[str]) -> Any:
             handles = (handles[0] + more[0], handles[1] + more[1])
         if handles[0]:
             ax.legend(*handles, fontsize=6, loc="upper left")
-    for ax in axes[len(shown):]:
+    for ax in axes[len(shown) :]:
         ax.set_visible(False)
     return figure
 
@@ -396,7 +423,10 @@ CAPTIONS = {
 
 
 def html_page(
-    title: str, rows: list[dict[str, Any]], figures: dict[str, Path], summary: str,
+    title: str,
+    rows: list[dict[str, Any]],
+    figures: dict[str, Path],
+    summary: str,
     notes: list[str],
 ) -> str:
     """A self-contained page; the figures are referenced next to it."""
@@ -404,7 +434,8 @@ def html_page(
 
     head = "".join(f"<th>{escape(name)}</th>" for _, name, _ in COLUMNS)
     body = "".join(
-        "<tr>" + "".join(f"<td>{escape(_format(row[key], fmt))}</td>" for key, _, fmt in COLUMNS)
+        "<tr>"
+        + "".join(f"<td>{escape(_format(row[key], fmt))}</td>" for key, _, fmt in COLUMNS)
         + "</tr>\n"
         for row in rows
     )

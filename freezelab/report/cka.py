@@ -65,8 +65,12 @@ def backbone_cka(
     from freezelab.trainers.launch import build_for_config
 
     key = json.dumps(
-        [config.model.model_dump(mode="json"), config.data.model_dump(mode="json"), config.seed,
-         max_samples]
+        [
+            config.model.model_dump(mode="json"),
+            config.data.model_dump(mode="json"),
+            config.seed,
+            max_samples,
+        ]
     )
     cache = {} if cache is None else cache
     if key not in cache:

@@ -27,7 +27,12 @@ SWEEP_KIND_TAG = "freezelab.kind"
 PARENT_TAG = "mlflow.parentRunId"
 DRIFT_PREFIX = "drift/"
 HISTORY_KEYS = (
-    "val_acc", "train_loss", "epoch_time_s", "images_per_s", "trainable_params", "frozen_params",
+    "val_acc",
+    "train_loss",
+    "epoch_time_s",
+    "images_per_s",
+    "trainable_params",
+    "frozen_params",
 )
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -74,9 +79,7 @@ def resolve_target(client: Any, target: str) -> Target:
                 f"{sweeps[0].info.run_id}; pass a run id to report another"
             )
         if experiment is not None:
-            notes.append(
-                f"an experiment is also named {target!r}: this report is about the sweep"
-            )
+            notes.append(f"an experiment is also named {target!r}: this report is about the sweep")
         return _sweep_target(sweeps[0], _children(client, sweeps[0]), notes)
     if experiment is None:
         names = ", ".join(sorted(e.name for e in experiments)) or "none"
@@ -85,7 +88,8 @@ def resolve_target(client: Any, target: str) -> Target:
             f"(experiments: {names})"
         )
     runs = [
-        run for run in _search_all(client, experiment.experiment_id)
+        run
+        for run in _search_all(client, experiment.experiment_id)
         if run.data.tags.get(SWEEP_KIND_TAG) != "sweep"
     ]
     return Target(experiment.name, f"experiment {experiment.name!r}", runs)
@@ -95,12 +99,14 @@ def _sweeps_named(client: Any, experiment_ids: list[str], name: str) -> list[Any
     if not experiment_ids:
         return []
     quoted = name.replace("'", "\\'")
-    return list(client.search_runs(
-        experiment_ids,
-        filter_string=f"tags.`{SWEEP_KIND_TAG}` = 'sweep' and attributes.run_name = '{quoted}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=100,
-    ))
+    return list(
+        client.search_runs(
+            experiment_ids,
+            filter_string=f"tags.`{SWEEP_KIND_TAG}` = 'sweep' and attributes.run_name = '{quoted}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=100,
+        )
+    )
 
 
 def _sweep_target(parent: Any, children: list[Any], notes: list[str]) -> Target:
@@ -131,8 +137,11 @@ def _search_all(client: Any, experiment_id: str, filter_string: str = "") -> lis
     runs, token = [], None
     while True:
         page = client.search_runs(
-            [experiment_id], filter_string=filter_string, max_results=1000,
-            order_by=["attributes.start_time ASC"], page_token=token,
+            [experiment_id],
+            filter_string=filter_string,
+            max_results=1000,
+            order_by=["attributes.start_time ASC"],
+            page_token=token,
         )
         runs += list(page)
         token = page.token

@@ -21,7 +21,15 @@ import yaml
 from freezelab.sweep.space import SweepConfig, is_range, validate_space
 from freezelab.trainers.config import ConfigError
 
-RESULT_COLUMNS = ("policy", "metric", "best_val_acc", "epochs", "stopped_early", "time_s", "run_name")
+RESULT_COLUMNS = (
+    "policy",
+    "metric",
+    "best_val_acc",
+    "epochs",
+    "stopped_early",
+    "time_s",
+    "run_name",
+)
 
 
 @dataclass(frozen=True)
@@ -33,7 +41,9 @@ class SweepOutcome:
     parent_run_id: str | None
 
 
-def run_sweep(sweep: SweepConfig, *, resume: bool = False, address: str | None = None) -> SweepOutcome:
+def run_sweep(
+    sweep: SweepConfig, *, resume: bool = False, address: str | None = None
+) -> SweepOutcome:
     import ray
     from ray import tune
 
@@ -50,10 +60,19 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, address: str | None =
     if not ray.is_initialized():
         ray.init(address=address) if address else ray.init()
     trial_resources, concurrent, per_worker = trial_resources_for(sweep, base)
-    sweep = sweep.model_copy(update={"overrides": [*sweep.overrides, f"scaling.resources_per_worker={json.dumps(per_worker)}"]})
+    sweep = sweep.model_copy(
+        update={
+            "overrides": [
+                *sweep.overrides,
+                f"scaling.resources_per_worker={json.dumps(per_worker)}",
+            ]
+        }
+    )
     parent = _start_parent(sweep, base)
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, sweep_dict=sweep.model_dump(mode="json"), parent_run_id=parent),
+        tune.with_parameters(
+            _trial, sweep_dict=sweep.model_dump(mode="json"), parent_run_id=parent
+        ),
         trial_resources,
     )
     param_space, search_alg, num_samples = _search(sweep)
@@ -67,7 +86,9 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, address: str | None =
         )
     if resume:
         print(f"[freezelab] resuming sweep {sweep.name!r} from {directory}")
-        tuner = tune.Tuner.restore(directory, trainable, resume_errored=True, param_space=param_space)
+        tuner = tune.Tuner.restore(
+            directory, trainable, resume_errored=True, param_space=param_space
+        )
     else:
         tuner = tune.Tuner(
             trainable,
@@ -82,9 +103,10 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, address: str | None =
             ),
             run_config=tune.RunConfig(name=sweep.name, storage_path=base.storage_path),
         )
+    trials = len(param_space["trial"]["grid_search"]) if sweep.algorithm == "grid" else num_samples
     print(
-        f"[freezelab] sweep {sweep.name!r}: {sweep.algorithm}, {num_samples if sweep.algorithm != 'grid' else len(param_space['trial']['grid_search'])} "
-        f"trial(s), up to {concurrent} at once, each trial {trial_resources} + {base.scaling.num_workers} worker(s) x {per_worker}"
+        f"[freezelab] sweep {sweep.name!r}: {sweep.algorithm}, {trials} trial(s), up to {concurrent} "
+        f"at once, each trial {trial_resources} + {base.scaling.num_workers} worker(s) x {per_worker}"
     )
     grid = tuner.fit()
     rows = result_rows(grid, sweep, base.epochs)
@@ -94,7 +116,9 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, address: str | None =
     _write_best(outcome, sweep)
     _finish_parent(sweep, base, outcome)
     print(format_results(rows, sweep))
-    print(f"[freezelab] best policy (paste as `policy:` into a train config), also in {directory}/best_policy.yaml:")
+    print(
+        f"[freezelab] best policy (paste as `policy:` into a train config), also in {directory}/best_policy.yaml:"
+    )
     print(yaml.safe_dump({"policy": outcome.best_policy}, sort_keys=False).rstrip())
     return outcome
 
@@ -105,14 +129,18 @@ def trial_run_name(sweep_name: str, choice: dict[str, Any]) -> str:
     return f"{sweep_name}-{choice['policy']['type']}-{digest}"
 
 
-def _trial(trial_config: dict[str, Any], sweep_dict: dict[str, Any], parent_run_id: str | None) -> None:
+def _trial(
+    trial_config: dict[str, Any], sweep_dict: dict[str, Any], parent_run_id: str | None
+) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from freezelab.trainers.launch import run_training
 
     sweep = SweepConfig.model_validate(sweep_dict)
     choice = _choice(trial_config)
-    config = sweep.trial_config(choice["policy"], choice["params"], trial_run_name(sweep.name, choice))
+    config = sweep.trial_config(
+        choice["policy"], choice["params"], trial_run_name(sweep.name, choice)
+    )
     outcome = run_training(config, callbacks=[TuneReportCallback()], parent_run_id=parent_run_id)
     if outcome.already_complete:
         # A retried or resumed trial whose Train run had finished: replay its epochs.
@@ -154,7 +182,9 @@ def trial_resources_for(sweep: SweepConfig, base) -> tuple[dict[str, float], int
     else:
         per_worker = worker_resources(base)  # raises if a worker can never fit
         fits = min(
-            int((totals.get(k, 0.0) + 1e-9) // (v * workers + (TRIAL_CPU if k == "CPU" else 0))) if v else 10**6
+            int((totals.get(k, 0.0) + 1e-9) // (v * workers + (TRIAL_CPU if k == "CPU" else 0)))
+            if v
+            else 10**6
             for k, v in per_worker.items()
         )
         if fits < 1:
@@ -171,14 +201,18 @@ def _search(sweep: SweepConfig):
 
     space = sweep.space
     if sweep.algorithm == "grid":
-        trials = [{"policy": p, "params": q} for p in space.grid_policies() for q in space.grid_params()]
+        trials = [
+            {"policy": p, "params": q} for p in space.grid_policies() for q in space.grid_params()
+        ]
         return {"trial": tune.grid_search(trials)}, None, sweep.num_samples
     if sweep.algorithm == "random":
         rng = random.Random(sweep.seed)
         return {"trial": tune.sample_from(lambda _spec: space.sample(rng))}, None, sweep.num_samples
     from ray.tune.search.optuna import OptunaSearch
 
-    searcher = OptunaSearch(space=_define_by_run(sweep), metric=sweep.metric, mode=sweep.mode, seed=sweep.seed)
+    searcher = OptunaSearch(
+        space=_define_by_run(sweep), metric=sweep.metric, mode=sweep.mode, seed=sweep.seed
+    )
     return {}, searcher, sweep.num_samples
 
 
@@ -236,7 +270,9 @@ def result_rows(grid, sweep: SweepConfig, epochs: int) -> list[dict[str, Any]]:
 
 
 def format_results(rows: list[dict[str, Any]], sweep: SweepConfig) -> str:
-    lines = [f"{'policy':<44} {sweep.metric:>9} {'best_acc':>9} {'epochs':>6} {'early':>6} {'time_s':>7}"]
+    lines = [
+        f"{'policy':<44} {sweep.metric:>9} {'best_acc':>9} {'epochs':>6} {'early':>6} {'time_s':>7}"
+    ]
     lines.append("-" * len(lines[0]))
     for r in rows:
         policy = json.dumps({k: v for k, v in r["policy"].items()}, separators=(",", ":"))
@@ -245,7 +281,8 @@ def format_results(rows: list[dict[str, Any]], sweep: SweepConfig) -> str:
         metric = "-" if r["metric"] is None else f"{r['metric']:.4f}"
         best = "-" if r["best_val_acc"] is None else f"{r['best_val_acc']:.4f}"
         lines.append(
-            f"{policy[:44]:<44} {metric:>9} {best:>9} {r['epochs']:>6} {'yes' if r['stopped_early'] else 'no':>6} {r['time_s']:>7}"
+            f"{policy[:44]:<44} {metric:>9} {best:>9} {r['epochs']:>6} "
+            f"{'yes' if r['stopped_early'] else 'no':>6} {r['time_s']:>7}"
             + (f"  ERROR {r['error']}" if r["error"] else "")
         )
     return "\n".join(lines)
@@ -255,7 +292,9 @@ def _write_best(outcome: SweepOutcome, sweep: SweepConfig) -> None:
     directory = Path(outcome.directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "best_policy.json").write_text(json.dumps(outcome.best_policy, indent=2))
-    (directory / "best_policy.yaml").write_text(yaml.safe_dump(outcome.best_policy, sort_keys=False))
+    (directory / "best_policy.yaml").write_text(
+        yaml.safe_dump(outcome.best_policy, sort_keys=False)
+    )
     (directory / "results.json").write_text(json.dumps(outcome.rows, indent=2, default=str))
 
 

@@ -81,7 +81,9 @@ class SearchSpace(BaseModel):
                 raise ValueError(f"{where}: choice needs a non-empty list")
             if kind != "choice":
                 if not (isinstance(spec, list) and len(spec) == 2 and spec[0] <= spec[1]):
-                    raise ValueError(f"{where}: {kind} needs [low, high] with low <= high, got {spec!r}")
+                    raise ValueError(
+                        f"{where}: {kind} needs [low, high] with low <= high, got {spec!r}"
+                    )
                 if kind == "loguniform" and spec[0] <= 0:
                     raise ValueError(f"{where}: loguniform needs low > 0, got {spec[0]!r}")
         return self
@@ -102,7 +104,9 @@ class SearchSpace(BaseModel):
             fields = list(entry)
             choices = [range_values(entry[f]) for f in fields]
             if any(c is None for c in choices):
-                raise ValueError(f"grid search needs discrete ranges; policy {entry['type']!r} has a float range")
+                raise ValueError(
+                    f"grid search needs discrete ranges; policy {entry['type']!r} has a float range"
+                )
             for combo in itertools.product(*choices):
                 policies.append(dict(zip(fields, combo, strict=True)))
         return policies
@@ -130,7 +134,9 @@ class SearchSpace(BaseModel):
             choices = []
             for f in fields:
                 values = range_values(entry[f])
-                choices.append(values if values is not None else list(next(iter(entry[f].values()))))
+                choices.append(
+                    values if values is not None else list(next(iter(entry[f].values())))
+                )
             out += [dict(zip(fields, combo, strict=True)) for combo in itertools.product(*choices)]
         return out
 
@@ -160,7 +166,9 @@ class SweepConfig(BaseModel):
     seed: int = 0
     register_best_as: str | None = None
 
-    def trial_config(self, policy: dict[str, Any], params: dict[str, Any], name: str) -> TrainConfig:
+    def trial_config(
+        self, policy: dict[str, Any], params: dict[str, Any], name: str
+    ) -> TrainConfig:
         data = copy.deepcopy(self.base)
         for override in self.overrides:
             apply_override(data, override)
@@ -206,14 +214,21 @@ def resolved_on_driver(sweep: SweepConfig) -> SweepConfig:
     base = copy.deepcopy(sweep.base)
     for override in sweep.overrides:
         apply_override(base, override)
-    probe = validate_config({**base, "policy": {"type": "full"}, "name": f"{sweep.name}-probe"}, origin=f"sweep {sweep.name!r}")
+    probe = validate_config(
+        {**base, "policy": {"type": "full"}, "name": f"{sweep.name}-probe"},
+        origin=f"sweep {sweep.name!r}",
+    )
     base["storage_path"] = probe.storage_path
     if probe.mlflow.enabled:
-        base.setdefault("mlflow", {})["tracking_uri"] = resolve_tracking_uri(probe.mlflow.tracking_uri)
+        base.setdefault("mlflow", {})["tracking_uri"] = resolve_tracking_uri(
+            probe.mlflow.tracking_uri
+        )
     if probe.scaling.num_workers == 0:
         # Ray Train's local mode cannot run inside a Tune trial: one worker instead.
         base.setdefault("scaling", {})["num_workers"] = 1
-    return SweepConfig.model_validate({**sweep.model_dump(mode="json"), "base": base, "overrides": []})
+    return SweepConfig.model_validate(
+        {**sweep.model_dump(mode="json"), "base": base, "overrides": []}
+    )
 
 
 def validate_space(sweep: SweepConfig) -> None:
@@ -230,8 +245,10 @@ def validate_space(sweep: SweepConfig) -> None:
             for epoch in range(epochs):
                 parsed.plan(model, epoch)
         except PolicyError as err:
-            raise ConfigError(f"sweep {sweep.name!r}: policy {policy} cannot run on {probe.model.name}: {err}") from None
-    for params in (sweep.space.grid_params() if _discrete(sweep.space.params) else [{}]):
+            raise ConfigError(
+                f"sweep {sweep.name!r}: policy {policy} cannot run on {probe.model.name}: {err}"
+            ) from None
+    for params in sweep.space.grid_params() if _discrete(sweep.space.params) else [{}]:
         sweep.trial_config(sweep.space.extreme_policies()[0], params, f"{sweep.name}-check")
 
 

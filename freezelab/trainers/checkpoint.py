@@ -69,7 +69,9 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     root = Path(root)
     if not root.is_dir():
         return None
-    candidates = [d for d in root.iterdir() if (d / STATE_FILE).is_file() and (d / MODEL_FILE).is_file()]
+    candidates = [
+        d for d in root.iterdir() if (d / STATE_FILE).is_file() and (d / MODEL_FILE).is_file()
+    ]
     if not candidates:
         return None
     return max(candidates, key=lambda d: read_state(d)["epoch"])

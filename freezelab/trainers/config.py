@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -118,7 +119,8 @@ class TrainConfig(_Section):
     scaling: ScalingSection = ScalingSection()
     performance: PerformanceSection = PerformanceSection()
     checkpoint: CheckpointSection = CheckpointSection()
-    max_failures: int = Field(0, ge=-1)
+    max_failures: int = Field(0, ge=-1)  # worker failures survived by restarting
+    max_controller_failures: int = Field(3, ge=-1)  # e.g. worker groups that could not start
     storage_path: str = Field("freezelab_runs", validate_default=True)
     mlflow: MlflowSection = MlflowSection()
 
@@ -142,7 +144,9 @@ class TrainConfig(_Section):
         return self.model_dump(mode="json")
 
 
-def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> TrainConfig:
+def load_config(
+    source: str | Path | dict[str, Any], overrides: list[str] | None = None
+) -> TrainConfig:
     """Read and validate a train config; ``overrides`` are ``a.b=value`` strings."""
     if isinstance(source, dict):
         data, origin = dict(source), "config"
@@ -202,3 +206,14 @@ def apply_override(data: dict[str, Any], override: str) -> None:
             raise ConfigError(f"--set {override!r}: {part!r} is not a section")
         node = child
     node[parts[-1]] = value
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` over ``base``, recursively for nested sections; neither is changed."""
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged

@@ -43,7 +43,11 @@ def cache_blocker(model: nn.Module, plan: FreezePlan, deterministic_transform: b
     for module in model.modules():
         if id(module) in inside_head:
             continue
-        rate = getattr(module, "p", None) if isinstance(module, nn.Dropout) else getattr(module, "drop_prob", None)
+        rate = (
+            getattr(module, "p", None)
+            if isinstance(module, nn.Dropout)
+            else getattr(module, "drop_prob", None)
+        )
         if rate:
             return f"{type(module).__name__} with rate {rate} is active in the backbone"
     return None
@@ -126,13 +130,17 @@ class FeatureCache:
             return
         mine = self.filled.nonzero().flatten()
         device = self.features.device
-        counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+        counts = [
+            torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())
+        ]
         dist.all_gather(counts, torch.tensor([len(mine)], device=device))
         width = int(max(c.item() for c in counts))
         # all_gather needs equal shapes: pad each rank's rows to the longest.
         padded_idx = torch.full((width,), -1, dtype=torch.long, device=device)
         padded_idx[: len(mine)] = mine.to(device)
-        padded_feat = torch.zeros((width, *self.features.shape[1:]), dtype=self.features.dtype, device=device)
+        padded_feat = torch.zeros(
+            (width, *self.features.shape[1:]), dtype=self.features.dtype, device=device
+        )
         padded_feat[: len(mine)] = self.features[mine.to(device)]
         padded_lab = torch.zeros(width, dtype=torch.long, device=device)
         padded_lab[: len(mine)] = self.labels[mine].to(device)

@@ -8,8 +8,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
 from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +85,11 @@ def _fit(config: TrainConfig, *, address, callbacks, env_vars) -> TrainOutcome:
             f"{run_directory(config)}: nothing to train. Choose another name to train again."
         )
         return TrainOutcome(
-            config.name, state["metrics"], str(finished), already_complete=True, history=state.get("history", [])
+            config.name,
+            state["metrics"],
+            str(finished),
+            already_complete=True,
+            history=state.get("history", []),
         )
     loop_config: dict[str, Any] = {"config": config.to_dict()}
     if config.scaling.num_workers == 0:
@@ -111,7 +115,12 @@ def _fit(config: TrainConfig, *, address, callbacks, env_vars) -> TrainOutcome:
         run_config=RunConfig(
             name=config.name,
             storage_path=config.storage_path,
-            failure_config=FailureConfig(max_failures=config.max_failures),
+            failure_config=FailureConfig(
+                max_failures=config.max_failures,
+                # Train V2 retries a worker group that cannot start (e.g. resources
+                # held elsewhere) forever; give up after a few 60 s attempts instead.
+                controller_failure_limit=config.max_controller_failures,
+            ),
             checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep),
             callbacks=list(callbacks) or None,
             # Env vars for the workers of this run (e.g. GLOO_SOCKET_IFNAME), also when

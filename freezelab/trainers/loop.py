@@ -34,7 +34,13 @@ from freezelab.trainers.config import TrainConfig, validate_config
 from freezelab.trainers.data import build_datasets, train_transform_is_deterministic
 from freezelab.trainers.feature_cache import FeatureCache, cache_blocker, classifier_of
 from freezelab.trainers.launch import build_for_config
-from freezelab.trainers.optim import build_optimizer, load_state_by_name, lr_factor, set_lr, state_by_name
+from freezelab.trainers.optim import (
+    build_optimizer,
+    load_state_by_name,
+    lr_factor,
+    set_lr,
+    state_by_name,
+)
 
 # Demonstrates what goes wrong without the rebuild (Lightning issue 20340): newly
 # unfrozen layers are not synchronized and the replicas drift apart. Never set it for
@@ -95,7 +101,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ckpt.load_model_weights(directory, model)
             state = ckpt.read_state(directory)
             optimizer_state = ckpt.load_optimizer_state(directory)
-        start_epoch, step, best_val_acc = state["epoch"] + 1, state["step"], state.get("best_val_acc")
+        start_epoch, step, best_val_acc = (
+            state["epoch"] + 1,
+            state["step"],
+            state.get("best_val_acc"),
+        )
         history = state.get("history", [])
         if rank == 0:
             print(f"[freezelab] resuming {config.name} at epoch {start_epoch} (step {step})")
@@ -131,9 +141,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         started = time.perf_counter()
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
         use_cached = cache is not None and cache.complete
-        batches = BatchSampler(sampler, config.batch_size, drop_last=False) if use_cached else train_loader
+        batches = (
+            BatchSampler(sampler, config.batch_size, drop_last=False)
+            if use_cached
+            else train_loader
+        )
         for batch in batches:
-            set_lr(optimizer, config.optimizer.lr, lr_factor(config.schedule, step / steps_per_epoch, config.epochs))
+            set_lr(
+                optimizer,
+                config.optimizer.lr,
+                lr_factor(config.schedule, step / steps_per_epoch, config.epochs),
+            )
             if use_cached:
                 inputs, labels = cache.batch(batch)
                 inputs, labels = inputs.to(device), labels.to(device)
@@ -144,7 +162,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 inputs = cache.features_for(model, images, labels, indices) if cache else images
             with _autocast(config, device):
                 logits = trained(inputs)
-                loss = F.cross_entropy(logits, labels, label_smoothing=config.optimizer.label_smoothing)
+                loss = F.cross_entropy(
+                    logits, labels, label_smoothing=config.optimizer.label_smoothing
+                )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -176,7 +196,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "peak_memory_mb": _peak_memory_mb(device),
             "replicas_in_sync": _replicas_in_sync(model, world_size),
             **{f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups},
-            **{f"drift/{name}": value for name, value in _drift(model, initial_weights, plan).items()},
+            **{
+                f"drift/{name}": value
+                for name, value in _drift(model, initial_weights, plan).items()
+            },
         }
         best_val_acc = val_acc if best_val_acc is None else max(best_val_acc, val_acc)
         metrics["best_val_acc"] = best_val_acc
@@ -223,13 +246,20 @@ def _seed_everything(seed: int, epoch: int = -1, rank: int = 0) -> None:
 
 
 def _new_cache(
-    config: TrainConfig, model: nn.Module, plan: FreezePlan, deterministic: bool, size: int, rank: int
+    config: TrainConfig,
+    model: nn.Module,
+    plan: FreezePlan,
+    deterministic: bool,
+    size: int,
+    rank: int,
 ) -> FeatureCache | None:
     if not config.performance.feature_cache:
         return None
     blocker = cache_blocker(model, plan, deterministic)
     if blocker is not None:
-        if rank == 0 and plan.trainable_param_names <= {n for g in plan.groups if g.is_head for n in g.param_names}:
+        if rank == 0 and plan.trainable_param_names <= {
+            n for g in plan.groups if g.is_head for n in g.param_names
+        }:
             print(f"[freezelab] frozen-feature cache off: {blocker}")
         return None
     return FeatureCache(size)
@@ -253,7 +283,11 @@ def _autocast(config: TrainConfig, device: torch.device):
 
 @torch.no_grad()
 def _evaluate(
-    model: nn.Module, loader: DataLoader, device: torch.device, config: TrainConfig, cache: FeatureCache | None
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    config: TrainConfig,
+    cache: FeatureCache | None,
 ) -> tuple[float, float]:
     """Loss and accuracy over the whole validation set: each rank takes a disjoint
     stride of it (no padding, unlike DistributedSampler), then the sums are reduced.
@@ -271,7 +305,13 @@ def _evaluate(
                 logits = classifier_of(model)(cache.features_for(model, images, labels, indices))
         loss = F.cross_entropy(logits.float(), labels, reduction="sum")
         correct = (logits.argmax(1) == labels).sum()
-        totals += torch.stack([loss.double(), correct.double(), torch.tensor(len(labels), dtype=torch.float64, device=device)])
+        totals += torch.stack(
+            [
+                loss.double(),
+                correct.double(),
+                torch.tensor(len(labels), dtype=torch.float64, device=device),
+            ]
+        )
     model.train()
     totals = _all_reduce(totals)
     return float(totals[0] / totals[2]), float(totals[1] / totals[2])
@@ -284,12 +324,17 @@ def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _drift(model: nn.Module, initial: dict[str, torch.Tensor], plan: FreezePlan) -> dict[str, float]:
+def _drift(
+    model: nn.Module, initial: dict[str, torch.Tensor], plan: FreezePlan
+) -> dict[str, float]:
     """Relative L2 distance of each group's weights from where training started."""
     params = dict(model.named_parameters())
     drift = {}
     for group in plan.groups:
-        delta = sum(float((params[n] - initial[n].to(params[n].device)).float().pow(2).sum()) for n in group.param_names)
+        delta = sum(
+            float((params[n] - initial[n].to(params[n].device)).float().pow(2).sum())
+            for n in group.param_names
+        )
         base = sum(float(initial[n].float().pow(2).sum()) for n in group.param_names)
         drift[group.name] = (delta / base) ** 0.5 if base > 0 else delta**0.5
     return drift
@@ -304,7 +349,10 @@ def _replicas_in_sync(model: nn.Module, world_size: int) -> int:
     if world_size <= 1 or not dist.is_initialized():
         return 1
     sums = torch.stack(
-        [p.detach().contiguous().view(torch.uint8).to(torch.int64).sum() for p in model.parameters()]
+        [
+            p.detach().contiguous().view(torch.uint8).to(torch.int64).sum()
+            for p in model.parameters()
+        ]
     ).to(torch.int64)
     gathered = [torch.empty_like(sums) for _ in range(world_size)]
     dist.all_gather(gathered, sums)

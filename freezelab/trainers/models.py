@@ -123,7 +123,9 @@ def build_model(
     head_config = HeadConfig.model_validate(head) if isinstance(head, dict) else head
     classes = 0 if head_config else num_classes
     try:
-        backbone = timm.create_model(name, pretrained=pretrained, num_classes=classes, in_chans=in_chans)
+        backbone = timm.create_model(
+            name, pretrained=pretrained, num_classes=classes, in_chans=in_chans
+        )
     except Exception as err:
         if not pretrained:
             raise
@@ -135,7 +137,10 @@ def build_model(
     if head_config is None:
         model = backbone
     else:
-        input_size = (in_chans, *timm.data.resolve_data_config({}, model=backbone)["input_size"][1:])
+        input_size = (
+            in_chans,
+            *timm.data.resolve_data_config({}, model=backbone)["input_size"][1:],
+        )
         model = FineTuneModel(backbone, head_config, num_classes, input_size)
     if weights:
         load_weights(model, weights)
@@ -188,7 +193,11 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     for key in unexpected:
         del state[key]
     if unexpected:
-        log.info("ignored %d weights the model does not have: %s", len(unexpected), ", ".join(unexpected[:5]))
+        log.info(
+            "ignored %d weights the model does not have: %s",
+            len(unexpected),
+            ", ".join(unexpected[:5]),
+        )
     missing = [k for k in target if k not in state and k not in head_keys]
     if missing:
         raise ValueError(

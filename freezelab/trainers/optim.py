@@ -72,7 +72,9 @@ def state_by_name(optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch
     }
 
 
-def load_state_by_name(optimizer: torch.optim.Optimizer, state: dict[str, dict[str, torch.Tensor]]) -> None:
+def load_state_by_name(
+    optimizer: torch.optim.Optimizer, state: dict[str, dict[str, torch.Tensor]]
+) -> None:
     for group in optimizer.param_groups:
         for name, param in zip(group["param_names"], group["params"], strict=True):
             if name in state:

@@ -20,7 +20,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from freezelab.trainers.config import ConfigError, TrainConfig, apply_override, validate_config
+from freezelab.trainers.config import (
+    ConfigError,
+    TrainConfig,
+    apply_override,
+    deep_merge,
+    validate_config,
+)
 
 DEFAULT_STUDY: dict[str, Any] = {
     "name": "transfer-study",
@@ -79,11 +85,13 @@ def load_study(source: str | Path | None, overrides: list[str] | None = None) ->
 
 
 def stage_config(study: StudyConfig, stage: dict[str, Any], name: str, **extra: Any) -> TrainConfig:
-    merged = _deep_merge(_deep_merge(study.base, stage), {"name": name, **extra})
+    merged = deep_merge(deep_merge(study.base, stage), {"name": name, **extra})
     return validate_config(merged, origin=f"study {study.name!r}, run {name!r}")
 
 
-def run_study(source: str | Path | None = None, overrides: list[str] | None = None, address: str | None = None):
+def run_study(
+    source: str | Path | None = None, overrides: list[str] | None = None, address: str | None = None
+):
     from freezelab.trainers.launch import run_training
 
     study = load_study(source, overrides)
@@ -91,7 +99,13 @@ def run_study(source: str | Path | None = None, overrides: list[str] | None = No
     tag = f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     pretrain = stage_config(study, study.pretrain, f"{tag}-pretrain")
     finetunes = [
-        stage_config(study, study.finetune, f"{tag}-{_policy_label(p)}", policy=p, model={"weights": "PENDING"})
+        stage_config(
+            study,
+            study.finetune,
+            f"{tag}-{_policy_label(p)}",
+            policy=p,
+            model={"weights": "PENDING"},
+        )
         for p in study.policies
     ]  # validated before anything trains
     print(f"[freezelab] transfer study {tag}: pretraining {pretrain.model.name} on the source task")
@@ -102,10 +116,14 @@ def run_study(source: str | Path | None = None, overrides: list[str] | None = No
 
         parent, _ = start_group_run(finetunes[0], tag, "study")
     weights = source.weights_file
-    print(f"[freezelab] source model val_acc {source.metrics.get('val_acc', float('nan')):.3f}; weights {weights}")
+    print(
+        f"[freezelab] source model val_acc {source.metrics.get('val_acc', float('nan')):.3f}; weights {weights}"
+    )
     rows = []
     for config in finetunes:
-        config = config.model_copy(update={"model": config.model.model_copy(update={"weights": weights})})
+        config = config.model_copy(
+            update={"model": config.model.model_copy(update={"weights": weights})}
+        )
         started = time.perf_counter()
         outcome = run_training(config, address=address, parent_run_id=parent)
         m = outcome.metrics
@@ -136,14 +154,18 @@ def run_study(source: str | Path | None = None, overrides: list[str] | None = No
 
 
 def format_study(tag: str, rows: list[dict[str, Any]]) -> str:
-    header = f"{'policy':<24} {'val_acc':>8} {'best':>8} {'time_s':>8} {'trainable%':>11} {'drift':>7}"
+    header = (
+        f"{'policy':<24} {'val_acc':>8} {'best':>8} {'time_s':>8} {'trainable%':>11} {'drift':>7}"
+    )
     lines = [f"transfer study {tag}: fine-tuning on the target task", header, "-" * len(header)]
     for r in rows:
         lines.append(
             f"{r['policy']:<24} {r['val_acc']:>8.3f} {r['best_val_acc']:>8.3f} {r['wall_s']:>8.1f} "
             f"{r['trainable_pct']:>11.1f} {r['backbone_drift']:>7.3f}"
         )
-    lines.append("drift: mean relative L2 change of the backbone's groups from the pretrained weights")
+    lines.append(
+        "drift: mean relative L2 change of the backbone's groups from the pretrained weights"
+    )
     return "\n".join(lines)
 
 
@@ -157,15 +179,9 @@ def _policy_label(policy: dict[str, Any]) -> str:
     from freezelab.policies import from_dict
 
     fields = from_dict(policy).model_dump(exclude_defaults=True, mode="json")
-    parts = [policy["type"]] + [f"{k}{v}" for k, v in sorted(fields.items()) if k != "type" and not isinstance(v, (dict, list))]
+    parts = [policy["type"]] + [
+        f"{k}{v}"
+        for k, v in sorted(fields.items())
+        if k != "type" and not isinstance(v, (dict, list))
+    ]
     return "-".join(parts).replace(".", "p")[:48]
-
-
-def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    merged = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged

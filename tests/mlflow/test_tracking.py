@@ -25,7 +25,12 @@ def sqlite_uri(tmp_path):
 
 
 def _tracked(tiny_config, uri, **update):
-    mlflow_section = {"enabled": True, "tracking_uri": uri, "experiment": "tests", **update.pop("mlflow", {})}
+    mlflow_section = {
+        "enabled": True,
+        "tracking_uri": uri,
+        "experiment": "tests",
+        **update.pop("mlflow", {}),
+    }
     return tiny_config(mlflow=mlflow_section, **update)
 
 
@@ -34,8 +39,9 @@ def _run(client, run_id):
 
 
 def test_run_logs_params_metrics_artifacts_and_model(tiny_config, sqlite_uri):
-    config = _tracked(tiny_config, sqlite_uri, name="tracked", epochs=3,
-                      policy={"type": "gradual", "every": 1})
+    config = _tracked(
+        tiny_config, sqlite_uri, name="tracked", epochs=3, policy={"type": "gradual", "every": 1}
+    )
     outcome = run_training(config)
     client = mlflow.MlflowClient(sqlite_uri)
     run = _run(client, outcome.mlflow_run_id)
@@ -53,7 +59,11 @@ def test_run_logs_params_metrics_artifacts_and_model(tiny_config, sqlite_uri):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "policy.json", "phases"} <= artifacts
     phases = {a.path for a in client.list_artifacts(run.info.run_id, "phases")}
-    assert {"phases/phase_epoch0000.json", "phases/phase_epoch0001.json", "phases/phases.txt"} <= phases
+    assert {
+        "phases/phase_epoch0000.json",
+        "phases/phase_epoch0001.json",
+        "phases/phases.txt",
+    } <= phases
     policy = json.loads(open(client.download_artifacts(run.info.run_id, "policy.json")).read())
     assert policy == config.policy.to_dict()
 
@@ -70,20 +80,32 @@ def test_run_logs_params_metrics_artifacts_and_model(tiny_config, sqlite_uri):
 
 
 def test_registry_alias_and_chained_fine_tuning(tiny_config, sqlite_uri):
-    config = _tracked(tiny_config, sqlite_uri, name="source", epochs=1,
-                      mlflow={"register_as": "digits-source", "alias": "best"})
+    config = _tracked(
+        tiny_config,
+        sqlite_uri,
+        name="source",
+        epochs=1,
+        mlflow={"register_as": "digits-source", "alias": "best"},
+    )
     outcome = run_training(config)
     client = mlflow.MlflowClient(sqlite_uri)
     version = client.get_model_version_by_alias("digits-source", "best")
     assert version.run_id == outcome.mlflow_run_id
 
-    chained = _tracked(tiny_config, sqlite_uri, name="chained", epochs=1,
-                       model={"name": "test_resnet", "weights": "models:/digits-source@best"},
-                       policy={"type": "head_only"})
+    chained = _tracked(
+        tiny_config,
+        sqlite_uri,
+        name="chained",
+        epochs=1,
+        model={"name": "test_resnet", "weights": "models:/digits-source@best"},
+        policy={"type": "head_only"},
+    )
     start = build_for_config(chained)
     source = build_for_config(config, with_weights=False)
     ckpt.load_model_weights(outcome.checkpoint_dir, source)
-    for (name, a), (_, b) in zip(start.state_dict().items(), source.state_dict().items(), strict=True):
+    for (name, a), (_, b) in zip(
+        start.state_dict().items(), source.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), name
 
 
@@ -94,7 +116,9 @@ def test_each_epoch_is_logged_once_even_when_reported_twice(sqlite_uri):
     callback = MlflowMetricsCallback(sqlite_uri, run_id, "/nonexistent/spill.jsonl")
     for epoch in (0, 1, 1, 2, 1):  # a restart from an older checkpoint re-reports epoch 1
         callback.after_report(None, [{"epoch": epoch, "val_acc": epoch / 10, "phase": "x"}], None)
-    fresh = MlflowMetricsCallback(sqlite_uri, run_id, "/nonexistent/spill.jsonl")  # a new controller
+    fresh = MlflowMetricsCallback(
+        sqlite_uri, run_id, "/nonexistent/spill.jsonl"
+    )  # a new controller
     fresh.after_report(None, [{"epoch": 2, "val_acc": 0.2}], None)
     assert [m.step for m in client.get_metric_history(run_id, "val_acc")] == [0, 1, 2]
 
@@ -109,7 +133,10 @@ def test_lost_server_spills_then_catches_up(tmp_path, sqlite_uri):
     assert json.loads(spill.read_text().splitlines()[0])["metrics"] == {"val_acc": 0.5}
     callback.tracking_uri = sqlite_uri  # the server is back
     callback.after_report(None, [{"epoch": 1, "val_acc": 0.6}], None)
-    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "val_acc")] == [(0, 0.5), (1, 0.6)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "val_acc")] == [
+        (0, 0.5),
+        (1, 0.6),
+    ]
 
 
 def test_unreachable_server_fails_before_training(tiny_config, tmp_path):
@@ -117,8 +144,9 @@ def test_unreachable_server_fails_before_training(tiny_config, tmp_path):
     with pytest.raises(TrackingUnavailable, match="unreachable"):
         run_training(config)
     assert not (tmp_path / "runs" / "nowhere").exists()
-    optional = _tracked(tiny_config, "http://127.0.0.1:9", name="optional", epochs=1,
-                        mlflow={"required": False})
+    optional = _tracked(
+        tiny_config, "http://127.0.0.1:9", name="optional", epochs=1, mlflow={"required": False}
+    )
     assert run_training(optional).mlflow_run_id is None
 
 
@@ -134,7 +162,9 @@ def test_tracking_uri_resolution(monkeypatch, tmp_path):
 
 def test_compare_lists_runs_by_policy(tiny_config, sqlite_uri, capsys):
     for policy in ({"type": "full"}, {"type": "last_n", "n": 1}):
-        run_training(_tracked(tiny_config, sqlite_uri, name=f"cmp-{policy['type']}", epochs=1, policy=policy))
+        run_training(
+            _tracked(tiny_config, sqlite_uri, name=f"cmp-{policy['type']}", epochs=1, policy=policy)
+        )
     capsys.readouterr()
     assert main(["compare", "tests", "--tracking-uri", sqlite_uri, "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -156,10 +186,24 @@ def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("server")
     port = _free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root}/store.db", "--artifacts-destination", str(root / "artifacts"),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root}/store.db",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
@@ -188,17 +232,31 @@ def test_against_a_real_mlflow_server(tiny_config, mlflow_server):
 
 
 @pytest.mark.ray
-def test_killed_worker_resumes_and_logs_each_epoch_once(ray_session, tiny_config, sqlite_uri, tmp_path):
+def test_killed_worker_resumes_and_logs_each_epoch_once(
+    ray_session, tiny_config, sqlite_uri, tmp_path
+):
     from freezelab.trainers.loop import KILL_WORKER_ENV
 
     # Checkpoints after epochs 1 and 3; rank 1 dies after epoch 2's report, so the
     # restarted workers redo epoch 2 from the epoch-1 checkpoint and report it again.
     marker = tmp_path / "killed"
-    config = _tracked(tiny_config, sqlite_uri, name="killed", epochs=4, max_failures=1,
-                      checkpoint={"every": 2}, scaling={"num_workers": 2})
+    config = _tracked(
+        tiny_config,
+        sqlite_uri,
+        name="killed",
+        epochs=4,
+        max_failures=1,
+        checkpoint={"every": 2},
+        scaling={"num_workers": 2},
+    )
     outcome = run_training(config, env_vars={KILL_WORKER_ENV: f"1:2:{marker}"})
     assert marker.exists(), "the fault was not injected"
     assert outcome.metrics["epoch"] == 3
     client = mlflow.MlflowClient(sqlite_uri)
     for key in ("val_acc", "train_loss", "epoch"):
-        assert [m.step for m in client.get_metric_history(outcome.mlflow_run_id, key)] == [0, 1, 2, 3], key
+        assert [m.step for m in client.get_metric_history(outcome.mlflow_run_id, key)] == [
+            0,
+            1,
+            2,
+            3,
+        ], key

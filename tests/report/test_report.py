@@ -53,17 +53,24 @@ def sweep(tmp_path_factory):
     outcomes = {}
     for label, policy in POLICIES.items():
         name = f"sweep-{policy['type']}"
-        config = validate_config(merge(TINY, {
-            "name": name,
-            "storage_path": str(root / "runs"),
-            "policy": policy,
-            "epochs": 2,
-            "mlflow": {
-                "enabled": True, "tracking_uri": uri, "experiment": EXPERIMENT,
-                # Only head_only logs its model: its CKA must come from there.
-                "log_model": policy["type"] == "head_only",
-            },
-        }))
+        config = validate_config(
+            merge(
+                TINY,
+                {
+                    "name": name,
+                    "storage_path": str(root / "runs"),
+                    "policy": policy,
+                    "epochs": 2,
+                    "mlflow": {
+                        "enabled": True,
+                        "tracking_uri": uri,
+                        "experiment": EXPERIMENT,
+                        # Only head_only logs its model: its CKA must come from there.
+                        "log_model": policy["type"] == "head_only",
+                    },
+                },
+            )
+        )
         outcomes[label] = run_training(config, parent_run_id=parent)
     client.set_terminated(parent)
     # Where each run's fine-tuned weights are found: full from its checkpoint,

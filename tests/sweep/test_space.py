@@ -16,7 +16,11 @@ SPACE = {
     "policies": [
         {"type": "full"},
         {"type": "last_n", "n": {"randint": [1, 3]}},
-        {"type": "lp_ft", "probe_epochs": {"randint": [1, 2]}, "ft_lr_factor": {"loguniform": [0.01, 1.0]}},
+        {
+            "type": "lp_ft",
+            "probe_epochs": {"randint": [1, 2]},
+            "ft_lr_factor": {"loguniform": [0.01, 1.0]},
+        },
         {"type": "bitfit", "include_norm": {"choice": [True, False]}},
     ],
     "params": {"optimizer.lr": {"loguniform": [0.001, 0.1]}},
@@ -67,7 +71,11 @@ def test_optuna_define_by_run_samples_only_valid_conditional_policies():
         policy = from_dict(config["policy"])
         types.add(policy.type)
         # the type decides which fields were sampled
-        sampled = {k.split(".")[0] for k in trial.params if k != "policy_entry" and not k.startswith("param.")}
+        sampled = {
+            k.split(".")[0]
+            for k in trial.params
+            if k != "policy_entry" and not k.startswith("param.")
+        }
         assert sampled <= {policy.type}
         study.tell(trial, 0.5)
     assert len(types) >= 3
@@ -97,10 +105,18 @@ def test_bad_spaces_are_named(space, message):
 
 def test_sweep_file_with_relative_base_and_pinned_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump({k: v for k, v in TINY.items() if k != "mlflow"}))
+    (tmp_path / "base.yaml").write_text(
+        yaml.safe_dump({k: v for k, v in TINY.items() if k != "mlflow"})
+    )
     (tmp_path / "sweep.yaml").write_text(
-        yaml.safe_dump({"name": "x", "base": "base.yaml", "space": {"policies": [{"type": "full"}]},
-                        "overrides": ["epochs=5"]})
+        yaml.safe_dump(
+            {
+                "name": "x",
+                "base": "base.yaml",
+                "space": {"policies": [{"type": "full"}]},
+                "overrides": ["epochs=5"],
+            }
+        )
     )
     sweep = load_sweep(tmp_path / "sweep.yaml")
     config = sweep.trial_config({"type": "full"}, {}, "t")

@@ -14,12 +14,19 @@ pytestmark = pytest.mark.ray
 
 
 def _sweep(tmp_path, **update):
-    base = merge(TINY, {
-        "storage_path": str(tmp_path / "runs"),
-        "epochs": 3,
-        "data": {"classes": [5, 6, 7, 8, 9]},
-        "mlflow": {"enabled": True, "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "sweeps"},
-    })
+    base = merge(
+        TINY,
+        {
+            "storage_path": str(tmp_path / "runs"),
+            "epochs": 3,
+            "data": {"classes": [5, 6, 7, 8, 9]},
+            "mlflow": {
+                "enabled": True,
+                "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+                "experiment": "sweeps",
+            },
+        },
+    )
     return resolved_on_driver(SweepConfig.model_validate({"name": "grid", "base": base, **update}))
 
 
@@ -28,7 +35,13 @@ def test_grid_sweep_with_asha_and_nested_mlflow_runs(ray_session, tmp_path):
     # their first rung (their val_acc is below the median of what it has seen).
     sweep = _sweep(
         tmp_path,
-        space={"policies": [{"type": "full"}, {"type": "head_only"}, {"type": "last_n", "n": {"choice": [1, 2]}}]},
+        space={
+            "policies": [
+                {"type": "full"},
+                {"type": "head_only"},
+                {"type": "last_n", "n": {"choice": [1, 2]}},
+            ]
+        },
         asha={"grace_period": 1, "reduction_factor": 2},
         max_concurrent_trials=1,
     )
@@ -38,11 +51,18 @@ def test_grid_sweep_with_asha_and_nested_mlflow_runs(ray_session, tmp_path):
     assert any(r["stopped_early"] for r in outcome.rows)
     full = next(r for r in outcome.rows if r["policy"] == {"type": "full"})
     assert full["epochs"] == 3 and not full["stopped_early"]
-    assert json.loads((tmp_path / "runs" / "grid" / "best_policy.json").read_text()) == {"type": "full"}
+    assert json.loads((tmp_path / "runs" / "grid" / "best_policy.json").read_text()) == {
+        "type": "full"
+    }
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     children = child_runs(uri, "sweeps", outcome.parent_run_id)
-    assert sorted(c.data.params["policy.type"] for c in children) == ["full", "head_only", "last_n", "last_n"]
+    assert sorted(c.data.params["policy.type"] for c in children) == [
+        "full",
+        "head_only",
+        "last_n",
+        "last_n",
+    ]
     parent = mlflow.MlflowClient(uri).get_run(outcome.parent_run_id)
     assert parent.data.tags["freezelab.kind"] == "sweep"
     assert parent.data.tags["best.policy.type"] == "full"
@@ -50,8 +70,10 @@ def test_grid_sweep_with_asha_and_nested_mlflow_runs(ray_session, tmp_path):
     assert {"search_space.json", "best_config.yaml", "results.json"} <= artifacts
 
     # Resuming a finished sweep reruns nothing: no Train run gains an epoch or a run.
-    epochs_before = {c.info.run_id: len(mlflow.MlflowClient(uri).get_metric_history(c.info.run_id, "epoch"))
-                     for c in children}
+    epochs_before = {
+        c.info.run_id: len(mlflow.MlflowClient(uri).get_metric_history(c.info.run_id, "epoch"))
+        for c in children
+    }
     again = run_sweep(sweep, resume=True)
     assert again.best_policy == {"type": "full"}
     after = child_runs(uri, "sweeps", outcome.parent_run_id)

@@ -39,7 +39,12 @@ def test_overrides_keep_yaml_types(tmp_path):
     path.write_text(yaml.safe_dump({**TINY, "storage_path": str(tmp_path)}))
     config = load_config(
         path,
-        overrides=["optimizer.lr=0.001", "epochs=7", "policy={type: last_n, n: 2}", "scaling.use_gpu=true"],
+        overrides=[
+            "optimizer.lr=0.001",
+            "epochs=7",
+            "policy={type: last_n, n: 2}",
+            "scaling.use_gpu=true",
+        ],
     )
     assert config.optimizer.lr == 0.001
     assert config.epochs == 7
@@ -51,7 +56,9 @@ def test_relative_storage_path_becomes_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = validate_config({k: v for k, v in TINY.items()})
     assert config.storage_path == str(tmp_path / "freezelab_runs")
-    assert validate_config({**TINY, "storage_path": "s3://bucket/x"}).storage_path == "s3://bucket/x"
+    assert (
+        validate_config({**TINY, "storage_path": "s3://bucket/x"}).storage_path == "s3://bucket/x"
+    )
 
 
 @pytest.mark.parametrize(
@@ -63,7 +70,10 @@ def test_relative_storage_path_becomes_absolute(tmp_path, monkeypatch):
         ({"policy": {"type": "freeze_all"}}, "unknown policy type 'freeze_all'"),
         ({"policy": {"type": "last_n"}}, "missing field 'n'"),
         ({"name": "has space"}, "name: String should match pattern"),
-        ({"model": {"name": "x", "pretrained": True, "weights": "w.pt"}}, "either pretrained or weights"),
+        (
+            {"model": {"name": "x", "pretrained": True, "weights": "w.pt"}},
+            "either pretrained or weights",
+        ),
     ],
 )
 def test_bad_config_names_field_and_value(update, expected):

@@ -19,8 +19,19 @@ TWO_WORKERS = {"scaling": {"num_workers": 2}}
 
 def test_cli_trains_two_workers_end_to_end(ray_session, tmp_path, capsys):
     path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(merge(TINY, {"name": "cli-2w", "storage_path": str(tmp_path / "runs")})))
-    code = main(["train", str(path), "--set", "scaling.num_workers=2", "--set", "policy={type: gradual, every: 1}"])
+    path.write_text(
+        yaml.safe_dump(merge(TINY, {"name": "cli-2w", "storage_path": str(tmp_path / "runs")}))
+    )
+    code = main(
+        [
+            "train",
+            str(path),
+            "--set",
+            "scaling.num_workers=2",
+            "--set",
+            "policy={type: gradual, every: 1}",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "run cli-2w: 2 epochs, policy gradual" in out
@@ -31,8 +42,11 @@ def test_cli_trains_two_workers_end_to_end(ray_session, tmp_path, capsys):
 def test_replicas_identical_after_unfreeze(ray_session, tiny_config):
     # gradual: epoch 0 trains the head, epoch 1 unfreezes layer4, epoch 2 layer3.
     config = tiny_config(
-        name="sync", policy={"type": "gradual", "every": 1}, epochs=3,
-        performance={"feature_cache": False}, **TWO_WORKERS,
+        name="sync",
+        policy={"type": "gradual", "every": 1},
+        epochs=3,
+        performance={"feature_cache": False},
+        **TWO_WORKERS,
     )
     outcome = run_training(config)
     assert outcome.metrics["phase"] == "unfrozen_2"
@@ -41,8 +55,11 @@ def test_replicas_identical_after_unfreeze(ray_session, tiny_config):
 
 def test_without_ddp_rebuild_replicas_drift(ray_session, tiny_config):
     config = tiny_config(
-        name="nosync", policy={"type": "gradual", "every": 1}, epochs=2,
-        performance={"feature_cache": False}, **TWO_WORKERS,
+        name="nosync",
+        policy={"type": "gradual", "every": 1},
+        epochs=2,
+        performance={"feature_cache": False},
+        **TWO_WORKERS,
     )
     outcome = run_training(config, env_vars={SKIP_DDP_REBUILD_ENV: "1"})
     assert outcome.metrics["replicas_in_sync"] == 0
@@ -52,8 +69,13 @@ def test_two_workers_match_one_process_on_the_same_global_batch(ray_session, tin
     # DDP averages gradients: 2 workers x batch 8 take the same steps as 1 x batch 16,
     # up to float reduction order (full batches only, so the shards line up; head_only
     # so that no BatchNorm sees per-worker batch statistics).
-    common = {"policy": {"type": "head_only"}, "epochs": 1, "data": {"train_per_class": 32},
-              "performance": {"feature_cache": False}, "optimizer": {"momentum": 0.0}}
+    common = {
+        "policy": {"type": "head_only"},
+        "epochs": 1,
+        "data": {"train_per_class": 32},
+        "performance": {"feature_cache": False},
+        "optimizer": {"momentum": 0.0},
+    }
     one = run_training(tiny_config(name="one", batch_size=16, **common))
     two = run_training(tiny_config(name="two", batch_size=8, **common, **TWO_WORKERS))
     assert one.metrics["val_acc"] == pytest.approx(two.metrics["val_acc"], abs=0.05)
@@ -62,7 +84,9 @@ def test_two_workers_match_one_process_on_the_same_global_batch(ray_session, tin
 
 
 def test_a_request_that_can_never_fit_fails_clearly(ray_session, tiny_config):
-    config = tiny_config(name="huge", scaling={"num_workers": 2, "resources_per_worker": {"CPU": 4}})
+    config = tiny_config(
+        name="huge", scaling={"num_workers": 2, "resources_per_worker": {"CPU": 4}}
+    )
     with pytest.raises(ConfigError, match="can never fit"):
         worker_resources(config)
     config = tiny_config(name="gpu", scaling={"num_workers": 1, "use_gpu": True})

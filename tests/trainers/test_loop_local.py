@@ -45,8 +45,19 @@ def test_each_policy_trains_exactly_its_plan(tiny_config, policy):
             assert torch.equal(tensor, start[name]), f"{name} is frozen and must not change"
     metrics = outcome.metrics
     assert metrics["epoch"] == config.epochs - 1
-    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s", "images_per_s",
-                "trainable_params", "frozen_params", "phase", "peak_memory_mb", "lr/head"):
+    for key in (
+        "train_loss",
+        "train_acc",
+        "val_loss",
+        "val_acc",
+        "epoch_time_s",
+        "images_per_s",
+        "trainable_params",
+        "frozen_params",
+        "phase",
+        "peak_memory_mb",
+        "lr/head",
+    ):
         assert key in metrics, key
     plan = config.policy.plan(model, config.epochs - 1)
     assert metrics["trainable_params"] == plan.trainable_params
@@ -60,15 +71,20 @@ def test_each_policy_trains_exactly_its_plan(tiny_config, policy):
 
 
 def test_frozen_batchnorm_keeps_its_statistics(tiny_config):
-    config = tiny_config(name="bn", policy={"type": "head_only"}, performance={"feature_cache": False})
+    config = tiny_config(
+        name="bn", policy={"type": "head_only"}, performance={"feature_cache": False}
+    )
     outcome = run_training(config)
     start = build_for_config(config).state_dict()
     end = _weights(outcome)
     running = [k for k in end if k.endswith("running_mean")]
     assert running and all(torch.equal(end[k], start[k]) for k in running)
 
-    config = tiny_config(name="bn-train", policy={"type": "head_only", "bn": "train"},
-                         performance={"feature_cache": False})
+    config = tiny_config(
+        name="bn-train",
+        policy={"type": "head_only", "bn": "train"},
+        performance={"feature_cache": False},
+    )
     end = _weights(run_training(config))
     assert any(not torch.equal(end[k], start[k]) for k in running)
 
@@ -108,7 +124,11 @@ class _Interrupt(Exception):
 
 @pytest.mark.parametrize(
     "policy",
-    [{"type": "full"}, {"type": "lp_ft", "probe_epochs": 2, "ft_lr_factor": 0.5}, {"type": "gradual", "every": 1}],
+    [
+        {"type": "full"},
+        {"type": "lp_ft", "probe_epochs": 2, "ft_lr_factor": 0.5},
+        {"type": "gradual", "every": 1},
+    ],
     ids=lambda p: p["type"],
 )
 def test_interrupted_and_resumed_run_ends_with_identical_weights(tiny_config, monkeypatch, policy):

@@ -29,6 +29,17 @@ def test_study_pretrains_then_compares_policies_and_writes_a_report(tmp_path, ca
 
 
 def test_format_study_lists_each_policy():
-    text = format_study("t", [{"policy": "full", "val_acc": 0.5, "best_val_acc": 0.6, "wall_s": 1.0,
-                               "trainable_pct": 100.0, "backbone_drift": 0.1}])
+    text = format_study(
+        "t",
+        [
+            {
+                "policy": "full",
+                "val_acc": 0.5,
+                "best_val_acc": 0.6,
+                "wall_s": 1.0,
+                "trainable_pct": 100.0,
+                "backbone_drift": 0.1,
+            }
+        ],
+    )
     assert "full" in text and "0.600" in text

@@ -1,0 +1,106 @@
+"""Shared helpers of the benchmark scripts: arguments, the machine, statistics, tables.
+
+Not a benchmark itself. Every script measures A and B inside one process (or one
+driver), alternating them round-robin across repeats, so a neighbour's load on the
+shared cores hits both sides alike and the ratio stays meaningful.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# Scripts run as ``python benchmarks/NAME.py`` from the repository root: make the
+# package and this helper importable without an install.
+ROOT = Path(__file__).resolve().parent.parent
+for _path in (str(ROOT), str(ROOT / "benchmarks")):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+
+def parser(description: str, repeats: int) -> argparse.ArgumentParser:
+    """The arguments every benchmark takes."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes and 1 repeat (for tests)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--repeats", type=int, default=repeats, help="round-robin rounds")
+    p.add_argument("--json", metavar="OUT", help="also write the rows as JSON here")
+    return p
+
+
+def check_device(device: str) -> None:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available here")
+
+
+def machine() -> dict[str, Any]:
+    """Cores, memory and GPU of this machine, for the record."""
+    import torch
+
+    memory_gb = None
+    try:
+        with open("/proc/meminfo") as handle:
+            kb = int(handle.readline().split()[1])
+        memory_gb = round(kb / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return {
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gb": memory_gb,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    """Median, min and max of repeated measurements."""
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
+    """A small fixed-width table of ``rows`` (dicts) on the given columns."""
+    cells = [[_fmt(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    print(f"\n{title}")
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    print("  ".join("-" * w for w in widths))
+    for r in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+    sys.stdout.flush()
+
+
+def write_json(path: str | None, name: str, args: argparse.Namespace, rows: list[dict]) -> None:
+    if not path:
+        return
+    payload = {
+        "benchmark": name,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "args": vars(args),
+        "machine": machine(),
+        "rows": rows,
+    }
+    Path(path).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)

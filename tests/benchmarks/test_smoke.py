@@ -1,0 +1,37 @@
+"""Every benchmark script runs in ``--smoke`` mode (tiny sizes, 1 repeat) and prints its
+table. These check that the scripts work, not how fast anything is."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = {
+    "freeze_compute": "freeze_compute: ",
+    "feature_cache": "feature_cache: ",
+    "overhead": "overhead: ",
+    "ddp_traffic": "ddp_traffic: ",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_script_runs_in_smoke_mode_and_prints_its_table(name: str, tmp_path: Path) -> None:
+    out = tmp_path / f"{name}.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--smoke", "--json", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert SCRIPTS[name] in result.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert rows
+    header = result.stdout.split(SCRIPTS[name], 1)[1].splitlines()[1]
+    assert all(column in header for column in rows[0])
