@@ -14,6 +14,7 @@ import torch
 
 from freezelab.cli import main
 from freezelab.mlflow.callback import MlflowMetricsCallback
+from freezelab.mlflow.run import tracking_uri_set
 from freezelab.mlflow.tracking import TrackingUnavailable, flatten_params, resolve_tracking_uri
 from freezelab.trainers import checkpoint as ckpt
 from freezelab.trainers.launch import build_for_config, run_training
@@ -68,14 +69,15 @@ def test_run_logs_params_metrics_artifacts_and_model(tiny_config, sqlite_uri):
     assert policy == config.policy.to_dict()
 
     # The logged model reloads and predicts exactly what the checkpoint's weights do.
-    loaded = mlflow.pytorch.load_model(outcome.model_uri)
+    with tracking_uri_set(sqlite_uri):
+        loaded = mlflow.pytorch.load_model(outcome.model_uri)
+        pyfunc = mlflow.pyfunc.load_model(outcome.model_uri)
     reference = build_for_config(config)
     ckpt.load_model_weights(outcome.checkpoint_dir, reference)
     x = torch.randn(4, 3, 32, 32)
     reference.eval()  # the logged model was exported in eval mode
     with torch.no_grad():
         assert torch.equal(loaded(x), reference(x))
-    pyfunc = mlflow.pyfunc.load_model(outcome.model_uri)
     assert np.allclose(pyfunc.predict(x.numpy()), reference(x).detach().numpy(), atol=1e-5)
 
 
@@ -227,7 +229,8 @@ def test_against_a_real_mlflow_server(tiny_config, mlflow_server):
     client = mlflow.MlflowClient(mlflow_server)
     assert [m.step for m in client.get_metric_history(outcome.mlflow_run_id, "val_acc")] == [0, 1]
     assert "config.yaml" in {a.path for a in client.list_artifacts(outcome.mlflow_run_id)}
-    loaded = mlflow.pytorch.load_model(outcome.model_uri)
+    with tracking_uri_set(mlflow_server):
+        loaded = mlflow.pytorch.load_model(outcome.model_uri)
     assert loaded(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
 
 
