@@ -59,16 +59,11 @@ class TrackedRun:
             print(f"[freezelab] warning: {err}; training without MLflow tracking")
             return None
         client = mlflow.MlflowClient(tracking_uri=uri)
-        experiment = client.get_experiment_by_name(section.experiment)
-        experiment_id = (
-            experiment.experiment_id if experiment else client.create_experiment(section.experiment)
-        )
+        experiment_id = experiment_id_for(client, section.experiment)
         key = f"{config.storage_path.rstrip('/')}/{config.name}"
-        existing = client.search_runs(
-            [experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{_quote(key)}'", max_results=1
-        )
+        existing = find_run_by_key(client, experiment_id, key)
         if existing:
-            run_id = existing[0].info.run_id
+            run_id = existing
             client.update_run(run_id, status="RUNNING")
             print(f"[freezelab] MLflow: continuing run {run_id} of {config.name!r}")
         else:
@@ -203,6 +198,21 @@ def download_weights(model_uri: str, tracking_uri: str | None = None) -> str:
             f"{model_uri} holds no {MODEL_FILE}: only models logged by freezelab can seed a run"
         )
     return str(found[0])
+
+
+def experiment_id_for(client: Any, name: str) -> str:
+    """The id of experiment ``name``, created when missing."""
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else client.create_experiment(name)
+
+
+def find_run_by_key(client: Any, experiment_id: str, key: str) -> str | None:
+    """The run that freezelab opened for ``key`` (storage path and name), if any: a
+    rerun of the same name continues its MLflow run as it continues training."""
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{_quote(key)}'", max_results=1
+    )
+    return found[0].info.run_id if found else None
 
 
 @contextlib.contextmanager

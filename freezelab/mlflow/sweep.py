@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from freezelab.mlflow.run import RUN_KEY_TAG, register
+from freezelab.mlflow.run import RUN_KEY_TAG, experiment_id_for, find_run_by_key, register
 from freezelab.mlflow.tracking import ensure_reachable, resolve_tracking_uri, run_tags
 
 
@@ -25,16 +25,10 @@ def start_group_run(base: Any, name: str, kind: str) -> tuple[str, bool]:
     uri = resolve_tracking_uri(base.mlflow.tracking_uri)
     ensure_reachable(uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(base.mlflow.experiment)
-    experiment_id = (
-        experiment.experiment_id if experiment else client.create_experiment(base.mlflow.experiment)
-    )
+    experiment_id = experiment_id_for(client, base.mlflow.experiment)
     key = f"{base.storage_path.rstrip('/')}/{name}#{kind}"
-    found = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1
-    )
-    if found:
-        run_id = found[0].info.run_id
+    run_id = find_run_by_key(client, experiment_id, key)
+    if run_id:
         client.update_run(run_id, status="RUNNING")
         return run_id, True
     tags = {
@@ -98,16 +92,13 @@ def finish_sweep_run(sweep: Any, base: Any, outcome: Any) -> None:
 def best_trial_model_uri(client: Any, base: Any, run_name: str) -> str | None:
     import mlflow
 
-    key = f"{base.storage_path.rstrip('/')}/{run_name}"
-    experiment = client.get_experiment_by_name(base.mlflow.experiment)
-    runs = client.search_runs(
-        [experiment.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1
-    )
-    if not runs:
+    experiment_id = experiment_id_for(client, base.mlflow.experiment)
+    run_id = find_run_by_key(client, experiment_id, f"{base.storage_path.rstrip('/')}/{run_name}")
+    if not run_id:
         return None
     models = mlflow.search_logged_models(
-        experiment_ids=[experiment.experiment_id],
-        filter_string=f"source_run_id = '{runs[0].info.run_id}'",
+        experiment_ids=[experiment_id],
+        filter_string=f"source_run_id = '{run_id}'",
         output_format="list",
     )
     return models[0].model_uri if models else None
