@@ -35,6 +35,31 @@ def parser(description: str, repeats: int) -> argparse.ArgumentParser:
     return p
 
 
+def training_run_args(
+    description: str, *, repeats: int, model: str, samples: int, batch: int
+) -> argparse.Namespace:
+    """Parse the arguments of a benchmark built on short training runs; ``--smoke``
+    shrinks them to a tiny model, 32 pixels, 2 epochs and 1 repeat."""
+    p = parser(description, repeats=repeats)
+    p.add_argument("--model", default=model)
+    p.add_argument("--size", type=int, default=64, help="input side in pixels")
+    p.add_argument("--samples", type=int, default=samples, help="synthetic samples (80%% train)")
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--epochs", type=int, default=3, help="per run; the first is not counted")
+    args = p.parse_args()
+    check_device(args.device)
+    if args.smoke:
+        args.model, args.size, args.samples, args.batch, args.epochs, args.repeats = (
+            "test_resnet",
+            32,
+            32,
+            8,
+            2,
+            1,
+        )
+    return args
+
+
 def check_device(device: str) -> None:
     import torch
 

@@ -96,7 +96,13 @@ def worker(rank: int, world_size: int, port: int, args, out_dir: str) -> None:
             del ddp
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
         json.dump(rows, handle)
+    # Both ranks leave together: a rank tearing gloo down while its peer still talks
+    # to it aborts the peer ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
+    # gloo's threads can still abort the interpreter's own teardown; the results are
+    # written, so leave without it.
+    os._exit(0)
 
 
 def free_port() -> int:

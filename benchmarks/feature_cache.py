@@ -46,23 +46,9 @@ def config_for(args, cache: bool, storage: str, index: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    p = _common.parser(__doc__.splitlines()[0], repeats=2)
-    p.add_argument("--model", default="vgg16")
-    p.add_argument("--size", type=int, default=64, help="input side in pixels")
-    p.add_argument("--samples", type=int, default=160, help="synthetic samples (80%% train)")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--epochs", type=int, default=3, help="per run; the first is not counted")
-    args = p.parse_args()
-    _common.check_device(args.device)
-    if args.smoke:
-        args.model, args.size, args.samples, args.batch, args.epochs, args.repeats = (
-            "test_resnet",
-            32,
-            32,
-            8,
-            2,
-            1,
-        )
+    args = _common.training_run_args(
+        __doc__.splitlines()[0], repeats=2, model="vgg16", samples=160, batch=16
+    )
     from freezelab.trainers.config import validate_config
     from freezelab.trainers.launch import run_training
 

@@ -103,23 +103,9 @@ def plain_loop(config, device: str) -> list[float]:
 
 
 def main() -> None:
-    p = _common.parser(__doc__.splitlines()[0], repeats=3)
-    p.add_argument("--model", default="resnet18")
-    p.add_argument("--size", type=int, default=64, help="input side in pixels")
-    p.add_argument("--samples", type=int, default=320, help="synthetic samples (80%% train)")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--epochs", type=int, default=3, help="per run; the first is not counted")
-    args = p.parse_args()
-    _common.check_device(args.device)
-    if args.smoke:
-        args.model, args.size, args.samples, args.batch, args.epochs, args.repeats = (
-            "test_resnet",
-            32,
-            32,
-            8,
-            2,
-            1,
-        )
+    args = _common.training_run_args(
+        __doc__.splitlines()[0], repeats=3, model="resnet18", samples=320, batch=32
+    )
     from freezelab.trainers.config import validate_config
     from freezelab.trainers.launch import run_training
 

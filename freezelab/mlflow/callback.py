@@ -55,8 +55,10 @@ class MlflowMetricsCallback(UserCallback):
             return True
         try:
             # A quick probe first: MLflow's HTTP client retries a dead server for
-            # minutes, which would stall every report of the run.
-            ensure_reachable(self.tracking_uri, timeout_s=3.0)
+            # minutes, which would stall every report of the run. (A sqlite store
+            # fails fast on its own.)
+            if self.tracking_uri.startswith(("http://", "https://")):
+                ensure_reachable(self.tracking_uri, timeout_s=3.0)
             client = self._client()
             if self._logged_epochs is None:
                 self._logged_epochs = logged_epochs(client, self.run_id)

@@ -47,19 +47,19 @@ class FreezePlan:
 
     def trainable_groups(self) -> list[LayerGroup]:
         """Groups with at least one trainable parameter, input to output."""
-        return [
-            g for g in self.groups if any(n in self.trainable_param_names for n in g.param_names)
-        ]
+        return [g for g in self.groups if self.group_is_trainable(g)]
 
     def group_is_trainable(self, group: LayerGroup) -> bool:
         return any(n in self.trainable_param_names for n in group.param_names)
 
     @property
     def trainable_params(self) -> int:
+        return sum(self.trainable_params_of(g) for g in self.groups)
+
+    def trainable_params_of(self, group: LayerGroup) -> int:
         return sum(
             size
-            for g in self.groups
-            for name, size in zip(g.param_names, g.param_sizes, strict=True)
+            for name, size in zip(group.param_names, group.param_sizes, strict=True)
             if name in self.trainable_param_names
         )
 

@@ -23,11 +23,7 @@ def summarize_plan(
     plan = policy.plan(model, epoch)
     groups = []
     for group in plan.groups:
-        trainable = sum(
-            size
-            for name, size in zip(group.param_names, group.param_sizes, strict=True)
-            if name in plan.trainable_param_names
-        )
+        trainable = plan.trainable_params_of(group)
         groups.append(
             {
                 "name": group.name,

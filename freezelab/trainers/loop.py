@@ -170,10 +170,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             scaler.step(optimizer)
             scaler.update()
             step += 1
-            totals += torch.tensor(
-                [loss.item() * len(labels), (logits.argmax(1) == labels).sum().item(), len(labels)],
-                dtype=torch.float64,
-                device=device,
+            # Accumulated on the device: no host sync in the training step.
+            totals += torch.stack(
+                [
+                    loss.detach().double() * len(labels),
+                    (logits.argmax(1) == labels).sum().double(),
+                    torch.tensor(len(labels), dtype=torch.float64, device=device),
+                ]
             )
         if cache is not None and not cache.complete:
             cache.share()
