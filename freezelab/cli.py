@@ -4,6 +4,7 @@ freezelab policies [--format table|json]
 freezelab inspect --model NAME --policy FILE_OR_JSON [--epoch E] [--format table|json]
 freezelab train CONFIG [--set a.b=value ...] [--address RAY_ADDRESS]
 freezelab sweep SWEEP [--resume]
+freezelab submit CONFIG_OR_SWEEP --address http://HEAD:8265 [--follow] [--set ...]
 freezelab compare EXPERIMENT [--format table|md|csv|json] [--sort METRIC]
 freezelab report EXPERIMENT_OR_SWEEP [--out DIR] [--tracking-uri URI]
 freezelab demo [--config STUDY]
@@ -79,6 +80,49 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None)
     p.set_defaults(run=_sweep)
 
+    p = commands.add_parser(
+        "submit",
+        help="run a train config or a sweep on a Ray cluster, as a Ray job",
+        description="Validate CONFIG here, then submit `python -m freezelab train|sweep CONFIG` "
+        "to the cluster's job server with the working directory uploaded.",
+    )
+    p.add_argument("config", metavar="CONFIG_OR_SWEEP", help="a train config or a sweep file")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="the job server, e.g. http://HEAD:8265 (else RAY_API_SERVER_ADDRESS / RAY_ADDRESS)",
+    )
+    p.add_argument("--follow", action="store_true", help="stream the logs; exit with the job")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--working-dir",
+        default=".",
+        help="uploaded to the cluster, minus freezelab/cluster/templates/runtime_env.yaml's excludes "
+        "(default: .)",
+    )
+    p.add_argument(
+        "--no-working-dir",
+        dest="working_dir",
+        action="store_const",
+        const=None,
+        help="upload nothing: the cluster image has freezelab and the config",
+    )
+    p.add_argument(
+        "--env",
+        dest="env_vars",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an environment variable of the job, e.g. --env GLOO_SOCKET_IFNAME=eth0",
+    )
+    p.add_argument(
+        "--pip", action="append", default=[], metavar="REQUIREMENT", help="install for this job"
+    )
+    p.add_argument(
+        "--python", default="python", help="the cluster's Python executable (default: python)"
+    )
+    p.set_defaults(run=_submit)
+
     p = commands.add_parser("compare", help="an MLflow experiment's runs side by side")
     p.add_argument("experiment")
     p.add_argument("--format", choices=("table", "md", "csv", "json"), default="table")
@@ -138,6 +182,57 @@ def _sweep(args: argparse.Namespace) -> int:
     except ConfigError as err:
         raise UserError(str(err)) from None
     return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    import os
+
+    from freezelab.cluster.submit import follow_job, prepare_job, print_warnings, submit_job
+    from freezelab.trainers.config import ConfigError
+
+    address = (
+        args.address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    )
+    if not address:
+        raise UserError("--address is required, e.g. --address http://HEAD:8265")
+    env_vars = {}
+    for item in args.env_vars:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--env {item!r}: expected KEY=VALUE")
+        env_vars[key] = value
+    try:
+        job = prepare_job(
+            args.config,
+            working_dir=args.working_dir,
+            overrides=args.overrides,
+            env_vars=env_vars,
+            pip=args.pip,
+            python=args.python,
+        )
+        print_warnings(job)
+        submission_id = submit_job(job, address)
+    except ConfigError as err:
+        raise UserError(str(err)) from None
+    print(f"[freezelab] submitted {job.kind} {job.name!r} as job {submission_id}")
+    print(f"[freezelab]   entrypoint: {job.entrypoint}")
+    if not args.follow:
+        print(f"[freezelab]   logs: ray job logs --address {address} --follow {submission_id}")
+        print(f"[freezelab]   stop: ray job stop --address {address} {submission_id}")
+        return 0
+    try:
+        status = follow_job(address, submission_id)
+    except KeyboardInterrupt:
+        print(
+            f"\n[freezelab] stopped following; job {submission_id} keeps running "
+            f"(ray job stop --address {address} {submission_id})",
+            file=sys.stderr,
+        )
+        return 130
+    except ConfigError as err:
+        raise UserError(str(err)) from None
+    print(f"[freezelab] job {submission_id}: {status}")
+    return 0 if status == "SUCCEEDED" else 1
 
 
 def _compare(args: argparse.Namespace) -> int:

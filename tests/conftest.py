@@ -67,6 +67,7 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, log_to_driver=True)
+        # "local": a Ray of its own, never one that `ray start` left running on the machine.
+        ray.init(address="local", num_cpus=2, log_to_driver=True)
     yield ray
     ray.shutdown()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,9 +202,22 @@ def download_weights(model_uri: str, tracking_uri: str | None = None) -> str:
 
 
 def experiment_id_for(client: Any, name: str) -> str:
-    """The id of experiment ``name``, created when missing."""
+    """The id of experiment ``name``, created when missing.
+
+    With a sqlite store, a new experiment keeps its artifacts in ``mlruns/`` next to
+    the database file. MLflow's default is ``./mlruns`` in the current directory, which
+    for a Ray job is its temporary working directory: the logged models would be lost.
+    """
     experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment else client.create_experiment(name)
+    if experiment:
+        return experiment.experiment_id
+    uri = client.tracking_uri
+    location = None
+    if uri.startswith("sqlite:///"):
+        database = Path(uri.removeprefix("sqlite:///")).resolve()
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+        location = (database.parent / "mlruns" / slug).as_uri()
+    return client.create_experiment(name, artifact_location=location)
 
 
 def find_run_by_key(client: Any, experiment_id: str, key: str) -> str | None:

@@ -9,6 +9,7 @@ The tracking URI is always explicit: the config's ``mlflow.tracking_uri``, else
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -80,7 +81,10 @@ def run_tags(config: Any) -> dict[str, str]:
         "freezelab.version": __version__,
         "freezelab.run_name": config.name,
     }
-    job_id = os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID")
+    node_id = ray_node_id()
+    if node_id:
+        tags["ray.node_id"] = node_id  # where this run logs from (a sqlite file is per node)
+    job_id = job_submission_id()
     if job_id:
         tags["ray.job_submission_id"] = job_id
     commit = git_commit()
@@ -88,6 +92,24 @@ def run_tags(config: Any) -> dict[str, str]:
         tags["mlflow.source.git.commit"] = commit
     tags.update(config.mlflow.tags)
     return tags
+
+
+def ray_node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+def job_submission_id() -> str | None:
+    """The id of the Ray job this driver runs as (``ray job submit``), if any: Ray's job
+    supervisor passes it to the entrypoint in the job config's metadata."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        return json.loads(raw).get("metadata", {}).get("job_submission_id")
+    except (ValueError, AttributeError):
+        return None
 
 
 def git_commit() -> str | None:

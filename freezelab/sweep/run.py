@@ -59,6 +59,7 @@ def run_sweep(
         )
     if not ray.is_initialized():
         ray.init(address=address) if address else ray.init()
+    pin_to = _check_cluster(base)
     trial_resources, concurrent, per_worker = trial_resources_for(sweep, base)
     sweep = sweep.model_copy(
         update={
@@ -73,7 +74,7 @@ def run_sweep(
         tune.with_parameters(
             _trial, sweep_dict=sweep.model_dump(mode="json"), parent_run_id=parent
         ),
-        trial_resources,
+        _on_node(trial_resources, pin_to) if pin_to else trial_resources,
     )
     param_space, search_alg, num_samples = _search(sweep)
     scheduler = None
@@ -141,7 +142,13 @@ def _trial(
     config = sweep.trial_config(
         choice["policy"], choice["params"], trial_run_name(sweep.name, choice)
     )
-    outcome = run_training(config, callbacks=[TuneReportCallback()], parent_run_id=parent_run_id)
+    # The sweep checked the cluster once, before its first trial.
+    outcome = run_training(
+        config,
+        callbacks=[TuneReportCallback()],
+        parent_run_id=parent_run_id,
+        check_cluster=False,
+    )
     if outcome.already_complete:
         # A retried or resumed trial whose Train run had finished: replay its epochs.
         from ray import tune
@@ -194,6 +201,38 @@ def trial_resources_for(sweep: SweepConfig, base) -> tuple[dict[str, float], int
             )
         concurrent = min(sweep.max_concurrent_trials or fits, fits)
     return {"CPU": TRIAL_CPU}, concurrent, per_worker
+
+
+def _check_cluster(base) -> str | None:
+    """Check a multi-node cluster (shared storage, tracking reachable from the trials);
+    return the node to pin trials to, if any.
+
+    Trials log to MLflow from wherever Tune places them. A sqlite (or other local-file)
+    store lives on the driver's node, so the trials are pinned there: each is only the
+    thin driver of its TorchTrainer, and its workers still spread over the cluster.
+    """
+    from freezelab.cluster.checks import alive_nodes, check_cluster, driver_node_id, is_local_store
+    from freezelab.mlflow.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(base.mlflow.tracking_uri)
+    pin = len(alive_nodes()) > 1 and base.mlflow.enabled and is_local_store(uri)
+    check_cluster(base, logging_nodes="driver" if pin else "all")
+    if not pin:
+        return None
+    node = driver_node_id()
+    print(
+        f"[freezelab] MLflow store {uri} is a file on this node: trials run on node "
+        f"{node[:12]}, their workers anywhere"
+    )
+    return node
+
+
+def _on_node(resources: dict[str, float], node_id: str):
+    from ray import tune
+
+    return tune.PlacementGroupFactory(
+        [resources], bundle_label_selector=[{"ray.io/node-id": node_id}]
+    )
 
 
 def _search(sweep: SweepConfig):

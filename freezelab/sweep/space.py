@@ -23,7 +23,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from freezelab.policies import PolicyError, from_dict, get_policy_class
-from freezelab.trainers.config import ConfigError, TrainConfig, apply_override, validate_config
+from freezelab.trainers.config import (
+    ConfigError,
+    TrainConfig,
+    apply_override,
+    read_mapping,
+    validate_config,
+)
 
 RANGE_KINDS = ("choice", "randint", "uniform", "loguniform")
 
@@ -187,14 +193,12 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepCon
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text())
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a sweep file is a mapping")
+    data = read_mapping(path, "a sweep file")
     if isinstance(data.get("base"), str):
         base_path = (path.parent / data["base"]).resolve()
         if not base_path.is_file():
             raise ConfigError(f"{path}: base config {data['base']!r} does not exist")
-        data["base"] = yaml.safe_load(base_path.read_text())
+        data["base"] = read_mapping(base_path, "a train config")
     for override in overrides or []:
         apply_override(data, override)
     try:
@@ -231,13 +235,13 @@ def resolved_on_driver(sweep: SweepConfig) -> SweepConfig:
     )
 
 
-def validate_space(sweep: SweepConfig) -> None:
+def validate_space(sweep: SweepConfig, *, num_classes: int | None = None) -> None:
     """Check every policy the space can produce against the model, for every epoch,
     before any trial uses resources."""
     from freezelab.trainers.launch import build_for_config
 
     probe = sweep.trial_config(sweep.space.extreme_policies()[0], {}, f"{sweep.name}-check")
-    model = build_for_config(probe, with_weights=False)
+    model = build_for_config(probe, with_weights=False, num_classes=num_classes)
     epochs = probe.epochs
     for policy in sweep.space.extreme_policies():
         try:

@@ -70,10 +70,16 @@ class ScheduleSection(_Section):
 
 
 class ScalingSection(_Section):
+    """Workers and where they go. ``env_vars`` reach every worker's environment, e.g.
+    ``{GLOO_SOCKET_IFNAME: eth0}`` on nodes whose hostname resolves to the wrong
+    interface; those two and ``NCCL_SOCKET_IFNAME`` are also passed on from the driver's
+    environment when set there."""
+
     num_workers: int = Field(1, ge=0)
     use_gpu: bool = False
     resources_per_worker: dict[str, float] | None = None
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    env_vars: dict[str, str] = Field(default_factory=dict)
 
 
 class PerformanceSection(_Section):
@@ -151,19 +157,25 @@ def load_config(
     if isinstance(source, dict):
         data, origin = dict(source), "config"
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        origin = str(path)
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a train config is a mapping, got {type(data).__name__}")
+        data, origin = read_mapping(source, "a train config"), str(source)
     for override in overrides or []:
         apply_override(data, override)
     return validate_config(data, origin)
+
+
+def read_mapping(path: str | Path, what: str = "a config") -> dict[str, Any]:
+    """The YAML mapping in ``path`` (safe_load: YAML never runs code), or a ConfigError
+    that names the file and what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: {what} is a mapping, got {type(data).__name__}")
+    return data
 
 
 def validate_config(data: dict[str, Any], origin: str = "config") -> TrainConfig:

@@ -41,6 +41,7 @@ def run_training(
     callbacks: Sequence[Any] = (),
     env_vars: dict[str, str] | None = None,
     parent_run_id: str | None = None,
+    check_cluster: bool = True,
 ) -> TrainOutcome:
     """Fit ``config`` with a ``TorchTrainer``; return its last metrics and checkpoint.
 
@@ -48,9 +49,16 @@ def run_training(
     workers it joins ``address`` (or ``RAY_ADDRESS``), else starts a local Ray.
     Running the same config and name again resumes from its latest checkpoint.
     With ``mlflow.enabled`` the run is tracked in MLflow (``parent_run_id`` nests it
-    under a sweep's run).
+    under a sweep's run). On a cluster of several nodes, storage and tracking are checked
+    from every node first (``check_cluster=False`` when the caller already did).
     """
     validate_policy_for_model(config)
+    if config.scaling.num_workers > 0:
+        _init_ray(address)
+        if check_cluster:
+            from freezelab.cluster.checks import check_cluster as check_nodes
+
+            check_nodes(config, logging_nodes="driver")
     tracked = None
     if config.mlflow.enabled:
         from freezelab.mlflow.run import TrackedRun
@@ -60,7 +68,11 @@ def run_training(
     if tracked is not None:
         callbacks = [*callbacks, tracked.callback()]
     try:
-        outcome = _fit(config, address=address, callbacks=callbacks, env_vars=env_vars)
+        outcome = _fit(
+            config,
+            callbacks=callbacks,
+            env_vars=worker_env_vars(config, env_vars),
+        )
     except BaseException:
         if tracked is not None:
             tracked.finish(config, None, status="FAILED")
@@ -71,7 +83,7 @@ def run_training(
     return outcome
 
 
-def _fit(config: TrainConfig, *, address, callbacks, env_vars) -> TrainOutcome:
+def _fit(config: TrainConfig, *, callbacks, env_vars) -> TrainOutcome:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -99,7 +111,6 @@ def _fit(config: TrainConfig, *, address, callbacks, env_vars) -> TrainOutcome:
         scaling = ScalingConfig(num_workers=0)
         _install_local_callbacks(callbacks)
     else:
-        _init_ray(address)
         scaling = ScalingConfig(
             num_workers=config.scaling.num_workers,
             use_gpu=config.scaling.use_gpu,
@@ -141,6 +152,17 @@ def _fit(config: TrainConfig, *, address, callbacks, env_vars) -> TrainOutcome:
     return TrainOutcome(config.name, state["metrics"], directory, history=state.get("history", []))
 
 
+# Network settings that are usually exported on the driver for the whole cluster.
+PASSED_ON_ENV_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "NCCL_DEBUG")
+
+
+def worker_env_vars(config: TrainConfig, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment added to every worker: the driver's network settings, then
+    ``scaling.env_vars``, then ``extra``."""
+    env = {name: os.environ[name] for name in PASSED_ON_ENV_VARS if os.environ.get(name)}
+    return {**env, **config.scaling.env_vars, **(extra or {})}
+
+
 def completed_checkpoint(config: TrainConfig) -> Path | None:
     """The final checkpoint of a run of this name that already trained every epoch."""
     if "://" in config.storage_path:
@@ -169,13 +191,16 @@ def run_directory(config: TrainConfig) -> Path:
     return Path(config.storage_path) / config.name
 
 
-def build_for_config(config: TrainConfig, *, with_weights: bool = True):
+def build_for_config(
+    config: TrainConfig, *, with_weights: bool = True, num_classes: int | None = None
+):
     """The model of ``config``: built the same way on the driver and on every worker.
 
     ``model.weights`` may be a local file or an MLflow model URI (``models:/NAME@ALIAS``
     or ``runs:/RUN_ID/model``) of a model that freezelab logged: chained fine-tuning.
     The fresh layers are initialized from ``config.seed``, so every rank, a resumed run
     and the driver build the same starting weights (the reference of the drift metric).
+    ``num_classes`` stands in for the data's class count where the data is not at hand.
     """
     import torch
 
@@ -191,7 +216,7 @@ def build_for_config(config: TrainConfig, *, with_weights: bool = True):
     torch.manual_seed(config.seed)
     return build_model(
         section.name,
-        num_classes_of(config.data),
+        num_classes or num_classes_of(config.data),
         pretrained=section.pretrained and with_weights,
         weights=weights,
         head=section.head,
@@ -199,12 +224,12 @@ def build_for_config(config: TrainConfig, *, with_weights: bool = True):
     )
 
 
-def validate_policy_for_model(config: TrainConfig) -> None:
+def validate_policy_for_model(config: TrainConfig, *, num_classes: int | None = None) -> None:
     """Apply the policy's plan to the model for every epoch on the driver, before any
     worker starts: a policy that cannot work fails here, with its own message."""
     from freezelab.policies import PolicyError
 
-    model = build_for_config(config, with_weights=False)
+    model = build_for_config(config, with_weights=False, num_classes=num_classes)
     try:
         for epoch in range(config.epochs):
             config.policy.plan(model, epoch)

@@ -60,6 +60,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    workers = _placement(context, device)
+    if rank == 0 and world_size > 1:
+        nodes = sorted({str(w["node_id"])[:12] for w in workers})
+        print(f"[freezelab] {world_size} workers on {len(nodes)} node(s): {', '.join(nodes)}")
     if config.performance.torch_threads:
         torch.set_num_threads(config.performance.torch_threads)
 
@@ -198,6 +202,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "feature_cache": int(use_cached),
             "peak_memory_mb": _peak_memory_mb(device),
             "replicas_in_sync": _replicas_in_sync(model, world_size),
+            "nodes": len({w["node_id"] for w in workers}),
             **{f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups},
             **{
                 f"drift/{name}": value
@@ -220,6 +225,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "policy": config.policy.to_dict(),
             "metrics": metrics,
             "history": history,
+            "workers": workers,
         }
         _report(metrics, model, optimizer, state, save and rank == 0, local_checkpoints, config)
         _maybe_inject_failure(rank, epoch)
@@ -318,6 +324,31 @@ def _evaluate(
     model.train()
     totals = _all_reduce(totals)
     return float(totals[0] / totals[2]), float(totals[1] / totals[2])
+
+
+def _placement(context, device: torch.device) -> list[dict[str, Any]]:
+    """Where each rank runs (ranks, Ray node id, IP, hostname, device), gathered on every
+    rank. Ray Train's node_rank comes from the IP address; the node id also tells apart
+    Ray nodes that share one machine."""
+    import socket
+
+    import ray
+
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    me = {
+        "rank": rank,
+        "local_rank": context.get_local_rank(),
+        "node_rank": context.get_node_rank(),
+        "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
+        "node_ip": ray.util.get_node_ip_address() if ray.is_initialized() else None,
+        "hostname": socket.gethostname(),
+        "device": str(device),
+    }
+    if world_size == 1:
+        return [me]
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, me)
+    return sorted(gathered, key=lambda w: w["rank"])
 
 
 def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:

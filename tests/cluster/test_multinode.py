@@ -1,0 +1,167 @@
+"""Multi-node runs on one machine: Ray's ``cluster_utils.Cluster`` with two nodes of one
+CPU each. A 2-worker run spreads over both (told apart by their Ray node ids: Ray Train
+derives node_rank from the IP address, which both nodes share here), trains in sync over
+gloo, and checkpoints into the shared storage path. A node that does not see the storage
+path (a node in a mount namespace of its own, with an empty tmpfs over that path) makes
+freezelab refuse to start, before any MLflow run or checkpoint exists."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import yaml
+from ray_nodes import free_port, node_env, ray_node, wait_for
+
+from freezelab.trainers import checkpoint as ckpt
+
+pytestmark = pytest.mark.ray
+
+CONFIG = {
+    "model": {"name": "test_resnet"},
+    "data": {"kind": "digits", "classes": [0, 1, 2], "input_size": 32, "train_per_class": 24},
+    "policy": {"type": "gradual", "every": 1},
+    "epochs": 2,
+    "batch_size": 16,
+    "scaling": {"num_workers": 2, "placement_strategy": "SPREAD"},
+}
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory) -> Iterator[object]:
+    """Two Ray nodes of one CPU each on this machine; the test process stays out of it
+    (it may hold the session's own Ray), drivers run as subprocesses."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        connect=False,
+        head_node_args={"num_cpus": 1, "dashboard_port": free_port()},
+    )
+    cluster.add_node(num_cpus=1)
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+def _config(tmp_path: Path, name: str, **update) -> Path:
+    shared = tmp_path / "shared"
+    data = {
+        **CONFIG,
+        "name": name,
+        "storage_path": str(shared / "runs"),
+        "mlflow": {"tracking_uri": f"sqlite:///{shared / 'mlflow.db'}"},
+        **update,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_two_workers_spread_over_two_nodes_stay_in_sync_and_checkpoint_to_shared_storage(
+    two_nodes, tmp_path: Path, freezelab_cli
+) -> None:
+    config = _config(tmp_path, "spread")
+    result = freezelab_cli("train", str(config), "--address", two_nodes.address, timeout=400)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "2 workers on 2 node(s)" in result.stdout
+
+    final = ckpt.latest_checkpoint(tmp_path / "shared" / "runs" / "spread")
+    assert final is not None and final.is_relative_to(tmp_path / "shared" / "runs")
+    state = ckpt.read_state(final)
+    assert state["epoch"] == 1
+    workers = state["workers"]
+    assert [w["rank"] for w in workers] == [0, 1]
+    node_ids = {w["node_id"] for w in workers}
+    alive = {n.node_id for n in two_nodes.list_all_nodes()}
+    assert len(node_ids) == 2 and node_ids <= alive
+    # gloo carried the all-reduce across the two nodes: both replicas hold the same
+    # weights after every epoch, also after the plan unfroze a group (DDP rebuilt).
+    assert [m["replicas_in_sync"] for m in state["history"]] == [1, 1]
+    assert [m["nodes"] for m in state["history"]] == [2, 2]
+    assert state["history"][0]["trainable_params"] < state["history"][1]["trainable_params"]
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'shared' / 'mlflow.db'}")
+    run = client.search_runs(
+        [client.get_experiment_by_name("freezelab").experiment_id],
+        "tags.`freezelab.run_name` = 'spread'",
+    )[0]
+    assert run.info.status == "FINISHED" and run.data.metrics["nodes"] == 2
+
+
+@contextmanager
+def node_blind_to(path: Path, address: str, log: Path) -> Iterator[None]:
+    """A third Ray node, in a mount namespace of its own where ``path`` is an empty
+    tmpfs: the same machine, but that directory is not the one the others see."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) to give one node a mount namespace of its own")
+    path.mkdir(parents=True, exist_ok=True)
+    mount_then_run = 'mount -t tmpfs tmpfs "$0" && exec "$@"'
+    prefix = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        mount_then_run,
+        str(path),
+    ]
+    with ray_node([f"--address={address}", "--num-cpus=1"], log, prefix=prefix, env=node_env()):
+        wait_for(lambda: "Ray runtime started" in log.read_text(), 90, "the third node")
+        yield
+
+
+def test_storage_that_one_node_does_not_see_is_refused_before_anything_starts(
+    two_nodes, tmp_path: Path, freezelab_cli
+) -> None:
+    storage = tmp_path / "shared" / "runs"
+    config = _config(tmp_path, "blind")
+    with node_blind_to(storage, two_nodes.address, tmp_path / "blind-node.log"):
+        result = freezelab_cli("train", str(config), "--address", two_nodes.address)
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"storage_path '{storage}' is not shared by the 3 nodes" in result.stderr
+    blind = [line for line in result.stderr.splitlines() if line.startswith("  node ")]
+    assert len(blind) == 1 and "cannot read" in blind[0]
+    assert "s3://BUCKET/PATH" in result.stderr
+    # Refused before MLflow or Ray Train did anything; the marker is cleaned up.
+    assert not (tmp_path / "shared" / "mlflow.db").exists()
+    assert not (storage / "blind").exists()
+    assert list((storage / ".freezelab-storage-check").iterdir()) == []
+
+
+def test_a_sweep_tracking_in_sqlite_pins_its_trials_to_the_node_of_the_file(
+    two_nodes, tmp_path: Path, freezelab_cli
+) -> None:
+    base = yaml.safe_load(_config(tmp_path, "sweep-base", epochs=1).read_text())
+    base["scaling"] = {"num_workers": 1}
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(
+        yaml.safe_dump(
+            {
+                "name": "pinned",
+                "base": base,
+                "space": {"policies": [{"type": "head_only"}, {"type": "bitfit"}]},
+            }
+        )
+    )
+    result = freezelab_cli("sweep", str(sweep), "--address", two_nodes.address, timeout=500)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    head = two_nodes.head_node.node_id
+    assert f"trials run on node {head[:12]}" in result.stdout
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=base["mlflow"]["tracking_uri"])
+    experiment = client.get_experiment_by_name("freezelab").experiment_id
+    trials = client.search_runs([experiment], "tags.`freezelab.policy` != 'sweep'")
+    trials = [r for r in trials if "mlflow.parentRunId" in r.data.tags]
+    assert len(trials) == 2
+    assert {r.data.tags["ray.node_id"] for r in trials} == {head}

@@ -1,0 +1,340 @@
+"""Job submission: `freezelab submit` validates before anything reaches a cluster, and
+jobs sent to a real Ray head (with `ray job submit` and with `freezelab submit`) succeed
+and land in MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from freezelab.cluster.submit import TEMPLATES, config_kind, prepare_job, shipped_runtime_env
+from freezelab.trainers.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _write_job_dir(root: Path, name: str, **update) -> Path:
+    """A project folder to upload: a tiny train config, plus files the excludes drop."""
+    root.mkdir(parents=True, exist_ok=True)
+    config = {
+        "name": name,
+        "model": {"name": "test_resnet"},
+        "data": {"kind": "digits", "classes": [0, 1, 2], "input_size": 32, "train_per_class": 24},
+        "policy": {"type": "head_only"},
+        "epochs": 1,
+        "batch_size": 16,
+        "scaling": {"num_workers": 1},
+        "storage_path": str(root.parent / "shared" / "runs"),
+        "mlflow": {"tracking_uri": f"sqlite:///{root.parent / 'shared' / 'mlflow.db'}"},
+        **update,
+    }
+    (root / "configs").mkdir(exist_ok=True)
+    (root / "configs" / "tiny.yaml").write_text(yaml.safe_dump(config))
+    for junk in (".git/objects/pack.bin", "data/images.bin", "freezelab_runs/old/model.bin"):
+        (root / junk).parent.mkdir(parents=True, exist_ok=True)
+        (root / junk).write_bytes(b"\0" * 1024)
+    (root / "mlflow.db").write_bytes(b"\0" * 1024)
+    return root / "configs" / "tiny.yaml"
+
+
+def _submit_env(**extra: str) -> dict[str, str]:
+    """The environment of a submitting machine: no RAY_AUTH_MODE set, as on a laptop."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env.update(extra)
+    return env
+
+
+def _runs_of_job(tracking_uri: str, job_id: str):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name("freezelab")
+    return client.search_runs(
+        [experiment.experiment_id], f"tags.`ray.job_submission_id` = '{job_id}'"
+    )
+
+
+# -- before the cluster -----------------------------------------------------------------
+
+
+def test_prepare_job_names_the_config_relative_to_the_upload_and_forwards_overrides(
+    tmp_path: Path,
+) -> None:
+    config = _write_job_dir(tmp_path / "project", "job")
+    job = prepare_job(
+        config,
+        working_dir=tmp_path / "project",
+        overrides=["epochs=2", "policy={type: bitfit}"],
+        env_vars={"GLOO_SOCKET_IFNAME": "eth0"},
+        pip=["einops"],
+    )
+    assert job.kind == "train" and job.name == "job"
+    assert job.entrypoint == (
+        "python -m freezelab train configs/tiny.yaml --set epochs=2 --set 'policy={type: bitfit}'"
+    )
+    assert job.runtime_env["working_dir"] == str((tmp_path / "project").resolve())
+    assert job.runtime_env["excludes"] == shipped_runtime_env()["excludes"]
+    assert job.runtime_env["env_vars"] == {"GLOO_SOCKET_IFNAME": "eth0"}
+    assert job.runtime_env["pip"] == ["einops"]
+    assert job.warnings == []  # absolute storage and sqlite paths
+    assert job.submission_id().startswith("freezelab-train-job-")
+
+
+def test_a_sweep_file_becomes_a_sweep_job_and_its_base_must_be_uploaded_too(
+    tmp_path: Path,
+) -> None:
+    sweep = REPO / "examples" / "sweep_tiny.yaml"
+    assert config_kind(sweep) == "sweep"
+    job = prepare_job(sweep, working_dir=REPO)
+    assert job.entrypoint == "python -m freezelab sweep examples/sweep_tiny.yaml"
+
+    (tmp_path / "sweep.yaml").write_text(
+        yaml.safe_dump({**yaml.safe_load(sweep.read_text()), "base": "../train_tiny.yaml"})
+    )
+    with pytest.raises(ConfigError, match="base config '../train_tiny.yaml' is outside"):
+        prepare_job(tmp_path / "sweep.yaml", working_dir=tmp_path)
+
+
+def test_paths_that_resolve_in_the_jobs_temporary_directory_are_warned_about(
+    tmp_path: Path,
+) -> None:
+    config = _write_job_dir(tmp_path / "p", "relative")
+    data = yaml.safe_load(config.read_text())
+    data["storage_path"] = "runs"
+    del data["mlflow"]
+    config.write_text(yaml.safe_dump(data))
+    warnings = prepare_job(config, working_dir=tmp_path / "p").warnings
+    assert any(w.startswith("storage_path 'runs' is relative") for w in warnings)
+    assert any(w.startswith("mlflow.tracking_uri is unset") for w in warnings)
+    # The job's own MLFLOW_TRACKING_URI settles the tracking store.
+    env = {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+    warnings = prepare_job(config, working_dir=tmp_path / "p", env_vars=env).warnings
+    assert not any("tracking_uri" in w for w in warnings)
+
+
+def test_data_only_the_cluster_has_is_a_warning_and_the_policy_is_still_checked(
+    tmp_path: Path,
+) -> None:
+    config = _write_job_dir(
+        tmp_path / "p", "folder", data={"kind": "image_folder", "root": "/mnt/shared/cats"}
+    )
+    job = prepare_job(config, working_dir=tmp_path / "p")
+    assert any("'/mnt/shared/cats' does not exist" in w for w in job.warnings)
+    with pytest.raises(ConfigError, match="last_n"):
+        prepare_job(config, working_dir=tmp_path / "p", overrides=["policy={type: last_n, n: 99}"])
+
+
+def test_a_config_outside_the_working_dir_is_refused(tmp_path: Path) -> None:
+    config = _write_job_dir(tmp_path / "p", "outside")
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(ConfigError, match="outside the working directory"):
+        prepare_job(config, working_dir=tmp_path / "elsewhere")
+
+
+def test_a_bad_config_never_reaches_the_cluster(tmp_path: Path, freezelab_cli) -> None:
+    config = _write_job_dir(tmp_path / "p", "bad", epochs=0)
+    # Nothing listens on port 9: a submission attempt would fail on the connection.
+    result = freezelab_cli(
+        "submit",
+        str(config),
+        "--address",
+        "http://127.0.0.1:9",
+        "--working-dir",
+        str(tmp_path / "p"),
+        env=_submit_env(),
+    )
+    assert result.returncode == 2
+    assert "epochs: Input should be greater than or equal to 1 (got 0)" in result.stderr
+    assert "cannot reach" not in result.stderr
+
+
+def test_submit_explains_an_unreachable_job_server_and_bad_arguments(
+    tmp_path: Path, freezelab_cli
+) -> None:
+    config = _write_job_dir(tmp_path / "p", "ok")
+    base = ["submit", str(config), "--working-dir", str(tmp_path / "p")]
+    result = freezelab_cli(*base, "--address", "http://127.0.0.1:9", env=_submit_env())
+    assert result.returncode == 2
+    assert "cannot reach the Ray job server at http://127.0.0.1:9" in result.stderr
+    result = freezelab_cli(*base, env=_submit_env())
+    assert result.returncode == 2 and "--address is required" in result.stderr
+    result = freezelab_cli(*base, "--address", "http://x:1", "--env", "NOEQUALS", env=_submit_env())
+    assert result.returncode == 2 and "--env 'NOEQUALS': expected KEY=VALUE" in result.stderr
+
+
+# -- against a real head ----------------------------------------------------------------
+
+
+@pytest.mark.ray
+def test_ray_job_submit_with_the_shipped_runtime_env_trains_and_lands_in_mlflow(
+    head, tmp_path: Path
+) -> None:
+    from ray.job_submission import JobSubmissionClient
+
+    _write_job_dir(tmp_path / "project", "via-ray-cli")
+    job_id = "ray-cli-job"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "job",
+            "submit",
+            "--address",
+            head.dashboard,
+            "--working-dir",
+            str(tmp_path / "project"),
+            "--runtime-env",
+            str(TEMPLATES / "runtime_env.yaml"),
+            "--submission-id",
+            job_id,
+            "--",
+            sys.executable,
+            "-m",
+            "freezelab",
+            "train",
+            "configs/tiny.yaml",
+        ],
+        capture_output=True,
+        text=True,
+        env=_submit_env(RAY_AUTH_MODE="token"),
+        timeout=400,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+    client = JobSubmissionClient(head.dashboard, headers={"Authorization": f"Bearer {token}"})
+    assert str(client.get_job_status(job_id)).endswith("SUCCEEDED")
+
+    runs = _runs_of_job(f"sqlite:///{tmp_path / 'shared' / 'mlflow.db'}", job_id)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags["freezelab.run_name"] == "via-ray-cli"
+    assert 0.0 <= runs[0].data.metrics["val_acc"] <= 1.0
+    checkpoints = list(
+        (tmp_path / "shared" / "runs" / "via-ray-cli").glob("checkpoint_*/state.json")
+    )
+    assert len(checkpoints) == 1
+    # The logged model is beside the database, not in the job's temporary directory.
+    assert list((tmp_path / "shared" / "mlruns" / "freezelab").glob("*/artifacts/config.yaml"))
+
+    # What the upload held: the config, not the excluded data, git, runs or databases.
+    listing = client.submit_job(
+        entrypoint=f'{sys.executable} -c "import os, json; print(json.dumps(sorted('
+        "os.path.relpath(os.path.join(d, f)) for d, _, fs in os.walk('.') for f in fs)))\"",
+        runtime_env={**shipped_runtime_env(), "working_dir": str(tmp_path / "project")},
+    )
+    assert _wait_terminal(client, listing) == "SUCCEEDED", client.get_job_logs(listing)
+    uploaded = json.loads(client.get_job_logs(listing).strip().splitlines()[-1])
+    assert uploaded == ["configs/tiny.yaml"]
+
+
+def _wait_terminal(client, job_id: str, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = str(client.get_job_status(job_id)).split(".")[-1]
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return status
+        time.sleep(0.5)
+    raise TimeoutError(f"job {job_id} did not finish in {timeout:.0f} s")
+
+
+def _follow(freezelab_cli, head, config: Path, *extra: str):
+    """``freezelab submit CONFIG --follow`` to ``head``, uploading the config's project."""
+    return freezelab_cli(
+        "submit",
+        str(config),
+        "--address",
+        head.dashboard,
+        "--follow",
+        "--working-dir",
+        str(config.parent.parent),
+        "--python",
+        sys.executable,
+        *extra,
+        env=_submit_env(),
+        timeout=400,
+    )
+
+
+@pytest.mark.ray
+def test_freezelab_submit_follows_the_job_to_success_and_tags_its_mlflow_run(
+    head, tmp_path: Path, freezelab_cli
+) -> None:
+    config = _write_job_dir(tmp_path / "project", "via-submit")
+    # No RAY_AUTH_MODE in the environment: the token file is enough.
+    result = _follow(freezelab_cli, head, config, "--set", "epochs=2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    job_id = re.search(r"as job (\S+)", result.stdout).group(1)
+    assert job_id.startswith("freezelab-train-via-submit-")
+    assert "via-submit epoch 2/2" in result.stdout  # the job's log, streamed
+    assert result.stdout.rstrip().endswith(f"job {job_id}: SUCCEEDED")
+    runs = _runs_of_job(f"sqlite:///{tmp_path / 'shared' / 'mlflow.db'}", job_id)
+    assert len(runs) == 1 and runs[0].data.params["epochs"] == "2"
+
+
+@pytest.mark.ray
+def test_a_sweep_submitted_as_a_job_runs_its_trials_and_writes_the_best_policy(
+    head, tmp_path: Path, freezelab_cli
+) -> None:
+    _write_job_dir(tmp_path / "project", "sweep-base")
+    sweep = tmp_path / "project" / "configs" / "sweep.yaml"
+    sweep.write_text(
+        yaml.safe_dump(
+            {
+                "name": "job-sweep",
+                "base": "tiny.yaml",
+                "space": {"policies": [{"type": "bitfit"}]},
+            }
+        )
+    )
+    result = _follow(freezelab_cli, head, sweep)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    job_id = re.search(r"as job (\S+)", result.stdout).group(1)
+    assert job_id.startswith("freezelab-sweep-job-sweep-")
+    best = yaml.safe_load(
+        (tmp_path / "shared" / "runs" / "job-sweep" / "best_policy.yaml").read_text()
+    )
+    assert best["type"] == "bitfit"
+    parent = _runs_of_job(f"sqlite:///{tmp_path / 'shared' / 'mlflow.db'}", job_id)
+    assert len(parent) == 1 and parent[0].data.tags["freezelab.kind"] == "sweep"
+
+
+@pytest.mark.ray
+def test_freezelab_submit_exits_with_the_status_of_a_failed_job(
+    head, tmp_path: Path, freezelab_cli
+) -> None:
+    config = _write_job_dir(tmp_path / "project", "fails")
+    marker = tmp_path / "killed"
+    result = _follow(
+        freezelab_cli, head, config, "--env", f"FREEZELAB_DEBUG_KILL_WORKER=0:0:{marker}"
+    )
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert marker.exists()
+    assert re.search(r"job freezelab-train-fails-\w+: FAILED$", result.stdout.rstrip())
+
+
+@pytest.mark.ray
+def test_a_wrong_token_is_refused_with_how_to_get_the_right_one(
+    head, tmp_path: Path, freezelab_cli
+) -> None:
+    config = _write_job_dir(tmp_path / "project", "intruder")
+    result = freezelab_cli(
+        "submit",
+        str(config),
+        "--address",
+        head.dashboard,
+        "--working-dir",
+        str(tmp_path / "project"),
+        env=_submit_env(RAY_AUTH_TOKEN="not-the-token"),
+    )
+    assert result.returncode == 2
+    assert f"the Ray cluster at {head.dashboard} refused the request" in result.stderr
+    assert "ray get-auth-token" in result.stderr
+    assert "submitted" not in result.stdout
