@@ -32,6 +32,12 @@ def parser(description: str, repeats: int) -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--repeats", type=int, default=repeats, help="round-robin rounds")
     p.add_argument("--json", metavar="OUT", help="also write the rows as JSON here")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="the GPU's dense bf16 peak in TFLOP/s: with --device cuda, also report model "
+        "FLOPs utilisation",
+    )
     return p
 
 
@@ -65,6 +71,32 @@ def check_device(device: str) -> None:
 
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available here")
+
+
+def train_step_flops(config: Any, epoch: int = 0) -> float:
+    """FLOPs of one training step (forward and backward) of a full batch of ``config``'s
+    model under its policy's plan at ``epoch``, counted on the CPU: a frozen layer's
+    weight gradients are not computed, so this counts what the step really does."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from freezelab.policies import apply
+    from freezelab.trainers.data import input_size_of, num_classes_of
+    from freezelab.trainers.launch import build_for_config
+
+    model = build_for_config(config, with_weights=False)
+    apply(model, config.policy.plan(model, epoch))
+    images = torch.randn(config.batch_size, *input_size_of(config.data, model))
+    labels = torch.randint(0, num_classes_of(config.data), (config.batch_size,))
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(images), labels).backward()
+    return float(counter.get_total_flops())
+
+
+def mfu(flops_per_s: float, peak_tflops: float | None) -> float | None:
+    """Model FLOPs utilisation: achieved over peak, or None without a peak."""
+    return flops_per_s / (peak_tflops * 1e12) if peak_tflops else None
 
 
 def machine() -> dict[str, Any]:

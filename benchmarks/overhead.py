@@ -10,8 +10,8 @@ is a warm-up and is not counted.
     python benchmarks/overhead.py --repeats 3 --json overhead.json
     python benchmarks/overhead.py --smoke
 
-Not measured here: ``freezelab train`` against a hand-written Ray ``TorchTrainer``
-script (wall time with Ray start-up), see BENCHMARKS.md.
+``freezelab train`` against a hand-written Ray ``TorchTrainer`` script (wall time with
+Ray start-up) is ``train_overhead.py``.
 """
 
 from __future__ import annotations
