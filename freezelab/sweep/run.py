@@ -220,6 +220,13 @@ def _check_cluster(base) -> str | None:
     if not pin:
         return None
     node = driver_node_id()
+    cpus = next((n["Resources"].get("CPU", 0.0) for n in alive_nodes() if n["NodeID"] == node), 0.0)
+    if cpus < TRIAL_CPU:
+        raise ConfigError(
+            f"mlflow.tracking_uri {uri!r} is a file on the driver's node, where the trials that "
+            "log to it would have to run, but that node has no CPU for them. Run a tracking "
+            "server (mlflow.tracking_uri: http://HOST:5000) or give the head node a CPU."
+        )
     print(
         f"[freezelab] MLflow store {uri} is a file on this node: trials run on node "
         f"{node[:12]}, their workers anywhere"

@@ -49,3 +49,23 @@ def test_workers_get_the_drivers_network_settings_then_the_configs_then_the_call
     config = tiny_config(scaling={"num_workers": 1, "env_vars": {"NCCL_SOCKET_IFNAME": "eth1"}})
     env = worker_env_vars(config, {"FREEZELAB_X": "1"})
     assert env == {"GLOO_SOCKET_IFNAME": "eth0", "NCCL_SOCKET_IFNAME": "eth1", "FREEZELAB_X": "1"}
+
+
+def test_a_sqlite_sweep_on_a_head_without_cpus_is_refused_rather_than_left_waiting(
+    tiny_config, monkeypatch
+) -> None:
+    from freezelab.cluster import checks
+    from freezelab.sweep import run
+
+    nodes = [
+        {**NODES[0], "Resources": {"CPU": 0.0}},
+        {**NODES[1], "Resources": {"CPU": 8.0}},
+    ]
+    monkeypatch.setattr(checks, "alive_nodes", lambda: nodes)
+    monkeypatch.setattr(checks, "driver_node_id", lambda: NODES[0]["NodeID"])
+    monkeypatch.setattr(checks, "check_shared_storage", lambda *args: None)
+    config = tiny_config(mlflow={"enabled": True, "tracking_uri": "sqlite:////shared/mlflow.db"})
+    with pytest.raises(ConfigError, match="that node has no CPU for them"):
+        run._check_cluster(config)
+    nodes[0]["Resources"]["CPU"] = 1.0
+    assert run._check_cluster(config) == NODES[0]["NodeID"]
