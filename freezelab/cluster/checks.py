@@ -114,8 +114,8 @@ def check_tracking_uri(uri: str, nodes: list[dict[str, Any]]) -> None:
         raise ConfigError(
             f"mlflow.tracking_uri {uri!r} is not reachable from every node that logs:\n"
             + "\n".join(failed)
-            + "\nUse an address that every node can reach (not localhost), or set "
-            "mlflow.required: false to train without tracking."
+            + "\nUse an address that every node can reach (not localhost), or "
+            "mlflow.enabled: false to train without tracking."
         )
 
 

@@ -89,7 +89,8 @@ def prepare_job(
         shown = str(config_path)
     name, warnings = _validate(kind, config_path, overrides)
     if env_vars and env_vars.get("MLFLOW_TRACKING_URI"):
-        warnings = [w for w in warnings if not w.startswith("mlflow.tracking_uri")]
+        # The job's variable settles the store only where the config names none.
+        warnings = [w for w in warnings if not w.startswith("mlflow.tracking_uri is unset")]
     runtime_env = shipped_runtime_env()
     if working_dir is not None:
         runtime_env["working_dir"] = str(Path(working_dir).resolve())
@@ -123,7 +124,9 @@ def _validate(kind: str, path: Path, overrides: list[str]) -> tuple[str, list[st
     from freezelab.trainers.config import apply_override, load_config
     from freezelab.trainers.launch import validate_policy_for_model
 
-    raw = yaml.safe_load(path.read_text())
+    raw = read_mapping(path)
+    if kind == "sweep" and isinstance(raw.get("base"), str):
+        raw["base"] = read_mapping(path.parent / raw["base"], "a train config")
     for override in overrides:
         apply_override(raw, override)
     if kind == "sweep":
@@ -134,8 +137,6 @@ def _validate(kind: str, path: Path, overrides: list[str]) -> tuple[str, list[st
         num_classes, warnings = _class_count(probe)
         validate_space(sweep, num_classes=num_classes)
         base = raw["base"]
-        if isinstance(base, str):
-            base = yaml.safe_load((path.parent / base).read_text())
         for override in raw.get("overrides") or []:
             apply_override(base, override)
         return sweep.name, warnings + _cluster_relative_paths(base)
@@ -176,10 +177,9 @@ def _cluster_relative_paths(config: dict[str, Any]) -> list[str]:
                 "MLFLOW_TRACKING_URI says otherwise. Use a tracking server "
                 "(mlflow.tracking_uri: http://HOST:5000) or an absolute sqlite path."
             )
-    for key in ("weights",):
-        value = (config.get("model") or {}).get(key)
-        if value and "://" not in value and ":/" not in value and not value.startswith("/"):
-            warnings.append(f"model.{key} {value!r} is relative: it is read on the cluster.")
+    weights = (config.get("model") or {}).get("weights")
+    if weights and ":/" not in weights and not weights.startswith("/"):
+        warnings.append(f"model.weights {weights!r} is relative: it is read on the cluster.")
     root = (config.get("data") or {}).get("root")
     if root and "://" not in root and not root.startswith("/"):
         warnings.append(f"data.root {root!r} is relative: it is read on the cluster.")
@@ -221,30 +221,33 @@ def follow_job(address: str, submission_id: str) -> str:
 
 
 def _client(address: str):
-    """A JobSubmissionClient that sends the cluster's token when one is available here:
-    ``RAY_AUTH_TOKEN``, else the file ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``
-    (Ray's own order). Ray itself sends it only under ``RAY_AUTH_MODE=token``."""
+    """A JobSubmissionClient that sends the cluster's token, by Ray's own rules: a token
+    given explicitly (``RAY_AUTH_TOKEN``, or the file ``RAY_AUTH_TOKEN_PATH``), or the
+    default ``~/.ray/auth_token`` under ``RAY_AUTH_MODE=token``. A token that happens to
+    lie in the default file is never sent to an address nobody chose it for."""
     from ray.job_submission import JobSubmissionClient
 
     token = auth_token()
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
         return JobSubmissionClient(address, headers=headers)
-    except Exception as err:
-        raise _explained(err, address) from None
+    except Exception as err:  # Ray's AuthenticationError, connection errors: explained
+        raise _explained(err, address) from err
 
 
 def auth_token() -> str | None:
     if os.environ.get("RAY_AUTH_TOKEN"):
         return os.environ["RAY_AUTH_TOKEN"].strip()
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
-    if path.is_file():
-        return path.read_text().strip() or None
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text().strip() or None
+    default = Path.home() / ".ray" / "auth_token"
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" and default.is_file():
+        return default.read_text().strip() or None
     return None
 
 
 def _explained(err: Exception, address: str) -> ConfigError:
-    text = str(err)
+    text = str(err) or type(err).__name__
     if type(err).__name__ == "AuthenticationError" or "authentication token" in text.lower():
         return ConfigError(
             f"the Ray cluster at {address} refused the request: {text.splitlines()[0]}\n"

@@ -59,6 +59,8 @@ def run_sweep(
         )
     if not ray.is_initialized():
         ray.init(address=address) if address else ray.init()
+    from freezelab.trainers.launch import worker_env_vars
+
     pin_to = _check_cluster(base)
     trial_resources, concurrent, per_worker = trial_resources_for(sweep, base)
     sweep = sweep.model_copy(
@@ -66,6 +68,9 @@ def run_sweep(
             "overrides": [
                 *sweep.overrides,
                 f"scaling.resources_per_worker={json.dumps(per_worker)}",
+                # Trials run in processes of their own: the driver's network settings
+                # (GLOO_SOCKET_IFNAME, ...) reach their workers through the config.
+                f"scaling.env_vars={json.dumps(worker_env_vars(base))}",
             ]
         }
     )

@@ -103,6 +103,30 @@ def test_a_sweep_file_becomes_a_sweep_job_and_its_base_must_be_uploaded_too(
         prepare_job(tmp_path / "sweep.yaml", working_dir=tmp_path)
 
 
+def test_a_sweeps_base_takes_overrides_as_freezelab_sweep_does() -> None:
+    sweep = REPO / "examples" / "sweep_tiny.yaml"
+    job = prepare_job(sweep, working_dir=REPO, overrides=["base.storage_path=/mnt/shared/runs"])
+    assert job.entrypoint.endswith("--set base.storage_path=/mnt/shared/runs")
+    assert not any(w.startswith("storage_path") for w in job.warnings)
+
+
+def test_the_default_token_file_is_sent_only_under_ray_auth_mode_token(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from freezelab.cluster.submit import auth_token
+
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("local-secret\n")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    assert auth_token() is None
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    assert auth_token() == "local-secret"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "explicit")
+    assert auth_token() == "explicit"
+
+
 def test_paths_that_resolve_in_the_jobs_temporary_directory_are_warned_about(
     tmp_path: Path,
 ) -> None:
@@ -258,7 +282,7 @@ def _follow(freezelab_cli, head, config: Path, *extra: str):
         "--python",
         sys.executable,
         *extra,
-        env=_submit_env(),
+        env=_submit_env(RAY_AUTH_MODE="token"),  # the head's token in ~/.ray/auth_token
         timeout=400,
     )
 
@@ -268,7 +292,6 @@ def test_freezelab_submit_follows_the_job_to_success_and_tags_its_mlflow_run(
     head, tmp_path: Path, freezelab_cli
 ) -> None:
     config = _write_job_dir(tmp_path / "project", "via-submit")
-    # No RAY_AUTH_MODE in the environment: the token file is enough.
     result = _follow(freezelab_cli, head, config, "--set", "epochs=2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     job_id = re.search(r"as job (\S+)", result.stdout).group(1)
