@@ -83,7 +83,7 @@ def train_step_flops(config: Any, epoch: int = 0) -> float:
 
     from freezelab.policies import apply
     from freezelab.trainers.data import input_size_of, num_classes_of
-    from freezelab.trainers.launch import build_for_config
+    from freezelab.trainers.models import build_for_config
 
     model = build_for_config(config, with_weights=False)
     apply(model, config.policy.plan(model, epoch))

@@ -110,7 +110,7 @@ def lightning_module(config):
     import torch.nn.functional as F
 
     from freezelab.trainers.feature_cache import classifier_of
-    from freezelab.trainers.launch import build_for_config
+    from freezelab.trainers.models import build_for_config
 
     class Module(L.LightningModule):
         def __init__(self) -> None:

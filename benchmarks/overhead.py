@@ -61,7 +61,7 @@ def plain_loop(config, device: str) -> list[float]:
 
     from freezelab.policies import apply
     from freezelab.trainers.data import build_datasets
-    from freezelab.trainers.launch import build_for_config
+    from freezelab.trainers.models import build_for_config
 
     model = build_for_config(config).to(device)
     train_set, val_set, _ = build_datasets(config.data, model)

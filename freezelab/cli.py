@@ -8,6 +8,10 @@ freezelab submit CONFIG_OR_SWEEP --address http://HEAD:8265 [--follow] [--set ..
 freezelab compare EXPERIMENT [--format table|md|csv|json] [--sort METRIC]
 freezelab report EXPERIMENT_OR_SWEEP [--out DIR] [--tracking-uri URI]
 freezelab demo [--config STUDY]
+freezelab schema [train|sweep]
+
+Every mistake in what the user asked for ends in one line on stderr and exit code 2
+(``--debug`` shows its traceback); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,8 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
+
+from freezelab.errors import FreezelabError, one_line
+from freezelab.redact import redact_text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -25,19 +33,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)
-    except UserError as err:
-        print(f"freezelab {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except FreezelabError as err:
+        if args.debug:
+            raise
+        message = redact_text(one_line(str(err)))
+        print(f"freezelab {args.command}: error: {message}", file=sys.stderr)
+        return err.exit_code
 
 
-class UserError(Exception):
-    """A mistake in what the user asked for: printed without a traceback."""
+class UserError(FreezelabError):
+    """A mistake in the command line itself."""
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="freezelab",
         description="Freeze-policy experiments for fine-tuning pretrained vision backbones.",
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=bool(os.environ.get("FREEZELAB_DEBUG")),
+        help="show the traceback of a user error too (also FREEZELAB_DEBUG=1)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -70,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--address", default=None, help="Ray address to join (else RAY_ADDRESS, else local)"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="the name holds a run of another config: move that run aside and start anew",
     )
     p.set_defaults(run=_train)
 
@@ -156,39 +178,43 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--address", default=None)
     p.set_defaults(run=_demo)
+
+    p = commands.add_parser(
+        "schema",
+        help="the JSON schema of a train config or a sweep file (for editors)",
+        description="Print the JSON schema of a train config (default) or of a sweep file, "
+        "with every registered policy's fields.",
+    )
+    p.add_argument("kind", nargs="?", choices=("train", "sweep"), default="train")
+    p.set_defaults(run=_schema)
     return parser
 
 
 def _train(args: argparse.Namespace) -> int:
-    from freezelab.trainers.config import ConfigError, load_config
-    from freezelab.trainers.launch import run_training, summarize_result
+    from freezelab.api import summarize, train
+    from freezelab.trainers.config import load_config
 
-    try:
-        config = load_config(args.config, overrides=args.overrides)
-        result = run_training(config, address=args.address)
-    except ConfigError as err:
-        raise UserError(str(err)) from None
-    print(summarize_result(config, result))
+    config = load_config(args.config, overrides=args.overrides)
+    print(summarize(config, train(config, address=args.address, overwrite=args.overwrite)))
     return 0
 
 
 def _sweep(args: argparse.Namespace) -> int:
     from freezelab.sweep.run import run_sweep
     from freezelab.sweep.space import load_sweep
-    from freezelab.trainers.config import ConfigError
 
-    try:
-        run_sweep(load_sweep(args.sweep, args.overrides), resume=args.resume, address=args.address)
-    except ConfigError as err:
-        raise UserError(str(err)) from None
-    return 0
+    outcome = run_sweep(
+        load_sweep(args.sweep, args.overrides), resume=args.resume, address=args.address
+    )
+    # 0: every trial finished; 3: some failed (the best comes from the rest); 1: none
+    # finished (SweepFailed).
+    return 3 if outcome.failed else 0
 
 
 def _submit(args: argparse.Namespace) -> int:
     import os
 
     from freezelab.cluster.submit import follow_job, prepare_job, print_warnings, submit_job
-    from freezelab.trainers.config import ConfigError
 
     address = (
         args.address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
@@ -201,19 +227,16 @@ def _submit(args: argparse.Namespace) -> int:
         if not sep or not key:
             raise UserError(f"--env {item!r}: expected KEY=VALUE")
         env_vars[key] = value
-    try:
-        job = prepare_job(
-            args.config,
-            working_dir=args.working_dir,
-            overrides=args.overrides,
-            env_vars=env_vars,
-            pip=args.pip,
-            python=args.python,
-        )
-        print_warnings(job)
-        submission_id = submit_job(job, address)
-    except ConfigError as err:
-        raise UserError(str(err)) from None
+    job = prepare_job(
+        args.config,
+        working_dir=args.working_dir,
+        overrides=args.overrides,
+        env_vars=env_vars,
+        pip=args.pip,
+        python=args.python,
+    )
+    print_warnings(job)
+    submission_id = submit_job(job, address)
     print(f"[freezelab] submitted {job.kind} {job.name!r} as job {submission_id}")
     print(f"[freezelab]   entrypoint: {job.entrypoint}")
     if not args.follow:
@@ -229,8 +252,6 @@ def _submit(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
-    except ConfigError as err:
-        raise UserError(str(err)) from None
     print(f"[freezelab] job {submission_id}: {status}")
     return 0 if status == "SUCCEEDED" else 1
 
@@ -239,36 +260,34 @@ def _compare(args: argparse.Namespace) -> int:
     from freezelab.mlflow.compare import compare_rows, format_rows
     from freezelab.mlflow.tracking import resolve_tracking_uri
 
-    try:
-        rows = compare_rows(
-            args.experiment, resolve_tracking_uri(args.tracking_uri), sort=args.sort
-        )
-    except ValueError as err:
-        raise UserError(str(err)) from None
+    rows = compare_rows(args.experiment, resolve_tracking_uri(args.tracking_uri), sort=args.sort)
     print(format_rows(rows, args.format))
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
     from freezelab.mlflow.tracking import resolve_tracking_uri
-    from freezelab.report import ReportError, build_report
+    from freezelab.report import build_report
 
-    uri = resolve_tracking_uri(args.tracking_uri)
-    try:
-        build_report(args.target, out_dir=args.out, tracking_uri=uri)
-    except ReportError as err:
-        raise UserError(str(err)) from None
+    build_report(
+        args.target, out_dir=args.out, tracking_uri=resolve_tracking_uri(args.tracking_uri)
+    )
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from freezelab.trainers.config import ConfigError
-    from freezelab.trainers.study import run_study
+    from freezelab.study import run_study
 
-    try:
-        run_study(args.config, overrides=args.overrides, address=args.address)
-    except ConfigError as err:
-        raise UserError(str(err)) from None
+    run_study(args.config, overrides=args.overrides, address=args.address)
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    if args.kind == "sweep":
+        from freezelab.sweep.space import SweepConfig as Model
+    else:
+        from freezelab.trainers.config import TrainConfig as Model
+    print(json.dumps(Model.model_json_schema(), indent=2))
     return 0
 
 
@@ -304,17 +323,18 @@ def _field_summary(info) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from freezelab.policies import PolicyError, load_policy
+    from freezelab.config_io import parse_yaml
+    from freezelab.policies import load_policy
     from freezelab.policies.summary import format_table, summarize_plan
     from freezelab.trainers.models import build_model
 
+    policy = load_policy(args.policy)
+    head = parse_yaml(args.head, "--head") if args.head else None
     try:
-        policy = load_policy(args.policy)
-        head = json.loads(args.head) if args.head else None
         model = build_model(args.model, args.num_classes, head=head)
-        report = summarize_plan(model, policy, args.model, epoch=args.epoch)
-    except (PolicyError, ValueError, FileNotFoundError) as err:
-        raise UserError(str(err)) from None
+    except (ValueError, RuntimeError) as err:
+        raise UserError(one_line(str(err))) from None
+    report = summarize_plan(model, policy, args.model, epoch=args.epoch)
     if args.format == "json":
         print(json.dumps(report, indent=2))
     else:

@@ -164,13 +164,13 @@ def test_inspect_epoch_and_inline_policy(capsys):
     [
         (["--policy", '{"type": "freeze_all"}'], "unknown policy type 'freeze_all'"),
         (["--policy", '{"type": "last_n", "n": 9}'], "n=9 is larger than the model's 5"),
-        (["--policy", '{"type": "last_n"}'], "missing field 'n'"),
+        (["--policy", '{"type": "last_n"}'], "n: missing"),
         (["--policy", "no/such/policy.yaml"], "does not exist"),
         (
             ["--policy", '{"type": "patterns", "include": ["layer9.*"]}'],
             "include pattern 'layer9.*' (glob) matches no parameter",
         ),
-        (["--policy", '{"type": "full"}', "--head", "{pool"], "Expecting property name"),
+        (["--policy", '{"type": "full"}', "--head", "{pool"], "--head: not valid YAML"),
         (["--policy", '{"type": "full"}', "--head", '{"pool": "mean"}'], "pool"),
     ],
     ids=["unknown-type", "n-too-large", "missing-field", "no-file", "no-match", "bad-json", "pool"],

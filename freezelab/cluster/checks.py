@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Literal
 
-from freezelab.trainers.config import ConfigError
+from freezelab.errors import ConfigError
 
 MARKER_DIR = ".freezelab-storage-check"
 ANSWER_TIMEOUT_S = 120.0

@@ -23,7 +23,8 @@ from typing import Any, Literal
 
 import yaml
 
-from freezelab.trainers.config import ConfigError, read_mapping
+from freezelab.config_io import read_mapping
+from freezelab.errors import ConfigError
 
 TEMPLATES = Path(__file__).with_name("templates")
 RUNTIME_ENV_FILE = TEMPLATES / "runtime_env.yaml"
@@ -94,6 +95,7 @@ def prepare_job(
     runtime_env = shipped_runtime_env()
     if working_dir is not None:
         runtime_env["working_dir"] = str(Path(working_dir).resolve())
+        warnings += upload_warnings(Path(working_dir), runtime_env.get("excludes", []))
     else:
         runtime_env.pop("excludes", None)
     if pip:
@@ -107,7 +109,7 @@ def prepare_job(
 
 
 def _base_inside(sweep_path: Path, root: Path) -> None:
-    base = (yaml.safe_load(sweep_path.read_text()) or {}).get("base")
+    base = read_mapping(sweep_path, "a sweep file").get("base")
     if isinstance(base, str):
         try:
             (sweep_path.parent / base).resolve().relative_to(root)
@@ -122,7 +124,7 @@ def _validate(kind: str, path: Path, overrides: list[str]) -> tuple[str, list[st
     resolve in the job's own working directory come back as warnings, and so does data
     that only the cluster has (the policy is then checked on a stand-in class count)."""
     from freezelab.trainers.config import apply_override, load_config
-    from freezelab.trainers.launch import validate_policy_for_model
+    from freezelab.trainers.preflight import check_run
 
     raw = read_mapping(path)
     if kind == "sweep" and isinstance(raw.get("base"), str):
@@ -142,7 +144,15 @@ def _validate(kind: str, path: Path, overrides: list[str]) -> tuple[str, list[st
         return sweep.name, warnings + _cluster_relative_paths(base)
     config = load_config(path, overrides=overrides)
     num_classes, warnings = _class_count(config)
-    validate_policy_for_model(config, num_classes=num_classes)
+    weights = config.model.weights
+    weights_here = (
+        not weights or Path(weights).exists() or weights.startswith(("models:/", "runs:/"))
+    )
+    if not weights_here:
+        warnings.append(
+            f"model.weights {weights!r} is not on this machine: it is read on the cluster only"
+        )
+    check_run(config, num_classes=num_classes, check_weights=weights_here)
     return config.name, warnings + _cluster_relative_paths(raw)
 
 
@@ -262,6 +272,52 @@ def _explained(err: Exception, address: str) -> ConfigError:
             "ssh -L 8265:localhost:8265 HEAD)."
         )
     return ConfigError(f"the Ray job server at {address} refused the job: {text}")
+
+
+SECRET_PATTERNS = (".env", "*.pem", "*.key", "credentials*", ".aws", ".ssh", "*.p12", "id_rsa*")
+LARGE_UPLOAD = 100 * 2**20  # Ray refuses working dirs of a few hundred MiB
+
+
+def upload_warnings(root: Path, excludes: list[str]) -> list[str]:
+    """What a user should know about the folder that ``submit`` uploads: secrets in it
+    (left out by the excludes, but they should not be there) and its size."""
+    import fnmatch
+    import os
+
+    def excluded(name: str, is_dir: bool) -> bool:
+        return any(
+            fnmatch.fnmatch(name + "/", pattern)
+            if pattern.endswith("/")
+            else fnmatch.fnmatch(name, pattern)
+            for pattern in excludes
+            if is_dir or not pattern.endswith("/")
+        )
+
+    secrets, size = [], 0
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            if any(fnmatch.fnmatch(name, p) for p in SECRET_PATTERNS):
+                secrets.append(str((Path(folder) / name).relative_to(root)))
+        dirs[:] = [d for d in dirs if not excluded(d, True)]
+        for name in files:
+            if not excluded(name, False):
+                try:
+                    size += (Path(folder) / name).stat().st_size
+                except OSError:
+                    pass
+    warnings = []
+    if secrets:
+        shown = ", ".join(sorted(secrets)[:5]) + (" ..." if len(secrets) > 5 else "")
+        warnings.append(
+            f"the working directory holds credentials ({shown}); they are not uploaded, but "
+            "keep secrets out of project folders"
+        )
+    if size > LARGE_UPLOAD:
+        warnings.append(
+            f"the upload is {size / 2**20:.0f} MiB: move data and weights to storage the "
+            "cluster reads, or pass --working-dir a smaller folder"
+        )
+    return warnings
 
 
 def print_warnings(job: Job) -> None:

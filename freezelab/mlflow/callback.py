@@ -23,6 +23,7 @@ from typing import Any
 from ray.train import UserCallback
 
 from freezelab.mlflow.tracking import ensure_reachable
+from freezelab.redact import redact_text, redact_uri
 
 NUMERIC = (int, float)
 
@@ -101,7 +102,8 @@ class MlflowMetricsCallback(UserCallback):
                     json.dumps({"run_id": self.run_id, "epoch": epoch, "metrics": values}) + "\n"
                 )
         message = (
-            f"MLflow at {self.tracking_uri} is unreachable ({type(err).__name__}: {err}); "
+            f"MLflow at {redact_uri(self.tracking_uri)} is unreachable "
+            f"({type(err).__name__}: {redact_text(str(err))}); "
             f"training goes on. {len(self._pending)} pending epoch(s) will be retried at the next "
             f"report and are saved in {path}"
         )

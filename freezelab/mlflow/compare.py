@@ -6,34 +6,35 @@
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from typing import Any
 
-COLUMNS = (
-    "policy",
-    "best_val_acc",
-    "val_acc",
-    "epochs",
-    "time_s",
-    "trainable_pct",
-    "status",
-    "run_name",
-    "run_id",
+from freezelab.console import Column, format_table
+from freezelab.errors import NotFound
+
+TABLE = (
+    Column("policy", max_width=48),
+    Column("best_val_acc", fmt="{:.4f}"),
+    Column("val_acc", fmt="{:.4f}"),
+    Column("epochs"),
+    Column("time_s"),
+    Column("trainable_pct", fmt="{:.2f}"),
+    Column("status"),
+    Column("run_name"),
+    Column("run_id"),
 )
+COLUMNS = tuple(c.key for c in TABLE)
 
 
 def compare_rows(
     experiment: str, tracking_uri: str, sort: str = "best_val_acc"
 ) -> list[dict[str, Any]]:
-    import mlflow
+    from freezelab.mlflow.tracking import open_store
 
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    client = open_store(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         names = [e.name for e in client.search_experiments()]
-        raise ValueError(
+        raise NotFound(
             f"no MLflow experiment {experiment!r} at {tracking_uri}; experiments: {', '.join(names) or 'none'}"
         )
     rows = []
@@ -60,7 +61,7 @@ def compare_rows(
         )
     key = sort if sort in COLUMNS else None
     if key is None and rows and not any(sort in r for r in rows):
-        raise ValueError(f"cannot sort by {sort!r}; columns: {', '.join(COLUMNS)}")
+        raise NotFound(f"cannot sort by {sort!r}; columns: {', '.join(COLUMNS)}")
     rows.sort(
         key=lambda r: (
             r.get(sort) is None,
@@ -71,43 +72,19 @@ def compare_rows(
 
 
 def _policy_summary(params: dict[str, str]) -> str:
-    kind = params.get("policy.type", "?")
-    defaults = {"unit": "stage", "lr_decay": "1.0", "head_lr_mult": "1.0", "bn": "frozen"}
-    extra = [
-        f"{k.removeprefix('policy.')}={v}"
-        for k, v in sorted(params.items())
-        if k.startswith("policy.")
-        and k != "policy.type"
-        and v not in ("None", "()")
-        and defaults.get(k.removeprefix("policy.")) != v
-    ]
-    return kind + (f"({', '.join(extra)})" if extra else "")
+    """The run's policy label: the ``policy`` param, else rebuilt from ``policy.*``."""
+    from freezelab.policies import PolicyError, from_dict
+
+    fields = {k.removeprefix("policy."): v for k, v in params.items() if k.startswith("policy.")}
+    if "type" not in fields:
+        return params.get("policy", "?")
+    try:
+        import yaml
+
+        return from_dict({k: yaml.safe_load(v) for k, v in fields.items() if v != "None"}).label()
+    except (PolicyError, yaml.YAMLError):
+        return fields["type"]
 
 
 def format_rows(rows: list[dict[str, Any]], fmt: str = "table") -> str:
-    if fmt == "json":
-        return json.dumps(rows, indent=2)
-    if fmt == "csv":
-        out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-        return out.getvalue()
-    cells = [[_cell(r[c]) for c in COLUMNS] for r in rows]
-    if fmt == "md":
-        lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-        lines += ["| " + " | ".join(row) + " |" for row in cells]
-        return "\n".join(lines)
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(COLUMNS)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join(lines)
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value)
+    return format_table(rows, TABLE, fmt)

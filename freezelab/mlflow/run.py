@@ -1,22 +1,21 @@
 """One MLflow run per training run, opened and closed on the driver.
 
-The driver creates the run (params, tags, the resolved config and the policy), the
-Train controller logs each epoch's metrics (``callback.py``), and the driver closes
-it with the plan of each phase, the model and, if asked, a registry alias. A rerun
-of the same name and storage resumes the same MLflow run, as it resumes training.
+Tracking wraps the training from above: the driver creates the run (params, tags,
+the resolved config and the policy), the Train controller logs each epoch's metrics
+(``callback.py``), and the driver closes it with the plan of each phase, the model
+and, if asked, a registry alias. A rerun of the same name and storage resumes the
+same MLflow run, as it resumes training. ``train_tracked`` does all three:
 
->>> tracked = TrackedRun.start(config)          # doctest: +SKIP
->>> outcome = run_training(config, callbacks=[tracked.callback()])  # doctest: +SKIP
->>> tracked.finish(config, outcome)             # doctest: +SKIP
+>>> tracked = train_tracked(config, parent_run_id=None)  # doctest: +SKIP
+>>> tracked.outcome.metrics["val_acc"], tracked.run_id   # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +29,74 @@ from freezelab.mlflow.tracking import (
     flatten_params,
     resolve_tracking_uri,
     run_tags,
+    tracking_uri_set,
 )
+from freezelab.redact import redact_uri
+from freezelab.trainers.launch import TrainOutcome, run_training
+from freezelab.trainers.location import RunLocation
+from freezelab.trainers.models import build_for_config
+from freezelab.trainers.reporting import Reporter
 
 RUN_KEY_TAG = "freezelab.run_key"
+
+
+@dataclass(frozen=True)
+class TrackedOutcome:
+    """A run's outcome and where MLflow keeps it (None when tracking is off)."""
+
+    outcome: TrainOutcome
+    run_id: str | None = None
+    model_uri: str | None = None
+
+
+def train_tracked(
+    config: Any,
+    *,
+    parent_run_id: str | None = None,
+    callbacks: Sequence[Any] = (),
+    env_vars: dict[str, str] | None = None,
+    reporter: Reporter | None = None,
+    overwrite: bool = False,
+    tracking: bool | None = None,
+) -> TrackedOutcome:
+    """Start the tracked run, train with its callback, finish it with the outcome.
+
+    An unreachable server fails first (unless ``mlflow.required: false``; ``tracking``
+    is the answer of an earlier ``tracking_available``), then a name that holds a run
+    of another config (``overwrite`` moves that run aside): both before anything is
+    created. A run that fails is closed as FAILED.
+    """
+    if tracking is None:
+        tracking = tracking_available(config)
+    RunLocation.of(config).claim(config, overwrite=overwrite)
+    tracked = TrackedRun.start(config, parent_run_id=parent_run_id) if tracking else None
+    if tracked is not None:
+        callbacks = [*callbacks, tracked.callback()]
+    try:
+        outcome = run_training(config, callbacks=callbacks, env_vars=env_vars, reporter=reporter)
+    except BaseException:
+        if tracked is not None:
+            tracked.finish(config, None, status="FAILED")
+        raise
+    if tracked is None:
+        return TrackedOutcome(outcome)
+    return TrackedOutcome(outcome, tracked.run_id, tracked.finish(config, outcome))
+
+
+def tracking_available(config: Any) -> bool:
+    """Whether to track ``config``: False when tracking is off or, with
+    ``mlflow.required: false``, unreachable (with a warning); raises
+    TrackingUnavailable when it is required and unreachable."""
+    if not config.mlflow.enabled:
+        return False
+    try:
+        ensure_reachable(resolve_tracking_uri(config.mlflow.tracking_uri))
+    except TrackingUnavailable as err:
+        if config.mlflow.required:
+            raise
+        print(f"[freezelab] warning: {err}; training without MLflow tracking")
+        return False
+    return True
 
 
 @dataclass
@@ -43,25 +107,16 @@ class TrackedRun:
     fallback_file: str
 
     @classmethod
-    def start(cls, config: Any, parent_run_id: str | None = None) -> TrackedRun | None:
-        """Open (or reopen) the run of ``config``; None when tracking is off or, with
-        ``mlflow.required: false``, unreachable."""
+    def start(cls, config: Any, parent_run_id: str | None = None) -> TrackedRun:
+        """Open (or reopen) the run of ``config`` (check ``tracking_available`` first)."""
         import mlflow
 
         section = config.mlflow
-        if not section.enabled:
-            return None
         uri = resolve_tracking_uri(section.tracking_uri)
-        try:
-            ensure_reachable(uri)
-        except TrackingUnavailable as err:
-            if section.required:
-                raise
-            print(f"[freezelab] warning: {err}; training without MLflow tracking")
-            return None
         client = mlflow.MlflowClient(tracking_uri=uri)
         experiment_id = experiment_id_for(client, section.experiment)
-        key = f"{config.storage_path.rstrip('/')}/{config.name}"
+        where = RunLocation.of(config)
+        key = where.mlflow_key()
         existing = find_run_by_key(client, experiment_id, key)
         if existing:
             run_id = existing
@@ -75,7 +130,7 @@ class TrackedRun:
                 experiment_id, run_name=section.run_name or config.name, tags=tags
             )
             run_id = run.info.run_id
-            params = flatten_params({k: v for k, v in config.to_dict().items() if k != "mlflow"})
+            params = flatten_params({k: v for k, v in config.safe_dict().items() if k != "mlflow"})
             from mlflow.entities import Param
 
             items = [Param(k, v) for k, v in params.items()]
@@ -83,16 +138,18 @@ class TrackedRun:
                 client.log_batch(run_id, params=items[start : start + 100])
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / "config.yaml").write_text(
-                    yaml.safe_dump(config.to_dict(), sort_keys=False)
+                    yaml.safe_dump(config.safe_dict(), sort_keys=False)
                 )
                 (Path(tmp) / "policy.json").write_text(
                     json.dumps(config.policy.to_dict(), indent=2)
                 )
                 client.log_artifact(run_id, str(Path(tmp) / "config.yaml"))
                 client.log_artifact(run_id, str(Path(tmp) / "policy.json"))
-            print(f"[freezelab] MLflow: run {run_id} in experiment {section.experiment!r} at {uri}")
-        fallback = str(Path(config.storage_path) / config.name / "mlflow_pending_metrics.jsonl")
-        return cls(uri, run_id, experiment_id, fallback)
+            print(
+                f"[freezelab] MLflow: run {run_id} in experiment {section.experiment!r} "
+                f"at {redact_uri(uri)}"
+            )
+        return cls(uri, run_id, experiment_id, str(where.pending_metrics_file))
 
     def callback(self) -> MlflowMetricsCallback:
         return MlflowMetricsCallback(self.tracking_uri, self.run_id, self.fallback_file)
@@ -120,7 +177,6 @@ class TrackedRun:
 
     def _log_phases(self, client, config: Any) -> None:
         from freezelab.policies.summary import format_table, summarize_plan
-        from freezelab.trainers.launch import build_for_config
 
         model = build_for_config(config, with_weights=False)
         with tempfile.TemporaryDirectory() as tmp:
@@ -149,7 +205,6 @@ def log_checkpoint_model(tracking_uri: str, run_id: str, config: Any, checkpoint
 
     from freezelab.trainers import checkpoint as ckpt
     from freezelab.trainers.data import input_size_of
-    from freezelab.trainers.launch import build_for_config
 
     model = build_for_config(config, with_weights=False)
     ckpt.load_model_weights(checkpoint_dir, model)
@@ -183,24 +238,6 @@ def register(tracking_uri: str, model_uri: str, name: str, alias: str) -> str:
     return version.version
 
 
-def download_weights(model_uri: str, tracking_uri: str | None = None) -> str:
-    """A local safetensors file for ``models:/NAME@ALIAS`` or ``runs:/RUN_ID/...``:
-    the weights that freezelab logged beside the model (never an unpickled model)."""
-    import mlflow
-
-    from freezelab.trainers.checkpoint import MODEL_FILE
-
-    uri = resolve_tracking_uri(tracking_uri)
-    with tracking_uri_set(uri):
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
-    found = sorted(local.rglob(MODEL_FILE)) if local.is_dir() else [local]
-    if not found or found[0].suffix != ".safetensors":
-        raise FileNotFoundError(
-            f"{model_uri} holds no {MODEL_FILE}: only models logged by freezelab can seed a run"
-        )
-    return str(found[0])
-
-
 def experiment_id_for(client: Any, name: str) -> str:
     """The id of experiment ``name``, created when missing.
 
@@ -215,7 +252,8 @@ def experiment_id_for(client: Any, name: str) -> str:
     location = None
     if uri.startswith("sqlite:///"):
         database = Path(uri.removeprefix("sqlite:///")).resolve()
-        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+        # The experiment's name as a folder name, never a path out of mlruns/ ("..").
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).lstrip(".") or "_"
         location = (database.parent / "mlruns" / slug).as_uri()
     return client.create_experiment(name, artifact_location=location)
 
@@ -227,26 +265,6 @@ def find_run_by_key(client: Any, experiment_id: str, key: str) -> str | None:
         [experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{_quote(key)}'", max_results=1
     )
     return found[0].info.run_id if found else None
-
-
-@contextlib.contextmanager
-def tracking_uri_set(uri: str):
-    """MLflow's fluent API for one call. ``mlflow.set_tracking_uri`` also writes the
-    MLFLOW_TRACKING_URI environment variable, which would leak into every later run
-    of this process: the previous value is restored."""
-    import mlflow
-
-    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)
-        if previous_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
 def _quote(text: str) -> str:

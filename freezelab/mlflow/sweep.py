@@ -15,6 +15,8 @@ import yaml
 
 from freezelab.mlflow.run import RUN_KEY_TAG, experiment_id_for, find_run_by_key, register
 from freezelab.mlflow.tracking import ensure_reachable, resolve_tracking_uri, run_tags
+from freezelab.redact import redact_config, redact_text
+from freezelab.trainers.location import RunLocation
 
 
 def start_group_run(base: Any, name: str, kind: str) -> tuple[str, bool]:
@@ -26,7 +28,7 @@ def start_group_run(base: Any, name: str, kind: str) -> tuple[str, bool]:
     ensure_reachable(uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
     experiment_id = experiment_id_for(client, base.mlflow.experiment)
-    key = f"{base.storage_path.rstrip('/')}/{name}#{kind}"
+    key = f"{RunLocation(base.storage_path, name).key}#{kind}"
     run_id = find_run_by_key(client, experiment_id, key)
     if run_id:
         client.update_run(run_id, status="RUNNING")
@@ -45,6 +47,17 @@ def start_group_run(base: Any, name: str, kind: str) -> tuple[str, bool]:
     return run.info.run_id, False
 
 
+def _safe_sweep(sweep: Any) -> dict[str, Any]:
+    """The sweep as logged: the base config's secrets and env var overrides hidden."""
+    data = sweep.model_dump(mode="json")
+    data["base"] = redact_config(data["base"])
+    data["overrides"] = [
+        "scaling.env_vars=***" if o.startswith("scaling.env_vars=") else redact_text(o)
+        for o in data["overrides"]
+    ]
+    return data
+
+
 def start_sweep_run(sweep: Any, base: Any) -> str:
     import mlflow
 
@@ -60,7 +73,7 @@ def start_sweep_run(sweep: Any, base: Any) -> str:
     )
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "search_space.json"
-        path.write_text(json.dumps(sweep.model_dump(mode="json"), indent=2))
+        path.write_text(json.dumps(_safe_sweep(sweep), indent=2))
         client.log_artifact(run_id, str(path))
     return run_id
 
@@ -89,11 +102,21 @@ def finish_sweep_run(sweep: Any, base: Any, outcome: Any) -> None:
     client.set_terminated(run_id)
 
 
+def fail_group_run(base: Any, run_id: str) -> None:
+    """Close a sweep's (or a study's) parent run as FAILED: no trial finished."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(base.mlflow.tracking_uri))
+    client.set_terminated(run_id, status="FAILED")
+
+
 def best_trial_model_uri(client: Any, base: Any, run_name: str) -> str | None:
     import mlflow
 
     experiment_id = experiment_id_for(client, base.mlflow.experiment)
-    run_id = find_run_by_key(client, experiment_id, f"{base.storage_path.rstrip('/')}/{run_name}")
+    run_id = find_run_by_key(
+        client, experiment_id, RunLocation(base.storage_path, run_name).mlflow_key()
+    )
     if not run_id:
         return None
     models = mlflow.search_logged_models(

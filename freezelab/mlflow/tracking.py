@@ -9,26 +9,23 @@ The tracking URI is always explicit: the config's ``mlflow.tracking_uri``, else
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+from freezelab.env import job_submission_id
+from freezelab.errors import FreezelabError
+from freezelab.redact import redact_text, redact_uri, strip_credentials
+from freezelab.trainers.artifacts import (  # noqa: F401  (re-exported: the MLflow layer's API)
+    DEFAULT_TRACKING_URI,
+    resolve_tracking_uri,
+    tracking_uri_set,
+)
 
 
-class TrackingUnavailable(RuntimeError):
+class TrackingUnavailable(FreezelabError, RuntimeError):
     """The tracking server cannot be reached before training starts."""
-
-
-def resolve_tracking_uri(configured: str | None) -> str:
-    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        # A relative sqlite path means the driver's working directory: make it absolute,
-        # so the Train controller (another process) writes to the same file.
-        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
-    return uri
 
 
 def ensure_reachable(uri: str, timeout_s: float = 10.0) -> None:
@@ -37,24 +34,63 @@ def ensure_reachable(uri: str, timeout_s: float = 10.0) -> None:
         import urllib.error
         import urllib.request
 
+        # The probe never resolves a host with user:password@ in front of it.
+        bare, _ = strip_credentials(uri)
+        shown = redact_uri(uri)
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+            with urllib.request.urlopen(
+                bare.rstrip("/") + "/health", timeout=timeout_s
+            ) as response:
                 if response.status != 200:
                     raise TrackingUnavailable(
-                        f"MLflow server {uri} answered {response.status} on /health"
+                        f"MLflow server {shown} answered {response.status} on /health"
                     )
         except (urllib.error.URLError, OSError) as err:
             raise TrackingUnavailable(
-                f"MLflow tracking server {uri} is unreachable ({err}). Start it, fix "
-                "mlflow.tracking_uri, or set mlflow.required: false to train without tracking."
+                f"MLflow tracking server {shown} is unreachable ({redact_text(str(err))}). "
+                "Start it, fix mlflow.tracking_uri, or set mlflow.required: false to train "
+                "without tracking."
             ) from None
         return
+    if uri.startswith("sqlite:///"):
+        # A file that does not exist yet is created by the run itself: checking must
+        # not create it (a refused run leaves no database behind).
+        database = Path(uri.removeprefix("sqlite:///"))
+        folder = next((p for p in (database.parent, *database.parent.parents) if p.exists()), None)
+        if not database.exists():
+            if folder is None or not folder.is_dir() or not os.access(folder, os.W_OK):
+                raise TrackingUnavailable(
+                    f"MLflow tracking store {redact_uri(uri)}: cannot create {database} here"
+                )
+            return
     import mlflow
 
     try:
         mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as err:  # any store error means: cannot track here
-        raise TrackingUnavailable(f"MLflow tracking store {uri} is unusable: {err}") from None
+        raise TrackingUnavailable(
+            f"MLflow tracking store {redact_uri(uri)} is unusable: {redact_text(str(err))}"
+        ) from None
+
+
+def open_store(uri: str, timeout_s: float = 5.0) -> Any:
+    """A client for a store that must already hold runs (``compare``, ``report``): a
+    missing sqlite file is an error, never a new empty database, and an unreachable
+    server fails within seconds instead of MLflow's minutes of retries."""
+    import mlflow
+
+    from freezelab.errors import NotFound
+
+    if uri.startswith("sqlite:///"):
+        database = Path(uri.removeprefix("sqlite:///"))
+        if not database.is_file():
+            raise NotFound(
+                f"no MLflow database at {database}: give --tracking-uri (or run from the "
+                "folder where training wrote mlflow.db)"
+            )
+    elif uri.startswith(("http://", "https://")):
+        ensure_reachable(uri, timeout_s=timeout_s)
+    return mlflow.MlflowClient(tracking_uri=uri)
 
 
 def flatten_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -98,18 +134,6 @@ def ray_node_id() -> str | None:
     import ray
 
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-
-
-def job_submission_id() -> str | None:
-    """The id of the Ray job this driver runs as (``ray job submit``), if any: Ray's job
-    supervisor passes it to the entrypoint in the job config's metadata."""
-    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    if not raw:
-        return None
-    try:
-        return json.loads(raw).get("metadata", {}).get("job_submission_id")
-    except (ValueError, AttributeError):
-        return None
 
 
 def git_commit() -> str | None:

@@ -8,6 +8,7 @@
 from freezelab.policies import catalog as _catalog  # noqa: F401  (registers the catalog)
 from freezelab.policies.apply import apply, is_pinned_eval
 from freezelab.policies.base import (
+    AnyPolicy,
     FreezePlan,
     FreezePolicy,
     PolicyError,
@@ -20,6 +21,7 @@ from freezelab.policies.groups import LayerGroup, find_group, layer_groups
 from freezelab.policies.io import dump_policy, load_policy
 
 __all__ = [
+    "AnyPolicy",
     "FreezePlan",
     "FreezePolicy",
     "LayerGroup",

@@ -14,19 +14,22 @@ the state it had.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, SerializeAsAny, ValidationError
 
+from freezelab.config_io import ConfigModel
+from freezelab.errors import FreezelabError, describe_validation_error, quote
 from freezelab.policies.groups import LayerGroup, Unit, layer_groups
 
 BNMode = Literal["frozen", "train", "eval"]
 
 
-class PolicyError(ValueError):
+class PolicyError(FreezelabError, ValueError):
     """A policy that is malformed, or that does not fit the model it is applied to."""
 
 
@@ -72,7 +75,7 @@ class FreezePlan:
         return (self.trainable_param_names, tuple(sorted(self.lr_mult.items())))
 
 
-class FreezePolicy(BaseModel):
+class FreezePolicy(ConfigModel):
     """Base of every freeze policy.
 
     Fields every policy has:
@@ -86,8 +89,6 @@ class FreezePolicy(BaseModel):
       fixed statistics, also across ``model.train()``; ``train`` lets their running
       statistics update; ``eval`` keeps every norm layer of the model in eval mode.
     """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     type: str
     unit: Unit = "stage"
@@ -116,6 +117,9 @@ class FreezePolicy(BaseModel):
 
     def validate_for(self, groups: Sequence[LayerGroup]) -> None:
         """Raise PolicyError where the policy cannot mean anything for these groups."""
+
+    def validate_epochs(self, epochs: int) -> None:
+        """Raise PolicyError where the policy cannot mean what it says in ``epochs``."""
 
     def num_epochs_hint(self) -> int:
         """The last epoch at which the plan changes (0 for a static policy)."""
@@ -160,6 +164,20 @@ class FreezePolicy(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def label(self) -> str:
+        """The type and the fields that differ from their defaults, as people read it:
+        ``gradual(every=2)``, ``lp_ft(probe_epochs=3, ft_lr_factor=0.5)``, ``full``."""
+        fields = self.model_dump(mode="json", exclude_defaults=True)
+        fields.pop("type", None)
+        shown = ", ".join(f"{k}={_short(v)}" for k, v in fields.items())
+        return f"{self.type}({shown})" if shown else self.type
+
+    def slug(self) -> str:
+        """:meth:`label` in the characters a run name allows: ``gradual-every2``."""
+        text = self.label().replace("(", "-").replace(")", "").replace(", ", "-")
+        text = text.replace("=", "").replace(".", "p")
+        return "".join(c if c.isalnum() or c in "_-" else "_" for c in text)[:48].strip("-_")
 
 
 _REGISTRY: dict[str, type[FreezePolicy]] = {}
@@ -209,26 +227,25 @@ def from_dict(data: dict[str, Any] | FreezePolicy) -> FreezePolicy:
         )
     if "type" not in data:
         raise PolicyError(
-            f"policy {data!r} has no 'type'; registered types: {', '.join(_REGISTRY)}"
+            f"policy {quote(data)} has no 'type'; registered types: {', '.join(_REGISTRY)}"
         )
+    if not isinstance(data["type"], str):
+        raise PolicyError(f"policy type must be a name, got {quote(data['type'])}")
     cls = get_policy_class(data["type"])
     try:
         return cls.model_validate(data)
     except ValidationError as err:
-        raise PolicyError(_describe(data["type"], err)) from None
+        raise PolicyError(
+            describe_validation_error("", err, f"invalid {data['type']!r} policy")
+        ) from None
 
 
-def _describe(policy_type: str, err: ValidationError) -> str:
-    lines = [f"invalid {policy_type!r} policy:"]
-    for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(policy)"
-        if e["type"] == "extra_forbidden":
-            lines.append(f"  unknown field {field!r}")
-        elif e["type"] == "missing":
-            lines.append(f"  missing field {field!r}")
-        else:
-            lines.append(f"  field {field!r}: {e['msg']} (got {e.get('input')!r})")
-    return "\n".join(lines)
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
 
 
 def backbone_groups(groups: Sequence[LayerGroup]) -> list[LayerGroup]:
@@ -237,3 +254,28 @@ def backbone_groups(groups: Sequence[LayerGroup]) -> list[LayerGroup]:
 
 def head_group_names(groups: Sequence[LayerGroup]) -> list[str]:
     return [g.name for g in groups if g.is_head]
+
+
+class _RegisteredPolicies:
+    """JSON-schema marker: a policy field is the union of every registered policy,
+    told apart by ``type`` (read from the registry when the schema is made, so a policy
+    registered later appears too). Validation stays ``from_dict``'s, with its errors."""
+
+    def __get_pydantic_json_schema__(self, core_schema: Any, handler: Any) -> dict[str, Any]:
+        variants = []
+        for name, cls in _REGISTRY.items():
+            variant = handler.resolve_ref_schema(handler(cls.__pydantic_core_schema__))
+            variant = {**variant, "title": name}
+            # The tag is what tells the variants apart: required in each, though the
+            # class has it as a default.
+            variant["required"] = ["type", *[r for r in variant.get("required", []) if r != "type"]]
+            variants.append(variant)
+        return {
+            "oneOf": variants,
+            "discriminator": {"propertyName": "type"},
+            "description": "A freeze policy: one of the registered types, chosen by `type`.",
+        }
+
+
+# The annotation of a config field that holds any registered policy.
+AnyPolicy = Annotated[SerializeAsAny[FreezePolicy], _RegisteredPolicies()]

@@ -219,6 +219,13 @@ class LPFT(FreezePolicy):
     def num_epochs_hint(self) -> int:
         return self.probe_epochs
 
+    def validate_epochs(self, epochs: int) -> None:
+        if self.probe_epochs >= epochs:
+            raise PolicyError(
+                f"lp_ft: probe_epochs={self.probe_epochs} leaves no fine-tuning epoch in a run "
+                f"of {epochs} epochs (it would be a head-only run); use probe_epochs < epochs"
+            )
+
 
 @register_policy("bitfit")
 class BitFit(FreezePolicy):

@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from freezelab.config_io import parse_yaml, read_text
+from freezelab.errors import ConfigError
 from freezelab.policies.base import FreezePolicy, PolicyError, from_dict
 
 
@@ -25,17 +27,25 @@ def load_policy(source: str | Path | dict[str, Any]) -> FreezePolicy:
         return from_dict(source)
     text = str(source)
     path = Path(text)
-    looks_inline = text.lstrip().startswith("{") or "\n" in text or ":" in text and not path.suffix
-    if not looks_inline:
-        if not path.exists():
-            raise PolicyError(f"policy file {text!r} does not exist")
-        text = path.read_text()
+    origin = "--policy"
+    if "\n" not in text and len(text) < 4096 and path.exists():
+        try:
+            text, origin = read_text(path, "a policy"), str(path)
+        except ConfigError as err:
+            raise PolicyError(str(err)) from None
     try:
-        data = yaml.safe_load(text)  # JSON is YAML too
-    except yaml.YAMLError as err:
-        raise PolicyError(f"cannot parse policy {source!s}: {err}") from None
+        data = parse_yaml(text, origin)  # JSON is YAML too
+    except ConfigError as err:
+        raise PolicyError(str(err)) from None
+    if isinstance(data, str) and origin == "--policy":
+        raise PolicyError(f"policy file {text!r} does not exist")
     if isinstance(data, dict) and "policy" in data and "type" not in data:
         data = data["policy"]
+    if not isinstance(data, dict):
+        raise PolicyError(
+            f"{origin}: not a policy: expected a mapping with a 'type' key (or a policy file), "
+            f"got {type(data).__name__}"
+        )
     return from_dict(data)
 
 

@@ -55,12 +55,10 @@ def build_report(
 ) -> Report:
     """Write ``index.html`` and its figures for ``target`` (a sweep parent run's name
     or id, or an experiment name) and log them on the sweep's parent run."""
-    import mlflow
-
-    from freezelab.mlflow.tracking import resolve_tracking_uri
+    from freezelab.mlflow.tracking import open_store, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
-    client = mlflow.MlflowClient(tracking_uri=uri)
+    client = open_store(uri)
     found = resolve_target(client, target)
     notes = list(found.notes)
     records = []
@@ -241,17 +239,21 @@ def draw_figures(
     front: list[int],
 ) -> dict[str, Path]:
     """One PNG per figure in ``FIGURES``; ``records``, ``labels`` and ``rows`` align."""
+    import matplotlib
+
     colors = [_color(i, len(records)) for i in range(len(records))]
-    figures = {
-        "accuracy_vs_time": _accuracy_vs_time(rows, front, colors),
-        "learning_curves": _learning_curves(records, labels, colors),
-        "drift": _drift(records, labels),
-        "cka": _similarity(rows, colors),
-    }
     paths = {}
-    for name, figure in figures.items():
-        paths[name] = directory / f"{name}.png"
-        figure.savefig(paths[name], dpi=100)
+    # Labels are policy labels and run names, never math: a regex's "$" stays a "$".
+    with matplotlib.rc_context({"text.parse_math": False}):
+        figures = {
+            "accuracy_vs_time": _accuracy_vs_time(rows, front, colors),
+            "learning_curves": _learning_curves(records, labels, colors),
+            "drift": _drift(records, labels),
+            "cka": _similarity(rows, colors),
+        }
+        for name, figure in figures.items():
+            paths[name] = directory / f"{name}.png"
+            figure.savefig(paths[name], dpi=100)
     return paths
 
 

@@ -62,7 +62,7 @@ def backbone_cka(
     from safetensors.torch import load_file
 
     from freezelab.trainers.feature_cache import classifier_inputs
-    from freezelab.trainers.launch import build_for_config
+    from freezelab.trainers.models import build_for_config
 
     key = json.dumps(
         [

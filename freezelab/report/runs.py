@@ -21,7 +21,9 @@ from typing import Any
 
 import yaml
 
+from freezelab.errors import FreezelabError
 from freezelab.trainers import checkpoint as ckpt
+from freezelab.trainers.location import RunLocation, config_changes
 
 SWEEP_KIND_TAG = "freezelab.kind"
 PARENT_TAG = "mlflow.parentRunId"
@@ -37,7 +39,7 @@ HISTORY_KEYS = (
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-class ReportError(ValueError):
+class ReportError(FreezelabError, ValueError):
     """The report cannot be made as asked: the message says what was looked for."""
 
 
@@ -265,7 +267,7 @@ _LAYOUTS: dict[str, tuple[list[str], frozenset[str]]] = {}
 def _layout(config: Any, notes: list[str]) -> tuple[list[str], frozenset[str]]:
     """The model's layer groups at the policy's unit, input to output, and the head's."""
     from freezelab.policies import layer_groups
-    from freezelab.trainers.launch import build_for_config
+    from freezelab.trainers.models import build_for_config
 
     model, data = config.model.model_dump(mode="json"), config.data.model_dump(mode="json")
     key = json.dumps([model, data, config.policy.unit])
@@ -283,10 +285,7 @@ def policy_label(config: Any | None, params: dict[str, str]) -> str:
     """The policy's type and its non-default fields: ``last_n(n=2)``."""
     if config is None:
         return params.get("policy.type", "?")
-    fields = config.policy.model_dump(mode="json", exclude_defaults=True)
-    fields.pop("type", None)
-    extra = ", ".join(f"{k}={v}" for k, v in fields.items())
-    return config.policy.type + (f"({extra})" if extra else "")
+    return config.policy.label()
 
 
 def find_weights(
@@ -301,11 +300,11 @@ def find_weights(
     if config is None:
         return None, "no config"
     tried = []
-    if "://" not in config.storage_path:
-        root = Path(config.storage_path) / config.name
-        directory = newest_checkpoint(root)
+    where = RunLocation.of(config)
+    if not where.is_remote:
+        directory = where.latest_checkpoint()
         if directory is None:
-            tried.append(f"no checkpoint under {root}")
+            tried.append(f"no checkpoint under {where.directory}")
         elif not _written_by(directory, config):
             tried.append(f"the checkpoint {directory} belongs to another config")
         else:
@@ -321,26 +320,10 @@ def find_weights(
     return None, "; ".join(tried)
 
 
-def newest_checkpoint(root: Path) -> Path | None:
-    """The checkpoint directory under ``root`` (any depth) of the latest epoch."""
-    found = []
-    for state_file in root.glob(f"**/{ckpt.STATE_FILE}") if root.is_dir() else ():
-        directory = state_file.parent
-        if not (directory / ckpt.MODEL_FILE).is_file():
-            continue
-        try:
-            epoch = int(ckpt.read_state(directory)["epoch"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        found.append((epoch, directory.stat().st_mtime, directory))
-    return max(found)[2] if found else None
-
-
 def _written_by(directory: Path, config: Any) -> bool:
-    # A name reused with another model or policy would give a CKA of the wrong run.
+    # A name reused with another config would give a CKA of the wrong run.
     saved = ckpt.read_state(directory).get("config") or {}
-    mine = config.to_dict()
-    return all(saved.get(key) == mine.get(key) for key in ("model", "data", "policy", "seed"))
+    return not config_changes(saved, config.to_dict())
 
 
 def _logged_weights(

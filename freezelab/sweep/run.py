@@ -18,8 +18,12 @@ from typing import Any
 
 import yaml
 
+from freezelab.console import Column, format_table
+from freezelab.errors import ConfigError, FreezelabError
+from freezelab.policies import from_dict
 from freezelab.sweep.space import SweepConfig, is_range, validate_space
-from freezelab.trainers.config import ConfigError
+from freezelab.trainers.launch import init_ray, worker_env_vars, worker_resources
+from freezelab.trainers.location import RunLocation
 
 RESULT_COLUMNS = (
     "policy",
@@ -39,17 +43,17 @@ class SweepOutcome:
     best_params: dict[str, Any]
     directory: str
     parent_run_id: str | None
+    failed: int = 0  # trials that ended with an error
 
 
 def run_sweep(
     sweep: SweepConfig, *, resume: bool = False, address: str | None = None
 ) -> SweepOutcome:
-    import ray
     from ray import tune
 
     validate_space(sweep)  # every policy the space can produce, before any trial starts
     base = sweep.trial_config(sweep.space.extreme_policies()[0], {}, f"{sweep.name}-base")
-    directory = str(Path(base.storage_path) / sweep.name)
+    directory = RunLocation(base.storage_path, sweep.name).directory
     if resume and not tune.Tuner.can_restore(directory):
         raise ConfigError(f"sweep {sweep.name!r}: nothing to resume at {directory}")
     if not resume and tune.Tuner.can_restore(directory):
@@ -57,9 +61,7 @@ def run_sweep(
             f"sweep {sweep.name!r} already exists at {directory}: pass --resume to continue it, "
             "or choose another name"
         )
-    if not ray.is_initialized():
-        ray.init(address=address) if address else ray.init()
-    from freezelab.trainers.launch import worker_env_vars
+    init_ray(address)
 
     pin_to = _check_cluster(base)
     trial_resources, concurrent, per_worker = trial_resources_for(sweep, base)
@@ -116,17 +118,45 @@ def run_sweep(
     )
     grid = tuner.fit()
     rows = result_rows(grid, sweep, base.epochs)
-    best = grid.get_best_result(metric=sweep.metric, mode=sweep.mode, scope="all")
-    choice = _choice(best.config)
-    outcome = SweepOutcome(rows, choice["policy"], choice["params"], directory, parent)
+    print(format_results(rows, sweep))
+    # The best comes only from trials that finished with the metric; rows are sorted by
+    # the last reported value, the one of the model each trial hands over.
+    finished = [r for r in rows if r["error"] is None and r["metric"] is not None]
+    failed = [r for r in rows if r["error"] is not None]
+    if not finished:
+        _fail_parent(base, parent)
+        first = failed[0]["error"] if failed else f"no trial reported {sweep.metric!r}"
+        raise SweepFailed(
+            f"sweep {sweep.name!r}: none of its {len(rows)} trial(s) finished; no best policy "
+            f"written. First error: {first}"
+        )
+    best = finished[0]
+    outcome = SweepOutcome(rows, best["policy"], best["params"], directory, parent, len(failed))
     _write_best(outcome, sweep)
     _finish_parent(sweep, base, outcome)
-    print(format_results(rows, sweep))
+    if failed:
+        print(
+            f"[freezelab] warning: {len(failed)} of {len(rows)} trial(s) failed (ERROR above); "
+            "the best policy comes from the trials that finished"
+        )
     print(
         f"[freezelab] best policy (paste as `policy:` into a train config), also in {directory}/best_policy.yaml:"
     )
     print(yaml.safe_dump({"policy": outcome.best_policy}, sort_keys=False).rstrip())
     return outcome
+
+
+class SweepFailed(FreezelabError):
+    """Every trial of a sweep failed: there is no best policy."""
+
+    exit_code = 1
+
+
+def _fail_parent(base, parent_run_id: str | None) -> None:
+    if parent_run_id is not None:
+        from freezelab.mlflow.sweep import fail_group_run
+
+        fail_group_run(base, parent_run_id)
 
 
 def trial_run_name(sweep_name: str, choice: dict[str, Any]) -> str:
@@ -140,20 +170,17 @@ def _trial(
 ) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from freezelab.trainers.launch import run_training
+    from freezelab.mlflow.run import train_tracked
 
     sweep = SweepConfig.model_validate(sweep_dict)
     choice = _choice(trial_config)
     config = sweep.trial_config(
         choice["policy"], choice["params"], trial_run_name(sweep.name, choice)
     )
-    # The sweep checked the cluster once, before its first trial.
-    outcome = run_training(
-        config,
-        callbacks=[TuneReportCallback()],
-        parent_run_id=parent_run_id,
-        check_cluster=False,
-    )
+    # The sweep checked the space and the cluster once, before its first trial.
+    outcome = train_tracked(
+        config, callbacks=[TuneReportCallback()], parent_run_id=parent_run_id
+    ).outcome
     if outcome.already_complete:
         # A retried or resumed trial whose Train run had finished: replay its epochs.
         from ray import tune
@@ -180,8 +207,6 @@ def trial_resources_for(sweep: SweepConfig, base) -> tuple[dict[str, float], int
     each other (the quiet deadlock of 1 CPU per trial plus 1 per worker on 2 CPUs).
     """
     import ray
-
-    from freezelab.trainers.launch import worker_resources
 
     totals = ray.cluster_resources()
     workers = base.scaling.num_workers
@@ -321,22 +346,27 @@ def result_rows(grid, sweep: SweepConfig, epochs: int) -> list[dict[str, Any]]:
 
 
 def format_results(rows: list[dict[str, Any]], sweep: SweepConfig) -> str:
-    lines = [
-        f"{'policy':<44} {sweep.metric:>9} {'best_acc':>9} {'epochs':>6} {'early':>6} {'time_s':>7}"
+    shown = [
+        {
+            **r,
+            "label": from_dict(r["policy"]).label()
+            + (" " + json.dumps(r["params"], separators=(",", ":")) if r["params"] else ""),
+            "stopped_early": "yes" if r["stopped_early"] else "no",
+            "error": (r["error"] or "")[:80] or None,
+        }
+        for r in rows
     ]
-    lines.append("-" * len(lines[0]))
-    for r in rows:
-        policy = json.dumps({k: v for k, v in r["policy"].items()}, separators=(",", ":"))
-        if r["params"]:
-            policy += " " + json.dumps(r["params"], separators=(",", ":"))
-        metric = "-" if r["metric"] is None else f"{r['metric']:.4f}"
-        best = "-" if r["best_val_acc"] is None else f"{r['best_val_acc']:.4f}"
-        lines.append(
-            f"{policy[:44]:<44} {metric:>9} {best:>9} {r['epochs']:>6} "
-            f"{'yes' if r['stopped_early'] else 'no':>6} {r['time_s']:>7}"
-            + (f"  ERROR {r['error']}" if r["error"] else "")
-        )
-    return "\n".join(lines)
+    columns = [
+        Column("label", "policy", max_width=48),
+        Column("metric", sweep.metric, fmt="{:.4f}"),
+        Column("best_val_acc", "best_acc", fmt="{:.4f}"),
+        Column("epochs"),
+        Column("stopped_early", "early"),
+        Column("time_s"),
+    ]
+    if any(r["error"] for r in rows):
+        columns.append(Column("error"))
+    return format_table(shown, columns)
 
 
 def _write_best(outcome: SweepOutcome, sweep: SweepConfig) -> None:

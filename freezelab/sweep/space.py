@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from freezelab.config_io import ConfigModel
+from freezelab.errors import describe_validation_error
 from freezelab.policies import PolicyError, from_dict, get_policy_class
 from freezelab.trainers.config import (
     ConfigError,
@@ -64,9 +66,7 @@ def sample_value(value: Any, rng: random.Random) -> Any:
     return math.exp(rng.uniform(low, high))
 
 
-class SearchSpace(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class SearchSpace(ConfigModel):
     policies: list[dict[str, Any]] = Field(min_length=1)
     params: dict[str, Any] = Field(default_factory=dict)
 
@@ -131,6 +131,21 @@ class SearchSpace(BaseModel):
             "params": {k: sample_value(v, rng) for k, v in self.params.items()},
         }
 
+    def probe_params(self, limit: int = 64) -> list[dict[str, Any]]:
+        """Param settings that the up-front validation tries: every discrete value, and
+        both ends and three interior points of every float range; all combinations
+        while they are few, else each param's values with the others at their first."""
+        names = list(self.params)
+        values = [_probe_values(self.params[n]) for n in names]
+        if math.prod(len(v) for v in values) <= limit:
+            return [dict(zip(names, c, strict=True)) for c in itertools.product(*values)]
+        first = {n: v[0] for n, v in zip(names, values, strict=True)}
+        return [
+            {**first, name: value}
+            for name, options in zip(names, values, strict=True)
+            for value in options
+        ]
+
     def extreme_policies(self) -> list[dict[str, Any]]:
         """Policies at every discrete value and at both ends of float ranges: what the
         up-front validation checks, so no sampled policy can fail later."""
@@ -147,17 +162,24 @@ class SearchSpace(BaseModel):
         return out
 
 
-class AshaSection(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+def _probe_values(value: Any) -> list[Any]:
+    discrete = range_values(value)
+    if discrete is not None:
+        return discrete
+    kind, (low, high) = next(iter(value.items()))
+    if kind == "loguniform":
+        low, high = math.log(low), math.log(high)
+    points = [low + (high - low) * t for t in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    return [math.exp(p) for p in points] if kind == "loguniform" else points
 
+
+class AshaSection(ConfigModel):
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2.0, gt=1.0)
 
 
-class SweepConfig(BaseModel):
+class SweepConfig(ConfigModel):
     """A sweep: base train config + search space + algorithm and budget."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$")
     base: dict[str, Any]
@@ -204,9 +226,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepCon
     try:
         sweep = SweepConfig.model_validate(data)
     except ValidationError as err:
-        from freezelab.trainers.config import describe_errors
-
-        raise ConfigError(describe_errors(str(path), err)) from None
+        raise ConfigError(describe_validation_error(str(path), err, "invalid sweep")) from None
     return resolved_on_driver(sweep)
 
 
@@ -238,7 +258,7 @@ def resolved_on_driver(sweep: SweepConfig) -> SweepConfig:
 def validate_space(sweep: SweepConfig, *, num_classes: int | None = None) -> None:
     """Check every policy the space can produce against the model, for every epoch,
     before any trial uses resources."""
-    from freezelab.trainers.launch import build_for_config
+    from freezelab.trainers.models import build_for_config
 
     probe = sweep.trial_config(sweep.space.extreme_policies()[0], {}, f"{sweep.name}-check")
     model = build_for_config(probe, with_weights=False, num_classes=num_classes)
@@ -246,15 +266,12 @@ def validate_space(sweep: SweepConfig, *, num_classes: int | None = None) -> Non
     for policy in sweep.space.extreme_policies():
         try:
             parsed = from_dict(policy)
+            parsed.validate_epochs(epochs)
             for epoch in range(epochs):
                 parsed.plan(model, epoch)
         except PolicyError as err:
             raise ConfigError(
                 f"sweep {sweep.name!r}: policy {policy} cannot run on {probe.model.name}: {err}"
             ) from None
-    for params in sweep.space.grid_params() if _discrete(sweep.space.params) else [{}]:
+    for params in sweep.space.probe_params():
         sweep.trial_config(sweep.space.extreme_policies()[0], params, f"{sweep.name}-check")
-
-
-def _discrete(params: dict[str, Any]) -> bool:
-    return all(range_values(v) is not None for v in params.values())

@@ -8,32 +8,49 @@
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
-    SerializeAsAny,
     ValidationError,
     field_validator,
     model_validator,
 )
 
-from freezelab.policies import FreezePolicy, PolicyError, from_dict
+from freezelab.config_io import ConfigModel, parse_yaml, read_mapping
+from freezelab.env import resolve_result_path
+from freezelab.errors import ConfigError, describe_validation_error
+from freezelab.policies import AnyPolicy, FreezePolicy, PolicyError, from_dict
+from freezelab.redact import redact_config
 from freezelab.trainers.data import DataConfig
-from freezelab.trainers.models import HeadConfig
+
+__all__ = [
+    "ConfigError",
+    "TrainConfig",
+    "apply_override",
+    "deep_merge",
+    "load_config",
+    "read_mapping",
+    "validate_config",
+]
 
 
-class ConfigError(ValueError):
-    """A config that cannot run: the message names the field and the value."""
+# Every section: frozen, no unknown fields, no inf/nan, no boolean for a number.
+_Section = ConfigModel
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class HeadConfig(ConfigModel):
+    """A custom classifier on the backbone's features.
+
+    ``pool``: ``flatten`` (the feature map as is, Keras's Flatten), ``avg`` or ``max``
+    (global pooling of the feature map), or ``default`` (timm's own pooling and
+    pre-logits). ``hidden``: sizes of the hidden Linear+ReLU layers.
+    """
+
+    pool: Literal["flatten", "avg", "max", "default"] = "default"
+    hidden: tuple[int, ...] = ()
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 class ModelSection(_Section):
@@ -113,10 +130,12 @@ class MlflowSection(_Section):
 
 
 class TrainConfig(_Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$")
+    # A name or a template of one: {policy}, {hash}, {model} and {seed} are filled in
+    # from the config, so that every distinct config gets a run of its own.
+    name: str = Field(pattern=r"^[A-Za-z0-9{][A-Za-z0-9_.={}-]*$", max_length=200)
     model: ModelSection
     data: DataConfig
-    policy: SerializeAsAny[FreezePolicy]
+    policy: AnyPolicy
     epochs: int = Field(ge=1)
     batch_size: int = Field(32, ge=1)
     seed: int = 0
@@ -141,13 +160,17 @@ class TrainConfig(_Section):
     @field_validator("storage_path")
     @classmethod
     def _absolute_storage(cls, value: str) -> str:
-        # Ray needs an absolute path or a URI; relative paths mean the working directory.
-        if "://" in value:
-            return value
-        return str(Path(os.path.expanduser(value)).resolve())
+        # Ray needs an absolute path or a URI. Relative paths mean the working directory,
+        # or FREEZELAB_HOME inside a Ray job (whose working directory is temporary).
+        return resolve_result_path(value)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def safe_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` fit to be logged or saved: env var values and URI passwords
+        hidden (``freezelab.redact``)."""
+        return redact_config(self.to_dict())
 
 
 def load_config(
@@ -163,41 +186,36 @@ def load_config(
     return validate_config(data, origin)
 
 
-def read_mapping(path: str | Path, what: str = "a config") -> dict[str, Any]:
-    """The YAML mapping in ``path`` (safe_load: YAML never runs code), or a ConfigError
-    that names the file and what is wrong with it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: {what} is a mapping, got {type(data).__name__}")
-    return data
-
-
 def validate_config(data: dict[str, Any], origin: str = "config") -> TrainConfig:
     try:
-        return TrainConfig.model_validate(data)
+        config = TrainConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(describe_errors(origin, err)) from None
+        raise ConfigError(describe_validation_error(origin, err)) from None
+    if "{" in config.name or "}" in config.name:
+        config = config.model_copy(update={"name": _fill_name(config, origin)})
+    return config
 
 
-def describe_errors(origin: str, err: ValidationError) -> str:
-    lines = [f"{origin}: invalid config"]
-    for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
-        if e["type"] == "extra_forbidden":
-            lines.append(f"  {field}: unknown field")
-        elif e["type"] == "missing":
-            lines.append(f"  {field}: missing")
-        else:
-            value = e.get("input")
-            shown = repr(value) if not isinstance(value, dict) else "{...}"
-            lines.append(f"  {field}: {e['msg']} (got {shown})")
-    return "\n".join(lines)
+NAME_FIELDS = ("policy", "hash", "model", "seed")
+
+
+def _fill_name(config: TrainConfig, origin: str) -> str:
+    from freezelab.trainers.location import config_hash
+
+    values = {
+        "policy": config.policy.slug(),
+        "hash": config_hash(config.to_dict()),
+        "model": config.model.name.replace("/", "_"),
+        "seed": str(config.seed),
+    }
+    try:
+        return config.name.format(**values)
+    except (KeyError, IndexError, ValueError) as err:
+        raise ConfigError(
+            f"{origin}: name {config.name!r}: a template may use "
+            + ", ".join("{" + k + "}" for k in NAME_FIELDS)
+            + f" ({type(err).__name__}: {err})"
+        ) from None
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:
@@ -206,10 +224,7 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. optimizer.lr=0.001")
     key, raw = override.split("=", 1)
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--set {override!r}: value is not valid YAML: {err}") from None
+    value = parse_yaml(raw, f"--set {override!r}: the value")
     parts = key.strip().split(".")
     node = data
     for part in parts[:-1]:

@@ -24,8 +24,11 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch.utils.data import DataLoader, Dataset
+
+from freezelab.config_io import ConfigModel
+from freezelab.errors import FreezelabError
 
 _ALL_DIGITS = tuple(range(10))
 # Fields that mean something for one kind only: set for another kind they are a mistake.
@@ -45,18 +48,16 @@ _REQUIRED_FIELDS = {
 _TENSOR_CROP_SCALE = (0.35, 1.0)
 
 
-class DataError(ValueError):
+class DataError(FreezelabError, ValueError):
     """Data that cannot be built as configured: the message names the field and the path."""
 
 
-class DataConfig(BaseModel):
+class DataConfig(ConfigModel):
     """Which dataset, how it is split, and how it is shown to the model.
 
     >>> DataConfig(kind="synthetic", num_samples=64, num_classes=4).val_fraction
     0.2
     """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     kind: Literal["image_folder", "digits", "synthetic"]
     seed: int = Field(0, ge=0)
@@ -114,6 +115,36 @@ def num_classes_of(config: DataConfig) -> int:
         return config.num_classes
     train_dir, _ = _folder_layout(config)
     return len(_class_names(train_dir))
+
+
+def check_data(config: DataConfig) -> None:
+    """What can be known about the data without reading it: an image folder has at
+    least two class folders, each with image files (in ``train/`` and ``val/`` too)."""
+    if config.kind != "image_folder":
+        return
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    for directory in filter(None, _folder_layout(config)):
+        names = _class_names(directory)
+        if len(names) < 2:
+            raise DataError(
+                f"data.root: {str(directory)!r} has one class folder ({names[0]!r}): a "
+                "classifier needs at least 2"
+            )
+        empty = [
+            name
+            for name in names
+            if not any(
+                file.lower().endswith(IMG_EXTENSIONS)
+                for _, _, files in os.walk(directory / name)
+                for file in files
+            )
+        ]
+        if empty:
+            raise DataError(
+                f"data.root: no image files ({', '.join(IMG_EXTENSIONS[:4])}, ...) in the class "
+                f"folder(s) {', '.join(map(repr, empty[:5]))} of {str(directory)!r}"
+            )
 
 
 def train_transform_is_deterministic(config: DataConfig) -> bool:

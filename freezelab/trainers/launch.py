@@ -1,20 +1,27 @@
-"""Launch a training run on Ray Train: resources, run config, and the TorchTrainer.
+"""Launch a training run on Ray Train: resources, the run config, and the TorchTrainer.
+
+``run_training`` knows nothing of MLflow or of the cluster's checks: the caller
+validates the config (``preflight.check_run``), starts Ray (``init_ray``) and passes
+the Train callbacks that track the run (``freezelab.api.train`` does all three).
 
 >>> from freezelab.trainers.config import load_config
 >>> config = load_config("examples/train_tiny.yaml", overrides=["scaling.num_workers=0"])
->>> result = run_training(config)  # doctest: +SKIP
+>>> outcome = run_training(config)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from freezelab.errors import ConfigError
 from freezelab.trainers import checkpoint as ckpt
-from freezelab.trainers.config import ConfigError, TrainConfig
+from freezelab.trainers.config import TrainConfig
+from freezelab.trainers.location import RunLocation
+from freezelab.trainers.reporting import LocalReporter, Reporter
 
 
 @dataclass(frozen=True)
@@ -25,8 +32,6 @@ class TrainOutcome:
     metrics: dict[str, Any]
     checkpoint_dir: str | None
     already_complete: bool = False
-    mlflow_run_id: str | None = None
-    model_uri: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)  # every epoch's metrics
 
     @property
@@ -37,64 +42,31 @@ class TrainOutcome:
 def run_training(
     config: TrainConfig,
     *,
-    address: str | None = None,
     callbacks: Sequence[Any] = (),
     env_vars: dict[str, str] | None = None,
-    parent_run_id: str | None = None,
-    check_cluster: bool = True,
+    reporter: Reporter | None = None,
 ) -> TrainOutcome:
     """Fit ``config`` with a ``TorchTrainer``; return its last metrics and checkpoint.
 
-    ``num_workers: 0`` runs in-process (Ray Train's local mode, no Ray cluster). With
-    workers it joins ``address`` (or ``RAY_ADDRESS``), else starts a local Ray.
-    Running the same config and name again resumes from its latest checkpoint.
-    With ``mlflow.enabled`` the run is tracked in MLflow (``parent_run_id`` nests it
-    under a sweep's run). On a cluster of several nodes, storage and tracking are checked
-    from every node first (``check_cluster=False`` when the caller already did).
+    ``num_workers: 0`` runs in-process (Ray Train's local mode, no Ray cluster); with
+    workers, Ray must be up (``init_ray``). Running the same config and name again
+    resumes from its latest checkpoint. ``callbacks`` are ``ray.train.UserCallback``s
+    (in local mode the loop's reporter calls them); ``reporter`` replaces the loop's
+    default reporter (tests use it to inject faults).
     """
-    validate_policy_for_model(config)
-    if config.scaling.num_workers > 0:
-        _init_ray(address)
-        if check_cluster:
-            from freezelab.cluster.checks import check_cluster as check_nodes
-
-            check_nodes(config, logging_nodes="driver")
-    tracked = None
-    if config.mlflow.enabled:
-        from freezelab.mlflow.run import TrackedRun
-
-        # Before any worker starts: an unreachable server fails here (mlflow.required).
-        tracked = TrackedRun.start(config, parent_run_id=parent_run_id)
-    if tracked is not None:
-        callbacks = [*callbacks, tracked.callback()]
-    try:
-        outcome = _fit(
-            config,
-            callbacks=callbacks,
-            env_vars=worker_env_vars(config, env_vars),
-        )
-    except BaseException:
-        if tracked is not None:
-            tracked.finish(config, None, status="FAILED")
-        raise
-    if tracked is not None:
-        model_uri = tracked.finish(config, outcome)
-        outcome = replace(outcome, mlflow_run_id=tracked.run_id, model_uri=model_uri)
-    return outcome
-
-
-def _fit(config: TrainConfig, *, callbacks, env_vars) -> TrainOutcome:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from freezelab.trainers.loop import train_loop_per_worker
 
-    finished = completed_checkpoint(config)
+    where = RunLocation.of(config)
+    where.claim(config)  # the same run again, or a new one: never another config's
+    finished = where.completed_checkpoint(config.epochs)
     if finished is not None:
         state = ckpt.read_state(finished)
         print(
             f"[freezelab] run {config.name!r} is already complete ({config.epochs} epochs) under "
-            f"{run_directory(config)}: nothing to train. Choose another name to train again."
+            f"{where.directory}: nothing to train."
         )
         return TrainOutcome(
             config.name,
@@ -103,13 +75,14 @@ def _fit(config: TrainConfig, *, callbacks, env_vars) -> TrainOutcome:
             already_complete=True,
             history=state.get("history", []),
         )
-    loop_config: dict[str, Any] = {"config": config.to_dict()}
-    if config.scaling.num_workers == 0:
-        loop_config["local_checkpoint_dir"] = str(run_directory(config) / "local_checkpoints")
-        if "://" in config.storage_path:
+    local = config.scaling.num_workers == 0
+    if local:
+        if where.is_remote:
             raise ConfigError("storage_path: local mode (num_workers: 0) needs a local path")
+        reporter = reporter or LocalReporter(
+            where.local_checkpoint_dir, config.checkpoint.keep, callbacks
+        )
         scaling = ScalingConfig(num_workers=0)
-        _install_local_callbacks(callbacks)
     else:
         scaling = ScalingConfig(
             num_workers=config.scaling.num_workers,
@@ -117,9 +90,10 @@ def _fit(config: TrainConfig, *, callbacks, env_vars) -> TrainOutcome:
             resources_per_worker=worker_resources(config),
             placement_strategy=config.scaling.placement_strategy,
         )
+    env_vars = worker_env_vars(config, env_vars)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={"config": config.to_dict(), "reporter": reporter},
         scaling_config=scaling,
         # gloo on CPU, NCCL on GPU: TorchConfig's default picks by device.
         torch_config=TorchConfig(),
@@ -133,20 +107,17 @@ def _fit(config: TrainConfig, *, callbacks, env_vars) -> TrainOutcome:
                 controller_failure_limit=config.max_controller_failures,
             ),
             checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep),
-            callbacks=list(callbacks) or None,
+            callbacks=None if local else list(callbacks) or None,
             # Env vars for the workers of this run (e.g. GLOO_SOCKET_IFNAME), also when
             # joining a Ray that is already up.
             worker_runtime_env={"env_vars": dict(env_vars)} if env_vars else None,
         ),
     )
-    try:
-        result = trainer.fit()
-    finally:
-        _install_local_callbacks(())
-    if result.checkpoint is not None and not scaling.num_workers == 0:
+    result = trainer.fit()
+    if result.checkpoint is not None and not local:
         directory = result.checkpoint.path
     else:
-        latest = ckpt.latest_checkpoint(loop_config.get("local_checkpoint_dir", "/nonexistent"))
+        latest = where.latest_checkpoint()
         directory = str(latest) if latest else None
     state = ckpt.read_state(directory) if directory else {"metrics": dict(result.metrics or {})}
     return TrainOutcome(config.name, state["metrics"], directory, history=state.get("history", []))
@@ -163,78 +134,8 @@ def worker_env_vars(config: TrainConfig, extra: dict[str, str] | None = None) ->
     return {**env, **config.scaling.env_vars, **(extra or {})}
 
 
-def completed_checkpoint(config: TrainConfig) -> Path | None:
-    """The final checkpoint of a run of this name that already trained every epoch."""
-    if "://" in config.storage_path:
-        return None
-    for state_file in run_directory(config).glob("**/" + ckpt.STATE_FILE):
-        if ckpt.read_state(state_file.parent)["epoch"] >= config.epochs - 1:
-            return state_file.parent
-    return None
-
-
-def summarize_result(config: TrainConfig, outcome: TrainOutcome) -> str:
-    m = outcome.metrics
-    lines = [
-        f"run {outcome.name}: {m.get('epoch', -1) + 1} epochs, policy {config.policy.type}, "
-        f"model {config.model.name}",
-        f"  val_acc {m.get('val_acc', float('nan')):.4f} (best {m.get('best_val_acc', float('nan')):.4f}), "
-        f"val_loss {m.get('val_loss', float('nan')):.4f}, train_loss {m.get('train_loss', float('nan')):.4f}",
-        f"  trainable params {m.get('trainable_params', 0):,}, frozen {m.get('frozen_params', 0):,}",
-    ]
-    if outcome.checkpoint_dir:
-        lines.append(f"  checkpoint: {outcome.checkpoint_dir}")
-    return "\n".join(lines)
-
-
-def run_directory(config: TrainConfig) -> Path:
-    return Path(config.storage_path) / config.name
-
-
-def build_for_config(
-    config: TrainConfig, *, with_weights: bool = True, num_classes: int | None = None
-):
-    """The model of ``config``: built the same way on the driver and on every worker.
-
-    ``model.weights`` may be a local file or an MLflow model URI (``models:/NAME@ALIAS``
-    or ``runs:/RUN_ID/model``) of a model that freezelab logged: chained fine-tuning.
-    The fresh layers are initialized from ``config.seed``, so every rank, a resumed run
-    and the driver build the same starting weights (the reference of the drift metric).
-    ``num_classes`` stands in for the data's class count where the data is not at hand.
-    """
-    import torch
-
-    from freezelab.trainers.data import num_classes_of
-    from freezelab.trainers.models import build_model
-
-    section = config.model
-    weights = section.weights if with_weights else None
-    if weights and weights.startswith(("models:/", "runs:/")):
-        from freezelab.mlflow.run import download_weights
-
-        weights = download_weights(weights, config.mlflow.tracking_uri)
-    torch.manual_seed(config.seed)
-    return build_model(
-        section.name,
-        num_classes or num_classes_of(config.data),
-        pretrained=section.pretrained and with_weights,
-        weights=weights,
-        head=section.head,
-        in_chans=section.in_chans,
-    )
-
-
-def validate_policy_for_model(config: TrainConfig, *, num_classes: int | None = None) -> None:
-    """Apply the policy's plan to the model for every epoch on the driver, before any
-    worker starts: a policy that cannot work fails here, with its own message."""
-    from freezelab.policies import PolicyError
-
-    model = build_for_config(config, with_weights=False, num_classes=num_classes)
-    try:
-        for epoch in range(config.epochs):
-            config.policy.plan(model, epoch)
-    except PolicyError as err:
-        raise ConfigError(f"policy: {err}") from None
+# Below this a CPU worker spends its time waiting for a core, not training.
+MIN_CPU_PER_WORKER = 0.25
 
 
 def worker_resources(config: TrainConfig) -> dict[str, float]:
@@ -257,6 +158,13 @@ def worker_resources(config: TrainConfig) -> dict[str, float]:
         else:
             cpus = totals.get("CPU", 1.0)
             requested = {"CPU": round(min(1.0, cpus / workers), 3)}
+            if requested["CPU"] < MIN_CPU_PER_WORKER:
+                raise ConfigError(
+                    f"scaling: {workers} workers on {cpus:g} CPUs would get {requested['CPU']:g} "
+                    f"CPU each, below the minimum of {MIN_CPU_PER_WORKER} per worker: use at "
+                    f"most {int(cpus / MIN_CPU_PER_WORKER)} workers, or set "
+                    "scaling.resources_per_worker explicitly"
+                )
     for resource, amount in requested.items():
         have = totals.get(resource, 0.0)
         largest = max((node.get(resource, 0.0) for node in nodes), default=0.0)
@@ -268,28 +176,17 @@ def worker_resources(config: TrainConfig) -> dict[str, float]:
     return requested
 
 
-def _init_ray(address: str | None) -> None:
+def init_ray(address: str | None = None) -> None:
+    """Join ``address`` (or ``RAY_ADDRESS``) if given, else start a local Ray of its own.
+
+    A bare ``ray.init()`` would join whatever cluster ``ray start`` left on this host:
+    joining one takes an explicit address.
+    """
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        # The dashboard also serves the state API that Ray Train's placement-group
-        # cleaner needs: without it, finished runs can leave their resources held.
-        ray.init()
-
-
-# Local mode runs the loop in this process and calls no Train callbacks: the loop's
-# report forwards to these instead, so MLflow logging works the same in both modes.
-_LOCAL_CALLBACKS: list[Any] = []
-
-
-def _install_local_callbacks(callbacks: Sequence[Any]) -> None:
-    _LOCAL_CALLBACKS[:] = list(callbacks)
-
-
-def local_callbacks() -> list[Any]:
-    return list(_LOCAL_CALLBACKS)
+    # With "local", the dashboard still starts: it serves the state API that Ray Train's
+    # placement-group cleaner needs, without which finished runs can leave resources held.
+    ray.init(address=address or "local")

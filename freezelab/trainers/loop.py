@@ -5,19 +5,18 @@ each epoch is derived from (policy, model, epoch); when it changes, the model is
 re-wrapped in DDP and the optimizer rebuilt, because DDP only synchronizes the
 parameters that required grad when it was built.
 
-The Ray-specific steps are ``ray.train.get_context``, ``ray.train.torch.get_device``,
-``ray.train.torch.prepare_data_loader``, ``ray.train.get_checkpoint`` and
-``ray.train.report``; the rest is plain PyTorch.
+The Ray-specific steps stand out as in Ray Train's own examples: [1] prepare the data
+(``prepare_data_loader``), [2] prepare the model (the DDP wrapper), [3] report through
+the reporter that the caller chose (``reporting.py``); the rest is plain PyTorch.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import resource
-import tempfile
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from freezelab.trainers import checkpoint as ckpt
 from freezelab.trainers.config import TrainConfig, validate_config
 from freezelab.trainers.data import build_datasets, train_transform_is_deterministic
 from freezelab.trainers.feature_cache import FeatureCache, cache_blocker, classifier_of
-from freezelab.trainers.launch import build_for_config
+from freezelab.trainers.models import build_for_config
 from freezelab.trainers.optim import (
     build_optimizer,
     load_state_by_name,
@@ -41,14 +40,7 @@ from freezelab.trainers.optim import (
     set_lr,
     state_by_name,
 )
-
-# Demonstrates what goes wrong without the rebuild (Lightning issue 20340): newly
-# unfrozen layers are not synchronized and the replicas drift apart. Never set it for
-# real training; the replica check reports the drift.
-SKIP_DDP_REBUILD_ENV = "FREEZELAB_DEBUG_SKIP_DDP_REBUILD"
-# Fault injection for failure drills: "RANK:EPOCH:MARKER_FILE" kills that rank right
-# after that epoch's report, once (the marker file records that it happened).
-KILL_WORKER_ENV = "FREEZELAB_DEBUG_KILL_WORKER"
+from freezelab.trainers.reporting import RayTrainReporter, Reporter
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -56,7 +48,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     config = validate_config(loop_config["config"])
-    local_checkpoints = loop_config.get("local_checkpoint_dir")
+    reporter: Reporter = loop_config.get("reporter") or RayTrainReporter()
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -67,7 +59,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if config.performance.torch_threads:
         torch.set_num_threads(config.performance.torch_threads)
 
-    # -- set up: the same initial weights on every rank (seeded), data, loaders --------
+    # -- [1] set up: the same initial weights on every rank (seeded), data, loaders ---
     _seed_everything(config.seed)
     model = build_for_config(config)
     initial_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -99,12 +91,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # -- resume ------------------------------------------------------------------
     start_epoch, step, optimizer_state, best_val_acc = 0, 0, {}, None
     history: list[dict[str, Any]] = []  # every epoch's metrics, kept in each checkpoint
-    resumed = _resume(ray.train.get_checkpoint(), local_checkpoints)
-    if resumed is not None:
-        with resumed as directory:
+    with reporter.resume_from() as directory:
+        resumed = directory is not None
+        if resumed:
             ckpt.load_model_weights(directory, model)
             state = ckpt.read_state(directory)
             optimizer_state = ckpt.load_optimizer_state(directory)
+    if resumed:
         start_epoch, step, best_val_acc = (
             state["epoch"] + 1,
             state["step"],
@@ -133,9 +126,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             optimizer_state = {}
             cache = _new_cache(config, model, epoch_plan, deterministic, len(train_set), rank)
             val_cache = FeatureCache(len(val_shard)) if cache is not None else None
+            # [2] prepare the model: DDP registers only what requires grad right now.
             target = classifier_of(model) if cache is not None else model
-            if plan is None or not os.environ.get(SKIP_DDP_REBUILD_ENV):
-                trained = _wrap(target, world_size, device)
+            trained = _wrap(target, world_size, device)
             if rank == 0 and plan is not None:
                 print(f"[freezelab] epoch {epoch}: plan changes to phase {epoch_plan.phase!r}")
         plan = epoch_plan
@@ -215,20 +208,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             _print_epoch(config, metrics)
 
-        # -- report (a barrier: every rank calls it once per epoch) ----------------
+        # -- [3] report (a barrier: every rank calls it once per epoch) ------------
         save = (epoch + 1) % config.checkpoint.every == 0 or epoch == config.epochs - 1
         state = {
             "epoch": epoch,
             "step": step,
             "best_val_acc": best_val_acc,
-            "config": config.to_dict(),
+            "config": config.safe_dict(),
             "policy": config.policy.to_dict(),
             "metrics": metrics,
             "history": history,
             "workers": workers,
         }
-        _report(metrics, model, optimizer, state, save and rank == 0, local_checkpoints, config)
-        _maybe_inject_failure(rank, epoch)
+        write = partial(_write_checkpoint, model, optimizer, state) if save and rank == 0 else None
+        reporter.report(metrics, write)
 
 
 class _Indexed(Dataset):
@@ -410,67 +403,7 @@ def _print_epoch(config: TrainConfig, m: dict[str, Any]) -> None:
     )
 
 
-def _resume(ray_checkpoint, local_checkpoint_dir: str | None):
-    """A context manager yielding the directory of the checkpoint to resume, or None."""
-    if ray_checkpoint is not None:
-        return ray_checkpoint.as_directory()
-    if local_checkpoint_dir:
-        latest = ckpt.latest_checkpoint(local_checkpoint_dir)
-        if latest is not None:
-            return nullcontext(str(latest))
-    return None
-
-
-def _report(
-    metrics: dict[str, Any],
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    state: dict[str, Any],
-    save: bool,
-    local_checkpoint_dir: str | None,
-    config: TrainConfig,
+def _write_checkpoint(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], directory: Path
 ) -> None:
-    import ray.train
-
-    if local_checkpoint_dir:
-        # Local mode keeps no checkpoints of its own and calls no Train callbacks:
-        # write checkpoints where a rerun finds them, and call the callbacks here.
-        from freezelab.trainers.launch import local_callbacks
-
-        checkpoint = None
-        if save:
-            directory = Path(local_checkpoint_dir) / f"checkpoint_epoch={state['epoch']:06d}"
-            ckpt.save_checkpoint(directory, model, state_by_name(optimizer), state)
-            _prune(Path(local_checkpoint_dir), config.checkpoint.keep)
-            checkpoint = ray.train.Checkpoint.from_directory(str(directory))
-        ray.train.report(metrics)
-        for callback in local_callbacks():
-            callback.after_report(run_context=None, metrics=[metrics], checkpoint=checkpoint)
-        return
-    if not save:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as directory:
-        ckpt.save_checkpoint(directory, model, state_by_name(optimizer), state)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-
-
-def _maybe_inject_failure(rank: int, epoch: int) -> None:
-    spec = os.environ.get(KILL_WORKER_ENV)
-    if not spec:
-        return
-    kill_rank, kill_epoch, marker = spec.split(":", 2)
-    if (rank, epoch) == (int(kill_rank), int(kill_epoch)) and not Path(marker).exists():
-        Path(marker).write_text(f"killed rank {rank} after epoch {epoch}\n")
-        print(f"[freezelab] {KILL_WORKER_ENV}: killing rank {rank} after epoch {epoch}", flush=True)
-        os._exit(1)
-
-
-def _prune(root: Path, keep: int | None) -> None:
-    if keep is None:
-        return
-    import shutil
-
-    directories = sorted(d for d in root.iterdir() if d.name.startswith("checkpoint_epoch="))
-    for old in directories[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    ckpt.save_checkpoint(directory, model, state_by_name(optimizer), state)

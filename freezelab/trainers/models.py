@@ -12,29 +12,19 @@ Dense(num_classes)) is ``build_model("vgg16", 2, head={"pool": "flatten",
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, Field
+
+from freezelab.trainers.config import HeadConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
 
-class HeadConfig(BaseModel):
-    """A custom classifier on the backbone's features.
-
-    ``pool``: ``flatten`` (the feature map as is, Keras's Flatten), ``avg`` or ``max``
-    (global pooling of the feature map), or ``default`` (timm's own pooling and
-    pre-logits). ``hidden``: sizes of the hidden Linear+ReLU layers.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    pool: Literal["flatten", "avg", "max", "default"] = "default"
-    hidden: tuple[int, ...] = ()
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+# VGG16's own classifier has 124M parameters; a head 8x larger is a typo.
+MAX_HEAD_PARAMS = 1_000_000_000
 
 
 class FineTuneModel(nn.Module):
@@ -56,6 +46,14 @@ class FineTuneModel(nn.Module):
             backbone.train(was_training)
         layers: list[nn.Module] = []
         width = features.shape[1]
+        sizes = [width, *head_config.hidden, num_classes]
+        weights = sum(a * b + b for a, b in zip(sizes, sizes[1:], strict=False))
+        if weights > MAX_HEAD_PARAMS:
+            raise ValueError(
+                f"head: {' -> '.join(map(str, sizes))} would have {weights:,} parameters "
+                f"({weights * 4 / 2**30:.1f} GiB in float32), more than the limit of "
+                f"{MAX_HEAD_PARAMS:,}; use pool avg or max, or smaller hidden sizes"
+            )
         for size in head_config.hidden:
             layers += [nn.Linear(width, size), nn.ReLU(inplace=True)]
             if head_config.dropout:
@@ -156,10 +154,27 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(
+                f"weights file {str(path)!r} is not valid safetensors ({err})"
+            ) from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's note on pickle protocols
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a zip or pickle, or a pickle that would run code
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if reason.startswith("Weights only load failed"):
+            reason = "it holds objects other than tensors, which would need running its code"
+        raise ValueError(
+            f"weights file {str(path)!r} is neither safetensors nor a state dict that loads "
+            f"safely ({reason})"
+        ) from None
     for key in ("state_dict", "model"):  # common checkpoint wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -213,3 +228,32 @@ def _head_state_keys(model: nn.Module) -> set[str]:
         return set()
     ids = {id(t) for t in (*head.parameters(), *head.buffers())}
     return {k for k, t in model.state_dict(keep_vars=True).items() if id(t) in ids}
+
+
+def build_for_config(
+    config: TrainConfig, *, with_weights: bool = True, num_classes: int | None = None
+) -> nn.Module:
+    """The model of ``config``: built the same way on the driver and on every worker.
+
+    ``model.weights`` may be a local file or an MLflow model URI (``models:/NAME@ALIAS``
+    or ``runs:/RUN_ID/model``) of a model that freezelab logged: chained fine-tuning.
+    The fresh layers are initialized from ``config.seed``, so every rank, a resumed run
+    and the driver build the same starting weights (the reference of the drift metric).
+    ``num_classes`` stands in for the data's class count where the data is not at hand.
+    """
+    from freezelab.trainers.artifacts import download_weights, is_model_uri
+    from freezelab.trainers.data import num_classes_of
+
+    section = config.model
+    weights = section.weights if with_weights else None
+    if is_model_uri(weights):
+        weights = download_weights(weights, config.mlflow.tracking_uri)
+    torch.manual_seed(config.seed)
+    return build_model(
+        section.name,
+        num_classes or num_classes_of(config.data),
+        pretrained=section.pretrained and with_weights,
+        weights=weights,
+        head=section.head,
+        in_chans=section.in_chans,
+    )

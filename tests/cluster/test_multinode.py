@@ -8,6 +8,7 @@ freezelab refuse to start, before any MLflow run or checkpoint exists."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -128,8 +129,11 @@ def test_storage_that_one_node_does_not_see_is_refused_before_anything_starts(
         result = freezelab_cli("train", str(config), "--address", two_nodes.address)
     assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"storage_path '{storage}' is not shared by the 3 nodes" in result.stderr
-    blind = [line for line in result.stderr.splitlines() if line.startswith("  node ")]
-    assert len(blind) == 1 and "cannot read" in blind[0]
+    # One error line (Ray's own INFO lines about joining may precede it), naming the
+    # one node that cannot see the storage.
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("freezelab train: error: "), result.stderr
+    assert len(re.findall(r"node [^;]*: cannot read", errors[0])) == 1, result.stderr
     assert "s3://BUCKET/PATH" in result.stderr
     # Refused before MLflow or Ray Train did anything; the marker is cleaned up.
     assert not (tmp_path / "shared" / "mlflow.db").exists()

@@ -8,6 +8,7 @@ node, so a sweep that would log from there is refused."""
 from __future__ import annotations
 
 import http.server
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -115,6 +116,9 @@ def test_a_tracking_server_that_one_node_cannot_reach_refuses_a_sweep_before_it_
     assert f"mlflow.tracking_uri '{uri}' is not reachable from every node that logs" in (
         result.stderr
     )
-    unreachable = [line for line in result.stderr.splitlines() if line.startswith("  node ")]
+    # One error line, naming the one node that cannot reach the server.
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("freezelab sweep: error: "), result.stderr
+    unreachable = re.findall(r"node [^;]*\([0-9.]+\)", errors[0])
     assert len(unreachable) == 1 and f"({network.namespace_ip})" in unreachable[0]
     assert not (tmp_path / "runs" / "far").exists()

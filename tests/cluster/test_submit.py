@@ -333,13 +333,18 @@ def test_a_sweep_submitted_as_a_job_runs_its_trials_and_writes_the_best_policy(
 def test_freezelab_submit_exits_with_the_status_of_a_failed_job(
     head, tmp_path: Path, freezelab_cli
 ) -> None:
-    config = _write_job_dir(tmp_path / "project", "fails")
-    marker = tmp_path / "killed"
-    result = _follow(
-        freezelab_cli, head, config, "--env", f"FREEZELAB_DEBUG_KILL_WORKER=0:0:{marker}"
-    )
+    # Data that passes every up-front check (two class folders of .png files) but
+    # cannot be decoded: the worker fails during the first epoch.
+    images = tmp_path / "shared" / "broken"
+    for label in ("a", "b"):
+        (images / label).mkdir(parents=True)
+        for index in range(4):
+            (images / label / f"{index}.png").write_bytes(b"not a png")
+    data = {"kind": "image_folder", "root": str(images), "input_size": 32, "val_fraction": 0.5}
+    config = _write_job_dir(tmp_path / "project", "fails", data=data)
+    result = _follow(freezelab_cli, head, config)
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
-    assert marker.exists()
+    assert "cannot identify image file" in result.stdout + result.stderr
     assert re.search(r"job freezelab-train-fails-\w+: FAILED$", result.stdout.rstrip())
 
 

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from freezelab.api import train
 from freezelab.cli import main
 from freezelab.mlflow.callback import MlflowMetricsCallback
 from freezelab.mlflow.run import tracking_uri_set
 from freezelab.mlflow.tracking import TrackingUnavailable, flatten_params, resolve_tracking_uri
 from freezelab.trainers import checkpoint as ckpt
-from freezelab.trainers.launch import build_for_config, run_training
+from freezelab.trainers.models import build_for_config
 
 
 @pytest.fixture
@@ -43,9 +44,10 @@ def test_run_logs_params_metrics_artifacts_and_model(tiny_config, sqlite_uri):
     config = _tracked(
         tiny_config, sqlite_uri, name="tracked", epochs=3, policy={"type": "gradual", "every": 1}
     )
-    outcome = run_training(config)
+    tracked = train(config)
+    outcome = tracked.outcome
     client = mlflow.MlflowClient(sqlite_uri)
-    run = _run(client, outcome.mlflow_run_id)
+    run = _run(client, tracked.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["policy.type"] == "gradual"
     assert run.data.params["policy.every"] == "1"
@@ -70,8 +72,8 @@ def test_run_logs_params_metrics_artifacts_and_model(tiny_config, sqlite_uri):
 
     # The logged model reloads and predicts exactly what the checkpoint's weights do.
     with tracking_uri_set(sqlite_uri):
-        loaded = mlflow.pytorch.load_model(outcome.model_uri)
-        pyfunc = mlflow.pyfunc.load_model(outcome.model_uri)
+        loaded = mlflow.pytorch.load_model(tracked.model_uri)
+        pyfunc = mlflow.pyfunc.load_model(tracked.model_uri)
     reference = build_for_config(config)
     ckpt.load_model_weights(outcome.checkpoint_dir, reference)
     x = torch.randn(4, 3, 32, 32)
@@ -89,10 +91,11 @@ def test_registry_alias_and_chained_fine_tuning(tiny_config, sqlite_uri):
         epochs=1,
         mlflow={"register_as": "digits-source", "alias": "best"},
     )
-    outcome = run_training(config)
+    tracked = train(config)
+    outcome = tracked.outcome
     client = mlflow.MlflowClient(sqlite_uri)
     version = client.get_model_version_by_alias("digits-source", "best")
-    assert version.run_id == outcome.mlflow_run_id
+    assert version.run_id == tracked.run_id
 
     chained = _tracked(
         tiny_config,
@@ -144,12 +147,12 @@ def test_lost_server_spills_then_catches_up(tmp_path, sqlite_uri):
 def test_unreachable_server_fails_before_training(tiny_config, tmp_path):
     config = _tracked(tiny_config, "http://127.0.0.1:9", name="nowhere")
     with pytest.raises(TrackingUnavailable, match="unreachable"):
-        run_training(config)
+        train(config)
     assert not (tmp_path / "runs" / "nowhere").exists()
     optional = _tracked(
         tiny_config, "http://127.0.0.1:9", name="optional", epochs=1, mlflow={"required": False}
     )
-    assert run_training(optional).mlflow_run_id is None
+    assert train(optional).run_id is None
 
 
 def test_tracking_uri_resolution(monkeypatch, tmp_path):
@@ -164,7 +167,7 @@ def test_tracking_uri_resolution(monkeypatch, tmp_path):
 
 def test_compare_lists_runs_by_policy(tiny_config, sqlite_uri, capsys):
     for policy in ({"type": "full"}, {"type": "last_n", "n": 1}):
-        run_training(
+        train(
             _tracked(tiny_config, sqlite_uri, name=f"cmp-{policy['type']}", epochs=1, policy=policy)
         )
     capsys.readouterr()
@@ -225,12 +228,12 @@ def mlflow_server(tmp_path_factory):
 
 def test_against_a_real_mlflow_server(tiny_config, mlflow_server):
     config = _tracked(tiny_config, mlflow_server, name="served", epochs=2)
-    outcome = run_training(config)
+    tracked = train(config)
     client = mlflow.MlflowClient(mlflow_server)
-    assert [m.step for m in client.get_metric_history(outcome.mlflow_run_id, "val_acc")] == [0, 1]
-    assert "config.yaml" in {a.path for a in client.list_artifacts(outcome.mlflow_run_id)}
+    assert [m.step for m in client.get_metric_history(tracked.run_id, "val_acc")] == [0, 1]
+    assert "config.yaml" in {a.path for a in client.list_artifacts(tracked.run_id)}
     with tracking_uri_set(mlflow_server):
-        loaded = mlflow.pytorch.load_model(outcome.model_uri)
+        loaded = mlflow.pytorch.load_model(tracked.model_uri)
     assert loaded(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
 
 
@@ -238,7 +241,7 @@ def test_against_a_real_mlflow_server(tiny_config, mlflow_server):
 def test_killed_worker_resumes_and_logs_each_epoch_once(
     ray_session, tiny_config, sqlite_uri, tmp_path
 ):
-    from freezelab.trainers.loop import KILL_WORKER_ENV
+    from faults import KillRankAfterEpoch
 
     # Checkpoints after epochs 1 and 3; rank 1 dies after epoch 2's report, so the
     # restarted workers redo epoch 2 from the epoch-1 checkpoint and report it again.
@@ -252,12 +255,13 @@ def test_killed_worker_resumes_and_logs_each_epoch_once(
         checkpoint={"every": 2},
         scaling={"num_workers": 2},
     )
-    outcome = run_training(config, env_vars={KILL_WORKER_ENV: f"1:2:{marker}"})
+    tracked = train(config, reporter=KillRankAfterEpoch(1, 2, marker))
+    outcome = tracked.outcome
     assert marker.exists(), "the fault was not injected"
     assert outcome.metrics["epoch"] == 3
     client = mlflow.MlflowClient(sqlite_uri)
     for key in ("val_acc", "train_loss", "epoch"):
-        assert [m.step for m in client.get_metric_history(outcome.mlflow_run_id, key)] == [
+        assert [m.step for m in client.get_metric_history(tracked.run_id, key)] == [
             0,
             1,
             2,

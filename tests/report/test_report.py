@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 
+from freezelab.api import train
 from freezelab.policies import from_dict
 from freezelab.report import ReportError, build_report, linear_cka, pareto_front
 from freezelab.report.build import FIGURES
 from freezelab.report.runs import find_weights, load_record, resolve_target
 from freezelab.trainers.config import validate_config
-from freezelab.trainers.launch import run_training
 from tests.conftest import TINY, merge
 
 EXPERIMENT = "report-tests"
@@ -71,7 +71,7 @@ def sweep(tmp_path_factory):
                 },
             )
         )
-        outcomes[label] = run_training(config, parent_run_id=parent)
+        outcomes[label] = train(config, parent_run_id=parent)
     client.set_terminated(parent)
     # Where each run's fine-tuned weights are found: full from its checkpoint,
     # head_only from its logged MLflow model, last_n nowhere (its CKA is skipped).
@@ -109,7 +109,7 @@ def test_table_matches_the_mlflow_runs(sweep):
     assert set(sweep.rows) == set(POLICIES)
     for label, row in sweep.rows.items():
         run = client.get_run(row["run_id"])
-        assert run.info.run_id == sweep.outcomes[label].mlflow_run_id
+        assert run.info.run_id == sweep.outcomes[label].run_id
         assert run.data.tags["mlflow.parentRunId"] == sweep.parent
         assert run.data.params["policy.type"] == POLICIES[label]["type"]
         metrics = run.data.metrics

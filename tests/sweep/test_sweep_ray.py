@@ -88,3 +88,74 @@ def test_an_existing_sweep_needs_resume(ray_session, tmp_path):
     sweep = _sweep(tmp_path, name="nothing", space={"policies": [{"type": "full"}]})
     with pytest.raises(ConfigError, match="nothing to resume"):
         run_sweep(sweep, resume=True)
+
+
+def _image_folder(root, broken: bool):
+    """Two classes of 8x8 grey PNGs; with ``broken`` the files are not images at all
+    (they pass every up-front check and fail in the first epoch)."""
+    from PIL import Image
+
+    for label, shade in (("a", 40), ("b", 200)):
+        (root / label).mkdir(parents=True)
+        for index in range(6):
+            path = root / label / f"{index}.png"
+            if broken:
+                path.write_bytes(b"not a png")
+            else:
+                Image.new("L", (8, 8), shade + index).save(path)
+    return str(root)
+
+
+def _folder_sweep(tmp_path, roots):
+    base = merge(
+        TINY,
+        {
+            "storage_path": str(tmp_path / "runs"),
+            "epochs": 1,
+            "mlflow": {
+                "enabled": True,
+                "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+                "experiment": "failing",
+            },
+        },
+    )
+    base["data"] = {"kind": "image_folder", "root": roots[0], "input_size": 32, "val_fraction": 0.5}
+    return resolved_on_driver(
+        SweepConfig.model_validate(
+            {
+                "name": "failing",
+                "base": base,
+                "space": {
+                    "policies": [{"type": "head_only"}],
+                    "params": {"data.root": {"choice": roots}},
+                },
+                "max_concurrent_trials": 1,
+            }
+        )
+    )
+
+
+def test_a_sweep_whose_every_trial_fails_writes_no_best_and_fails(ray_session, tmp_path, capsys):
+    from freezelab.sweep.run import SweepFailed
+
+    sweep = _folder_sweep(tmp_path, [_image_folder(tmp_path / "broken", broken=True)])
+    with pytest.raises(SweepFailed, match="none of its 1 trial"):
+        run_sweep(sweep)
+    assert not (tmp_path / "runs" / "failing" / "best_policy.yaml").exists()
+    assert "cannot identify image file" in capsys.readouterr().out
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("failing")
+    parents = client.search_runs([experiment.experiment_id], "tags.`freezelab.kind` = 'sweep'")
+    assert [p.info.status for p in parents] == ["FAILED"]
+    assert "best.policy.type" not in parents[0].data.tags
+
+
+def test_a_sweep_with_some_failed_trials_says_so(ray_session, tmp_path):
+    good = _image_folder(tmp_path / "good", broken=False)
+    broken = _image_folder(tmp_path / "broken", broken=True)
+    outcome = run_sweep(_folder_sweep(tmp_path, [good, broken]))
+    assert outcome.failed == 1
+    assert outcome.best_params == {"data.root": good}
+    errors = [r for r in outcome.rows if r["error"]]
+    assert len(errors) == 1 and errors[0]["params"] == {"data.root": broken}
+    assert (tmp_path / "runs" / "failing" / "best_policy.yaml").exists()

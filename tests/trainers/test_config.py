@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from freezelab.study import DEFAULT_STUDY, load_study, stage_config
 from freezelab.trainers.config import ConfigError, load_config, validate_config
-from freezelab.trainers.study import DEFAULT_STUDY, load_study, stage_config
 from tests.conftest import TINY
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -68,7 +68,7 @@ def test_relative_storage_path_becomes_absolute(tmp_path, monkeypatch):
         ({"optimizer": {"name": "lion"}}, "optimizer.name"),
         ({"batch_sizes": 3}, "batch_sizes: unknown field"),
         ({"policy": {"type": "freeze_all"}}, "unknown policy type 'freeze_all'"),
-        ({"policy": {"type": "last_n"}}, "missing field 'n'"),
+        ({"policy": {"type": "last_n"}}, "n: missing"),
         ({"name": "has space"}, "name: String should match pattern"),
         (
             {"model": {"name": "x", "pretrained": True, "weights": "w.pt"}},

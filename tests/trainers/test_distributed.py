@@ -9,14 +9,12 @@ from safetensors.torch import load_file
 from freezelab.cli import main
 from freezelab.trainers.config import ConfigError
 from freezelab.trainers.launch import run_training, worker_resources
-from freezelab.trainers.loop import SKIP_DDP_REBUILD_ENV
 from tests.conftest import TINY, merge
-
-pytestmark = pytest.mark.ray
 
 TWO_WORKERS = {"scaling": {"num_workers": 2}}
 
 
+@pytest.mark.ray
 def test_cli_trains_two_workers_end_to_end(ray_session, tmp_path, capsys):
     path = tmp_path / "tiny.yaml"
     path.write_text(
@@ -39,6 +37,7 @@ def test_cli_trains_two_workers_end_to_end(ray_session, tmp_path, capsys):
     assert checkpoints, "Ray Train wrote no checkpoint under storage_path/name"
 
 
+@pytest.mark.ray
 def test_replicas_identical_after_unfreeze(ray_session, tiny_config):
     # gradual: epoch 0 trains the head, epoch 1 unfreezes layer4, epoch 2 layer3.
     config = tiny_config(
@@ -53,18 +52,54 @@ def test_replicas_identical_after_unfreeze(ray_session, tiny_config):
     assert outcome.metrics["replicas_in_sync"] == 1
 
 
-def test_without_ddp_rebuild_replicas_drift(ray_session, tiny_config):
-    config = tiny_config(
-        name="nosync",
-        policy={"type": "gradual", "every": 1},
-        epochs=2,
-        performance={"feature_cache": False},
-        **TWO_WORKERS,
-    )
-    outcome = run_training(config, env_vars={SKIP_DDP_REBUILD_ENV: "1"})
-    assert outcome.metrics["replicas_in_sync"] == 0
+def _unfreeze_and_step(rank: int, world_size: int, port: int, rebuild: bool, results) -> None:
+    """One gloo rank: DDP built while the backbone is frozen, the backbone unfrozen,
+    then one step on this rank's own batch, with or without rewrapping DDP."""
+    import os
+
+    import torch.distributed as dist
+
+    from freezelab.policies import apply, from_dict
+    from freezelab.trainers.loop import _replicas_in_sync, _wrap
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        import timm
+
+        model = timm.create_model("test_resnet", num_classes=3)
+        apply(model, from_dict({"type": "head_only"}).plan(model, 0))
+        wrapped = _wrap(model, world_size, torch.device("cpu"))
+        apply(model, from_dict({"type": "full", "bn": "eval"}).plan(model, 0))
+        if rebuild:
+            wrapped = _wrap(model, world_size, torch.device("cpu"))
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        torch.manual_seed(100 + rank)  # each rank its own batch, as under a sampler
+        loss = wrapped(torch.randn(4, 3, 32, 32)).logsumexp(1).mean()
+        loss.backward()
+        optimizer.step()
+        results[rank] = _replicas_in_sync(model, world_size)
+    finally:
+        dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("rebuild", [True, False], ids=["rebuilt", "not-rebuilt"])
+def test_replica_check_sees_the_drift_of_an_unfreeze_without_ddp_rebuild(rebuild):
+    # Lightning issue 20340: DDP syncs only what required grad when it was built.
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_unfreeze_and_step, args=(2, port, rebuild, results), nprocs=2, join=True)
+    assert dict(results) == ({0: 1, 1: 1} if rebuild else {0: 0, 1: 0})
+
+
+@pytest.mark.ray
 def test_two_workers_match_one_process_on_the_same_global_batch(ray_session, tiny_config):
     # DDP averages gradients: 2 workers x batch 8 take the same steps as 1 x batch 16,
     # up to float reduction order (full batches only, so the shards line up; head_only
@@ -83,6 +118,7 @@ def test_two_workers_match_one_process_on_the_same_global_batch(ray_session, tin
     torch.testing.assert_close(a["fc.weight"], b["fc.weight"], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.ray
 def test_a_request_that_can_never_fit_fails_clearly(ray_session, tiny_config):
     config = tiny_config(
         name="huge", scaling={"num_workers": 2, "resources_per_worker": {"CPU": 4}}
@@ -94,6 +130,7 @@ def test_a_request_that_can_never_fit_fails_clearly(ray_session, tiny_config):
         worker_resources(config)
 
 
+@pytest.mark.ray
 def test_default_worker_resources_fit_two_cpus(ray_session, tiny_config):
     assert worker_resources(tiny_config(**TWO_WORKERS)) == {"CPU": 1.0}
     assert worker_resources(tiny_config(scaling={"num_workers": 4})) == {"CPU": 0.5}

@@ -5,11 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults import CrashAfterEpoch, Interrupted
 from safetensors.torch import load_file
 
 from freezelab.trainers import checkpoint as ckpt
-from freezelab.trainers import loop
-from freezelab.trainers.launch import build_for_config, run_training
+from freezelab.trainers.launch import run_training
+from freezelab.trainers.location import RunLocation
+from freezelab.trainers.models import build_for_config
 
 
 def _weights(outcome):
@@ -118,10 +120,6 @@ def test_checkpoint_holds_config_policy_and_safetensors(tiny_config):
     assert "fc.weight" in optimizer_state and "momentum_buffer" in optimizer_state["fc.weight"]
 
 
-class _Interrupt(Exception):
-    pass
-
-
 @pytest.mark.parametrize(
     "policy",
     [
@@ -131,22 +129,16 @@ class _Interrupt(Exception):
     ],
     ids=lambda p: p["type"],
 )
-def test_interrupted_and_resumed_run_ends_with_identical_weights(tiny_config, monkeypatch, policy):
+def test_interrupted_and_resumed_run_ends_with_identical_weights(tiny_config, policy):
     epochs = 4
     reference = _weights(run_training(tiny_config(name="straight", policy=policy, epochs=epochs)))
 
-    original = loop._report
-
-    def report_then_crash(metrics, *args, **kwargs):
-        original(metrics, *args, **kwargs)
-        if metrics["epoch"] == 1:
-            raise _Interrupt
-
     config = tiny_config(name="interrupted", policy=policy, epochs=epochs)
-    monkeypatch.setattr(loop, "_report", report_then_crash)
-    with pytest.raises(_Interrupt):
-        run_training(config)
-    monkeypatch.setattr(loop, "_report", original)
+    where = RunLocation.of(config)
+    crash = CrashAfterEpoch(1, where.local_checkpoint_dir, config.checkpoint.keep)
+    with pytest.raises(Interrupted):
+        run_training(config, reporter=crash)
+    assert where.latest_checkpoint() is not None
     resumed = run_training(config)
     assert resumed.metrics["epoch"] == epochs - 1
     weights = _weights(resumed)

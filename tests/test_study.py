@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from freezelab.trainers.study import format_study, run_study
+from freezelab.study import format_study, run_study
 
 SMALL = [
     "base.model.name=test_resnet",

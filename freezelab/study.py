@@ -17,16 +17,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, ValidationError
 
-from freezelab.trainers.config import (
-    ConfigError,
-    TrainConfig,
-    apply_override,
-    deep_merge,
-    validate_config,
-)
+from freezelab.api import train
+from freezelab.config_io import ConfigModel, read_mapping
+from freezelab.console import Column, format_table
+from freezelab.errors import ConfigError, describe_validation_error
+from freezelab.policies import from_dict
+from freezelab.trainers.config import TrainConfig, apply_override, deep_merge, validate_config
 
 DEFAULT_STUDY: dict[str, Any] = {
     "name": "transfer-study",
@@ -60,10 +58,8 @@ DEFAULT_STUDY: dict[str, Any] = {
 }
 
 
-class StudyConfig(BaseModel):
+class StudyConfig(ConfigModel):
     """A base train config, the overrides of each stage, and the policies to compare."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = "transfer-study"
     base: dict[str, Any]
@@ -75,13 +71,15 @@ class StudyConfig(BaseModel):
 def load_study(source: str | Path | None, overrides: list[str] | None = None) -> StudyConfig:
     data = copy.deepcopy(DEFAULT_STUDY)
     if source is not None:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"study file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text())
+        data = read_mapping(source, "a study")
     for override in overrides or []:
         apply_override(data, override)
-    return StudyConfig.model_validate(data)
+    try:
+        return StudyConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(
+            describe_validation_error(str(source or "the built-in study"), err, "invalid study")
+        ) from None
 
 
 def stage_config(study: StudyConfig, stage: dict[str, Any], name: str, **extra: Any) -> TrainConfig:
@@ -92,8 +90,6 @@ def stage_config(study: StudyConfig, stage: dict[str, Any], name: str, **extra: 
 def run_study(
     source: str | Path | None = None, overrides: list[str] | None = None, address: str | None = None
 ):
-    from freezelab.trainers.launch import run_training
-
     study = load_study(source, overrides)
     # A fresh name per invocation: reusing a name would resume the old runs.
     tag = f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
@@ -102,14 +98,14 @@ def run_study(
         stage_config(
             study,
             study.finetune,
-            f"{tag}-{_policy_label(p)}",
+            f"{tag}-{from_dict(p).slug()}",
             policy=p,
             model={"weights": "PENDING"},
         )
         for p in study.policies
     ]  # validated before anything trains
     print(f"[freezelab] transfer study {tag}: pretraining {pretrain.model.name} on the source task")
-    source = run_training(pretrain, address=address)
+    source = train(pretrain, address=address).outcome
     parent = None
     if finetunes[0].mlflow.enabled:
         from freezelab.mlflow.sweep import start_group_run
@@ -125,12 +121,11 @@ def run_study(
             update={"model": config.model.model_copy(update={"weights": weights})}
         )
         started = time.perf_counter()
-        outcome = run_training(config, address=address, parent_run_id=parent)
-        m = outcome.metrics
+        m = train(config, address=address, parent_run_id=parent).outcome.metrics
         total = m["trainable_params"] + m["frozen_params"]
         rows.append(
             {
-                "policy": _policy_label(config.policy.to_dict()),
+                "policy": config.policy.label(),
                 "val_acc": m["val_acc"],
                 "best_val_acc": m["best_val_acc"],
                 "wall_s": time.perf_counter() - started,
@@ -153,35 +148,26 @@ def run_study(
     return rows
 
 
+STUDY_COLUMNS = (
+    Column("policy", max_width=40),
+    Column("val_acc", fmt="{:.3f}"),
+    Column("best_val_acc", "best", fmt="{:.3f}"),
+    Column("wall_s", "time_s", fmt="{:.1f}"),
+    Column("trainable_pct", "trainable%", fmt="{:.1f}"),
+    Column("backbone_drift", "drift", fmt="{:.3f}"),
+)
+
+
 def format_study(tag: str, rows: list[dict[str, Any]]) -> str:
-    header = (
-        f"{'policy':<24} {'val_acc':>8} {'best':>8} {'time_s':>8} {'trainable%':>11} {'drift':>7}"
+    return "\n".join(
+        [
+            f"transfer study {tag}: fine-tuning on the target task",
+            format_table(rows, STUDY_COLUMNS),
+            "drift: mean relative L2 change of the backbone's groups from the pretrained weights",
+        ]
     )
-    lines = [f"transfer study {tag}: fine-tuning on the target task", header, "-" * len(header)]
-    for r in rows:
-        lines.append(
-            f"{r['policy']:<24} {r['val_acc']:>8.3f} {r['best_val_acc']:>8.3f} {r['wall_s']:>8.1f} "
-            f"{r['trainable_pct']:>11.1f} {r['backbone_drift']:>7.3f}"
-        )
-    lines.append(
-        "drift: mean relative L2 change of the backbone's groups from the pretrained weights"
-    )
-    return "\n".join(lines)
 
 
 def _mean_backbone_drift(metrics: dict[str, Any]) -> float:
     values = [v for k, v in metrics.items() if k.startswith("drift/") and k != "drift/head"]
     return sum(values) / len(values) if values else 0.0
-
-
-def _policy_label(policy: dict[str, Any]) -> str:
-    """A short, name-safe label from the fields that differ from their defaults."""
-    from freezelab.policies import from_dict
-
-    fields = from_dict(policy).model_dump(exclude_defaults=True, mode="json")
-    parts = [policy["type"]] + [
-        f"{k}{v}"
-        for k, v in sorted(fields.items())
-        if k != "type" and not isinstance(v, (dict, list))
-    ]
-    return "-".join(parts).replace(".", "p")[:48]

@@ -1,0 +1,72 @@
+"""The orchestration of one run: what ``freezelab train`` does, callable from Python.
+
+Check everything that can be checked on the driver, start (or join) Ray, check a
+multi-node cluster's storage and tracking, then train with MLflow tracking around
+the run. Each step belongs to a lower layer; this module only puts them in order.
+
+>>> from freezelab.trainers.config import load_config
+>>> tracked = train(load_config("examples/train_tiny.yaml"))  # doctest: +SKIP
+>>> print(summarize(tracked))                                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from freezelab.env import freezelab_home, job_submission_id
+from freezelab.mlflow.run import TrackedOutcome, tracking_available, train_tracked
+from freezelab.redact import redact_uri
+from freezelab.trainers.config import TrainConfig
+from freezelab.trainers.launch import init_ray
+from freezelab.trainers.preflight import check_run
+
+
+def train(
+    config: TrainConfig,
+    *,
+    address: str | None = None,
+    parent_run_id: str | None = None,
+    **train_options: Any,
+) -> TrackedOutcome:
+    """Train ``config`` as ``freezelab train`` does; ``parent_run_id`` nests its MLflow
+    run (a study's child). ``train_options`` go to ``train_tracked``."""
+    check_run(config)  # before Ray, MLflow or any worker
+    tracking = tracking_available(config)
+    if job_submission_id():
+        from freezelab.mlflow.tracking import resolve_tracking_uri
+
+        print(
+            f"[freezelab] Ray job {job_submission_id()}: runs in {config.storage_path}, MLflow "
+            f"at {redact_uri(resolve_tracking_uri(config.mlflow.tracking_uri))} (inside a job, relative "
+            f"paths resolve under {freezelab_home()}, not in the job's temporary folder)"
+        )
+    if config.scaling.num_workers > 0:
+        from freezelab.cluster.checks import check_cluster
+
+        init_ray(address)
+        check_cluster(config, logging_nodes="driver")
+    return train_tracked(config, parent_run_id=parent_run_id, tracking=tracking, **train_options)
+
+
+def summarize(config: TrainConfig, tracked: TrackedOutcome) -> str:
+    """The lines a run ends with: what it reached and where everything is."""
+    outcome = tracked.outcome
+    m = outcome.metrics
+    nan = float("nan")
+    lines = [
+        f"run {outcome.name}: {m.get('epoch', -1) + 1} epochs, policy {config.policy.label()}, "
+        f"model {config.model.name}",
+        f"  val_acc {m.get('val_acc', nan):.4f} (best {m.get('best_val_acc', nan):.4f}), "
+        f"val_loss {m.get('val_loss', nan):.4f}, train_loss {m.get('train_loss', nan):.4f}",
+        f"  trainable params {m.get('trainable_params', 0):,}, frozen {m.get('frozen_params', 0):,}",
+    ]
+    if outcome.checkpoint_dir:
+        lines.append(f"  checkpoint: {outcome.checkpoint_dir}")
+    if tracked.run_id:
+        from freezelab.mlflow.tracking import resolve_tracking_uri
+
+        uri = resolve_tracking_uri(config.mlflow.tracking_uri)
+        lines.append(f"  MLflow run: {tracked.run_id} at {redact_uri(uri)}")
+    if tracked.model_uri:
+        lines.append(f"  model: {tracked.model_uri}")
+    return "\n".join(lines)

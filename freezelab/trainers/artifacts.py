@@ -1,0 +1,81 @@
+"""Reading what freezelab logged to MLflow, from anywhere (a worker, the driver).
+
+A tiny module that imports no trainer (only the checkpoint format) and none of freezelab's tracking code, so the
+model builder can seed a run from ``models:/NAME@ALIAS`` or ``runs:/RUN_ID/model``
+(chained fine-tuning) without the trainers depending on the MLflow layer above them.
+
+The tracking URI is always explicit: the config's ``mlflow.tracking_uri``, else
+``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working directory.
+
+>>> resolve_tracking_uri("http://mlflow:5000")
+'http://mlflow:5000'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from freezelab.env import resolve_result_path
+from freezelab.errors import ConfigError
+from freezelab.trainers.checkpoint import MODEL_FILE
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+MODEL_URI_SCHEMES = ("models:/", "runs:/")
+
+
+def resolve_tracking_uri(configured: str | None) -> str:
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        # A relative sqlite path means the driver's working directory (FREEZELAB_HOME
+        # inside a Ray job): made absolute, so the Train controller (another process)
+        # writes to the same file.
+        uri = "sqlite:///" + resolve_result_path(uri.removeprefix("sqlite:///"))
+    return uri
+
+
+def is_model_uri(weights: str | None) -> bool:
+    return bool(weights) and weights.startswith(MODEL_URI_SCHEMES)
+
+
+def download_weights(model_uri: str, tracking_uri: str | None = None) -> str:
+    """A local safetensors file for ``models:/NAME@ALIAS`` or ``runs:/RUN_ID/...``:
+    the weights that freezelab logged beside the model (never an unpickled model)."""
+    import mlflow
+
+    uri = resolve_tracking_uri(tracking_uri)
+    try:
+        with tracking_uri_set(uri):
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    except Exception as err:  # MlflowException, OSError: the URI names nothing here
+        raise ConfigError(
+            f"model.weights {model_uri!r}: cannot download it from {uri}: {err}"
+        ) from None
+    found = sorted(local.rglob(MODEL_FILE)) if local.is_dir() else [local]
+    if not found or found[0].suffix != ".safetensors":
+        raise ConfigError(
+            f"model.weights {model_uri!r} holds no {MODEL_FILE}: only models logged by "
+            "freezelab can seed a run"
+        )
+    return str(found[0])
+
+
+@contextlib.contextmanager
+def tracking_uri_set(uri: str):
+    """MLflow's fluent API for one call. ``mlflow.set_tracking_uri`` also writes the
+    MLFLOW_TRACKING_URI environment variable, which would leak into every later run
+    of this process: the previous value is restored."""
+    import mlflow
+
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env

@@ -1,0 +1,228 @@
+"""Where a run lives: ``storage_path/name``, its checkpoints, its identity and its
+MLflow key.
+
+One value object for a convention that the launcher, the loop's local mode, MLflow,
+the report and the sweep all share.
+
+A run's directory records the config it was started with (``freezelab_run.json``).
+Running a name again resumes only the same run: a config that differs in anything
+that changes the result is refused, naming the keys that differ, before Ray or MLflow
+start (``claim``). Bookkeeping keys (``RESULT_NEUTRAL``) may change between attempts.
+
+>>> where = RunLocation("/data/runs", "vgg16-last5")
+>>> where.directory, where.key, where.is_remote
+('/data/runs/vgg16-last5', '/data/runs/vgg16-last5', False)
+>>> RunLocation("s3://bucket/runs/", "a").directory
+'s3://bucket/runs/a'
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from freezelab.errors import ConfigError, quote
+from freezelab.trainers import checkpoint as ckpt
+
+PENDING_METRICS_FILE = "mlflow_pending_metrics.jsonl"
+LOCAL_CHECKPOINTS = "local_checkpoints"
+RECORD_FILE = "freezelab_run.json"
+
+# Config keys (and key prefixes) that do not change what a run computes: where it is
+# stored and tracked, how often it checkpoints, how failures are retried, where its
+# workers go and how many loader processes feed them. Everything else does.
+RESULT_NEUTRAL = (
+    "name",
+    "storage_path",
+    "mlflow",
+    "checkpoint",
+    "max_failures",
+    "max_controller_failures",
+    "scaling.resources_per_worker",
+    "scaling.placement_strategy",
+    "scaling.env_vars",
+    "performance.torch_threads",
+    "data.num_workers",
+)
+
+
+def result_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """The flattened config (``a.b`` keys) without the result-neutral keys."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+            return
+        key = prefix[:-1]
+        if not any(key == n or key.startswith(n + ".") for n in RESULT_NEUTRAL):
+            flat[key] = node
+
+    walk(config, "")
+    return flat
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between two configs in what changes the result:
+    ``["epochs: 3 -> 2", "optimizer.lr: 0.05 -> 0.5"]``."""
+    before, after = result_fields(old), result_fields(new)
+    missing = object()
+    return [
+        f"{key}: {_shown(before.get(key, missing))} -> {_shown(after.get(key, missing))}"
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key, missing) != after.get(key, missing)
+    ]
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """8 hex digits that change with anything that changes the result."""
+    import hashlib
+
+    text = json.dumps(result_fields(config), sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def _shown(value: Any) -> str:
+    return (
+        "(unset)"
+        if not isinstance(value, (str, int, float, bool, list, type(None)))
+        else quote(value, 60)
+    )
+
+
+def is_remote(path: str) -> bool:
+    """True for a URI (``s3://``, ``gs://``, ``http://``, ...), False for a local path."""
+    return "://" in path
+
+
+@dataclass(frozen=True)
+class RunLocation:
+    storage_path: str
+    name: str
+
+    @classmethod
+    def of(cls, config: Any) -> RunLocation:
+        return cls(config.storage_path, config.name)
+
+    @property
+    def is_remote(self) -> bool:
+        return is_remote(self.storage_path)
+
+    @property
+    def directory(self) -> str:
+        return f"{self.storage_path.rstrip('/')}/{self.name}"
+
+    @property
+    def path(self) -> Path:
+        """The run's directory on this machine (local storage only)."""
+        if self.is_remote:
+            raise ValueError(f"{self.directory} is remote storage, not a local path")
+        return Path(self.directory)
+
+    @property
+    def key(self) -> str:
+        """The run's identity in MLflow (the tag ``freezelab.run_key``)."""
+        return self.directory
+
+    @property
+    def local_checkpoint_dir(self) -> Path:
+        """Where Ray Train's in-process local mode (``num_workers: 0``) keeps checkpoints."""
+        return self.path / LOCAL_CHECKPOINTS
+
+    @property
+    def pending_metrics_file(self) -> Path:
+        """Metrics that MLflow could not take yet, as JSON lines."""
+        return self.path / PENDING_METRICS_FILE
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints of this run (Ray Train's or local mode's), oldest first."""
+        if self.is_remote or not self.path.is_dir():
+            return []
+        found = []
+        for state_file in self.path.glob(f"**/{ckpt.STATE_FILE}"):
+            directory = state_file.parent
+            if directory.name.startswith(".") or not (directory / ckpt.MODEL_FILE).is_file():
+                continue
+            try:
+                epoch = int(ckpt.read_state(directory)["epoch"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # a checkpoint being written, or not one of ours
+            found.append((epoch, directory.stat().st_mtime, directory))
+        return [directory for *_, directory in sorted(found)]
+
+    def latest_checkpoint(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    @property
+    def record_file(self) -> Path:
+        return self.path / RECORD_FILE
+
+    def read_record(self) -> dict[str, Any] | None:
+        """The run's identity (``uid``) and the config it was started with, if any.
+
+        A run from before records existed is identified by its latest checkpoint."""
+        if self.is_remote:
+            return None
+        if self.record_file.is_file():
+            return json.loads(self.record_file.read_text())
+        latest = self.latest_checkpoint()
+        if latest is not None:
+            return {"uid": None, "config": ckpt.read_state(latest).get("config") or {}}
+        return None
+
+    def claim(self, config: Any, *, overwrite: bool = False) -> str | None:
+        """Make this directory the run of ``config``; returns the run's uid.
+
+        A new run records its config. The same config again resumes (same uid). A
+        changed config raises, naming the keys that differ, unless ``overwrite``: then
+        the old run is moved aside (``NAME.replaced-TIMESTAMP``), never deleted.
+        Remote storage is not checked (None).
+        """
+        if self.is_remote:
+            return None
+        mine = config.safe_dict()
+        record = self.read_record()
+        if record is not None and not overwrite:
+            changes = config_changes(record["config"], mine)
+            if changes:
+                shown = "; ".join(changes[:6]) + (
+                    f"; and {len(changes) - 6} more" if len(changes) > 6 else ""
+                )
+                raise ConfigError(
+                    f"run {self.name!r} at {self.directory} was trained with another config "
+                    f"({shown}). Choose another name, pass --overwrite to move the old run "
+                    "aside, or use a name template such as name: "
+                    f"'{self.name}-{{policy}}-{{hash}}' so that each config gets its own run"
+                )
+            if record.get("uid"):
+                return record["uid"]
+        if overwrite and self.path.exists():
+            aside = self.path.with_name(f"{self.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            self.path.rename(aside)
+            print(f"[freezelab] --overwrite: the old run {self.name!r} moved to {aside}")
+        uid = uuid.uuid4().hex[:12]
+        self.path.mkdir(parents=True, exist_ok=True)
+        partial = self.record_file.with_suffix(".partial")
+        partial.write_text(json.dumps({"uid": uid, "config": mine}, indent=2, sort_keys=True))
+        partial.rename(self.record_file)
+        return uid
+
+    def mlflow_key(self) -> str:
+        """The run's key in MLflow: its directory and uid, so a run started again under
+        the same name (``--overwrite``) never continues the old run's MLflow run."""
+        record = self.read_record()
+        uid = record.get("uid") if record else None
+        return f"{self.key}#{uid}" if uid else self.key
+
+    def completed_checkpoint(self, epochs: int) -> Path | None:
+        """The final checkpoint of a run that already trained all ``epochs``."""
+        latest = self.latest_checkpoint()
+        if latest is not None and ckpt.read_state(latest)["epoch"] >= epochs - 1:
+            return latest
+        return None

@@ -1,0 +1,102 @@
+"""How the training loop reports an epoch, and where it finds the checkpoint to resume.
+
+The loop calls one reporter, chosen by the caller:
+
+- :class:`RayTrainReporter` in a Ray Train run: ``ray.train.report`` with a checkpoint
+  that Ray Train stores and registers, and ``ray.train.get_checkpoint`` on resume.
+- :class:`LocalReporter` in Ray Train's in-process local mode (``num_workers: 0``),
+  which keeps no checkpoints and calls no callbacks: it writes the checkpoints where a
+  rerun finds them and calls the run's callbacks itself, so MLflow logging and resume
+  work the same in both modes.
+
+``report`` is a barrier in a Ray Train run: every rank calls it once per epoch.
+
+>>> reporter = RayTrainReporter()
+>>> # reporter.report(metrics, write_checkpoint=lambda directory: ...)  inside the loop
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any, Protocol
+
+WriteCheckpoint = Callable[[Path], None]
+
+
+class Reporter(Protocol):
+    def resume_from(self) -> AbstractContextManager[str | None]:
+        """A context manager yielding the directory of the checkpoint to resume, or None."""
+        ...
+
+    def report(self, metrics: dict[str, Any], write_checkpoint: WriteCheckpoint | None) -> None:
+        """Report one epoch's metrics; ``write_checkpoint(directory)`` saves one (rank 0)."""
+        ...
+
+
+class RayTrainReporter:
+    """``ray.train.report`` with checkpoints that Ray Train stores under ``storage_path``."""
+
+    def resume_from(self) -> AbstractContextManager[str | None]:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        return checkpoint.as_directory() if checkpoint is not None else nullcontext(None)
+
+    def report(self, metrics: dict[str, Any], write_checkpoint: WriteCheckpoint | None) -> None:
+        import ray.train
+
+        if write_checkpoint is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            write_checkpoint(Path(directory))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+class LocalReporter:
+    """Checkpoints in ``directory`` (``checkpoint_epoch=NNNNNN``, the newest ``keep``),
+    and the run's Train callbacks called after every report, as the controller would."""
+
+    def __init__(self, directory: str | Path, keep: int | None, callbacks: Sequence[Any] = ()):
+        self.directory = Path(directory)
+        self.keep = keep
+        self.callbacks = list(callbacks)
+
+    def resume_from(self) -> AbstractContextManager[str | None]:
+        latest = self.latest()
+        return nullcontext(str(latest) if latest is not None else None)
+
+    def latest(self) -> Path | None:
+        found = sorted(self.directory.glob("checkpoint_epoch=*")) if self.directory.is_dir() else []
+        complete = [d for d in found if (d / "state.json").is_file()]
+        return complete[-1] if complete else None
+
+    def report(self, metrics: dict[str, Any], write_checkpoint: WriteCheckpoint | None) -> None:
+        import ray.train
+
+        checkpoint = None
+        if write_checkpoint is not None:
+            directory = self.directory / f"checkpoint_epoch={int(metrics['epoch']):06d}"
+            partial = directory.with_name("." + directory.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            write_checkpoint(partial)
+            shutil.rmtree(directory, ignore_errors=True)
+            partial.rename(directory)  # a checkpoint is complete or absent, never half-written
+            self._prune()
+            checkpoint = ray.train.Checkpoint.from_directory(str(directory))
+        ray.train.report(metrics)
+        for callback in self.callbacks:
+            callback.after_report(run_context=None, metrics=[metrics], checkpoint=checkpoint)
+
+    def _prune(self) -> None:
+        if self.keep is None:
+            return
+        found = sorted(
+            d for d in self.directory.iterdir() if d.name.startswith("checkpoint_epoch=")
+        )
+        for old in found[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)

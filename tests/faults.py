@@ -1,0 +1,51 @@
+"""Fault injection for tests: reporters that fail right after an epoch's report.
+
+They replace the loop's reporter (``run_training(..., reporter=...)``), so the
+production loop carries no debug switch. Workers of a Ray session cannot import the
+tests, so this module is pickled by value.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ray.cloudpickle
+
+from freezelab.trainers.reporting import LocalReporter, RayTrainReporter
+
+ray.cloudpickle.register_pickle_by_value(__import__(__name__))
+
+
+class Interrupted(Exception):
+    """Stands for a crash of the driver process in local mode."""
+
+
+class CrashAfterEpoch(LocalReporter):
+    """Local mode: report and checkpoint epoch ``epoch`` as usual, then crash."""
+
+    def __init__(self, epoch: int, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epoch = epoch
+
+    def report(self, metrics, write_checkpoint):
+        super().report(metrics, write_checkpoint)
+        if metrics["epoch"] == self.epoch:
+            raise Interrupted(f"after epoch {self.epoch}")
+
+
+class KillRankAfterEpoch(RayTrainReporter):
+    """Ray Train: rank ``rank`` dies (``os._exit``) right after reporting ``epoch``,
+    once; the marker file records that it happened."""
+
+    def __init__(self, rank: int, epoch: int, marker: str | Path):
+        self.rank, self.epoch, self.marker = rank, epoch, str(marker)
+
+    def report(self, metrics, write_checkpoint):
+        import ray.train
+
+        super().report(metrics, write_checkpoint)
+        rank = ray.train.get_context().get_world_rank()
+        if (rank, metrics["epoch"]) == (self.rank, self.epoch) and not Path(self.marker).exists():
+            Path(self.marker).write_text(f"killed rank {rank} after epoch {self.epoch}\n")
+            os._exit(1)
