@@ -11,13 +11,14 @@ the run. Each step belongs to a lower layer; this module only puts them in order
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from freezelab.env import freezelab_home, job_submission_id
 from freezelab.mlflow.run import TrackedOutcome, tracking_available, train_tracked
 from freezelab.redact import redact_uri
 from freezelab.trainers.config import TrainConfig
-from freezelab.trainers.launch import init_ray
+from freezelab.trainers.launch import init_ray, worker_resources
 from freezelab.trainers.preflight import check_run
 
 
@@ -30,6 +31,7 @@ def train(
 ) -> TrackedOutcome:
     """Train ``config`` as ``freezelab train`` does; ``parent_run_id`` nests its MLflow
     run (a study's child). ``train_options`` go to ``train_tracked``."""
+    started = time.perf_counter()
     check_run(config)  # before Ray, MLflow or any worker
     tracking = tracking_available(config)
     if job_submission_id():
@@ -44,8 +46,11 @@ def train(
         from freezelab.cluster.checks import check_cluster
 
         init_ray(address)
+        worker_resources(config)  # a request that can never fit fails before MLflow
         check_cluster(config, logging_nodes="driver")
-    return train_tracked(config, parent_run_id=parent_run_id, tracking=tracking, **train_options)
+    return train_tracked(
+        config, parent_run_id=parent_run_id, tracking=tracking, started=started, **train_options
+    )
 
 
 def summarize(config: TrainConfig, tracked: TrackedOutcome) -> str:
@@ -59,6 +64,9 @@ def summarize(config: TrainConfig, tracked: TrackedOutcome) -> str:
         f"  val_acc {m.get('val_acc', nan):.4f} (best {m.get('best_val_acc', nan):.4f}), "
         f"val_loss {m.get('val_loss', nan):.4f}, train_loss {m.get('train_loss', nan):.4f}",
         f"  trainable params {m.get('trainable_params', 0):,}, frozen {m.get('frozen_params', 0):,}",
+        f"  time: {m.get('train_time_s', nan):.1f} s training, {tracked.wall_time_s or nan:.1f} s "
+        f"wall clock; {m.get('train_images', 0):,} images, "
+        f"{m.get('train_flops', 0) / 1e9:,.1f} GFLOP",
     ]
     if outcome.checkpoint_dir:
         lines.append(f"  checkpoint: {outcome.checkpoint_dir}")

@@ -33,7 +33,9 @@ def job_submission_id() -> str | None:
 
 
 def freezelab_home() -> Path:
-    """``FREEZELAB_HOME``, else ``~/freezelab``: runs in ``runs/``, MLflow in ``mlflow.db``."""
+    """``FREEZELAB_HOME``, else ``~/freezelab``: inside a Ray job, the default
+    ``storage_path`` is ``freezelab_runs/`` there and the default MLflow store
+    ``mlflow.db`` there."""
     return Path(os.path.expanduser(os.environ.get(HOME_ENV) or "~/freezelab")).resolve()
 
 

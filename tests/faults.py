@@ -49,3 +49,20 @@ class KillRankAfterEpoch(RayTrainReporter):
         if (rank, metrics["epoch"]) == (self.rank, self.epoch) and not Path(self.marker).exists():
             Path(self.marker).write_text(f"killed rank {rank} after epoch {self.epoch}\n")
             os._exit(1)
+
+
+class RecordEnv(RayTrainReporter):
+    """Ray Train: each rank writes the value of ``variable`` in its environment to
+    ``directory/rank-N`` at its first report (what the worker process really got)."""
+
+    def __init__(self, variable: str, directory: str | Path):
+        self.variable, self.directory = variable, str(directory)
+
+    def report(self, metrics, write_checkpoint):
+        import ray.train
+
+        rank = ray.train.get_context().get_world_rank()
+        path = Path(self.directory) / f"rank-{rank}"
+        if not path.exists():
+            path.write_text(os.environ.get(self.variable, "<unset>"))
+        super().report(metrics, write_checkpoint)

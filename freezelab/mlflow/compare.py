@@ -16,7 +16,8 @@ TABLE = (
     Column("best_val_acc", fmt="{:.4f}"),
     Column("val_acc", fmt="{:.4f}"),
     Column("epochs"),
-    Column("time_s"),
+    Column("train_time_s", fmt="{:.1f}"),
+    Column("wall_time_s", fmt="{:.1f}"),
     Column("trainable_pct", fmt="{:.2f}"),
     Column("status"),
     Column("run_name"),
@@ -52,7 +53,11 @@ def compare_rows(
                 "best_val_acc": metrics.get("best_val_acc"),
                 "val_acc": metrics.get("val_acc"),
                 "epochs": int(metrics["epoch"]) + 1 if "epoch" in metrics else None,
-                "time_s": round((end - run.info.start_time) / 1000, 1) if end else None,
+                "train_time_s": metrics.get("train_time_s"),
+                # Runs from before wall_time_s was logged: MLflow's own duration.
+                "wall_time_s": metrics.get(
+                    "wall_time_s", (end - run.info.start_time) / 1000 if end else None
+                ),
                 "trainable_pct": round(100 * trainable / total, 2) if total else None,
                 "status": run.info.status,
                 "run_name": run.info.run_name,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ class TrackedOutcome:
     outcome: TrainOutcome
     run_id: str | None = None
     model_uri: str | None = None
+    wall_time_s: float | None = None  # the run's wall clock, start-up included
 
 
 def train_tracked(
@@ -58,14 +60,17 @@ def train_tracked(
     reporter: Reporter | None = None,
     overwrite: bool = False,
     tracking: bool | None = None,
+    started: float | None = None,
 ) -> TrackedOutcome:
     """Start the tracked run, train with its callback, finish it with the outcome.
 
     An unreachable server fails first (unless ``mlflow.required: false``; ``tracking``
     is the answer of an earlier ``tracking_available``), then a name that holds a run
     of another config (``overwrite`` moves that run aside): both before anything is
-    created. A run that fails is closed as FAILED.
+    created. A run that fails is closed as FAILED. ``started`` (``time.perf_counter()``)
+    is when the caller began the run: ``wall_time_s`` counts from there.
     """
+    started = time.perf_counter() if started is None else started
     if tracking is None:
         tracking = tracking_available(config)
     RunLocation.of(config).claim(config, overwrite=overwrite)
@@ -78,9 +83,11 @@ def train_tracked(
         if tracked is not None:
             tracked.finish(config, None, status="FAILED")
         raise
+    wall_time_s = time.perf_counter() - started
     if tracked is None:
-        return TrackedOutcome(outcome)
-    return TrackedOutcome(outcome, tracked.run_id, tracked.finish(config, outcome))
+        return TrackedOutcome(outcome, wall_time_s=wall_time_s)
+    model_uri = tracked.finish(config, outcome, wall_time_s=wall_time_s)
+    return TrackedOutcome(outcome, tracked.run_id, model_uri, wall_time_s)
 
 
 def tracking_available(config: Any) -> bool:
@@ -154,14 +161,23 @@ class TrackedRun:
     def callback(self) -> MlflowMetricsCallback:
         return MlflowMetricsCallback(self.tracking_uri, self.run_id, self.fallback_file)
 
-    def finish(self, config: Any, outcome: Any, status: str = "FINISHED") -> str | None:
-        """Log the phases, the model and its registration; close the run. Returns the
-        logged model's URI (None without a checkpoint)."""
+    def finish(
+        self,
+        config: Any,
+        outcome: Any,
+        status: str = "FINISHED",
+        wall_time_s: float | None = None,
+    ) -> str | None:
+        """Log the phases, the wall time, the model and its registration; close the run.
+        Returns the logged model's URI (None without a checkpoint)."""
         import mlflow
 
         client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
         model_uri = None
         try:
+            if wall_time_s is not None and outcome is not None:
+                last = int(outcome.metrics.get("epoch", 0))
+                client.log_metric(self.run_id, "wall_time_s", wall_time_s, step=last)
             self._log_phases(client, config)
             if config.mlflow.log_model and outcome is not None and outcome.checkpoint_dir:
                 model_uri = log_checkpoint_model(

@@ -179,7 +179,7 @@ def summarize(rows: list[dict[str, Any]]) -> str:
         f"{winner['label']} won: best val_acc {winner['best_val_acc']:.4f}, reached after "
         f"{winner['epochs_to_best']} of {winner['epochs']} epochs in "
         f"{_seconds(winner['train_time_s'])} of training "
-        f"(mean {winner['images_per_s']:.0f} images/s), with "
+        f"({winner['images_per_s']:.0f} images/s), with "
         f"{_percent(winner['trainable_share'])} of the parameters trainable."
     ]
     ties = [r["label"] for r in rows[1:] if r["best_val_acc"] == winner["best_val_acc"]]
@@ -291,7 +291,7 @@ def _accuracy_vs_time(rows: list[dict[str, Any]], front: list[int], colors: list
     times = [t for t, _ in _points(rows) if 0 < t < math.inf]
     if times and max(times) / min(times) > 20:
         ax.set_xscale("log")
-    ax.set_xlabel("training time (s, sum of epoch_time_s)")
+    ax.set_xlabel("training time (s, train_time_s)")
     ax.set_ylabel("best val_acc")
     ax.set_title("Accuracy against training compute (one point per run)")
     ax.grid(alpha=0.3)

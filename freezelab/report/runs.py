@@ -33,6 +33,8 @@ HISTORY_KEYS = (
     "train_loss",
     "epoch_time_s",
     "images_per_s",
+    "train_time_s",
+    "train_images",
     "trainable_params",
     "frozen_params",
 )
@@ -189,11 +191,21 @@ class RunRecord:
 
     @property
     def train_time_s(self) -> float:
+        """The training passes' time (README, "What a run costs"); for runs from before
+        the metric existed, the sum of the epochs' times."""
+        values = [v for _, v in self.series("train_time_s")]
+        if values:
+            return values[-1]
         values = [v for _, v in self.series("epoch_time_s")]
         return sum(values) if values else math.nan
 
     @property
     def images_per_s(self) -> float:
+        """Images seen over the training passes' time: not a mean of per-epoch rates,
+        which cached epochs would inflate."""
+        images = [v for _, v in self.series("train_images")]
+        if images and self.train_time_s > 0:
+            return images[-1] / self.train_time_s
         values = [v for _, v in self.series("images_per_s")]
         return sum(values) / len(values) if values else math.nan
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -287,24 +288,31 @@ def _search(sweep: SweepConfig):
     from ray.tune.search.optuna import OptunaSearch
 
     searcher = OptunaSearch(
-        space=_define_by_run(sweep), metric=sweep.metric, mode=sweep.mode, seed=sweep.seed
+        space=DefineByRun(sweep.space.policies, sweep.space.params),
+        metric=sweep.metric,
+        mode=sweep.mode,
+        seed=sweep.seed,
     )
     return {}, searcher, sweep.num_samples
 
 
-def _define_by_run(sweep: SweepConfig):
-    """Optuna's define-by-run space: the policy type decides which fields are sampled."""
-    policies = [dict(p) for p in sweep.space.policies]
-    params = dict(sweep.space.params)
+class DefineByRun:
+    """Optuna's define-by-run space: the policy type decides which fields are sampled.
 
-    def define(trial) -> dict[str, Any]:
-        index = trial.suggest_categorical("policy_entry", list(range(len(policies))))
-        entry = policies[index]
+    A module-level class holding the space as data, not a closure: Tune checkpoints
+    its searcher by pickling it, and ``--resume`` restores it with its trials so far.
+    """
+
+    def __init__(self, policies: list[dict[str, Any]], params: dict[str, Any]):
+        self.policies = [dict(p) for p in policies]
+        self.params = dict(params)
+
+    def __call__(self, trial) -> dict[str, Any]:
+        index = trial.suggest_categorical("policy_entry", list(range(len(self.policies))))
+        entry = self.policies[index]
         policy = {k: _suggest(trial, f"{entry['type']}.{k}.{index}", v) for k, v in entry.items()}
-        values = {k: _suggest(trial, f"param.{k}", v) for k, v in params.items()}
+        values = {k: _suggest(trial, f"param.{k}", v) for k, v in self.params.items()}
         return {"policy": policy, "params": values}
-
-    return define
 
 
 def _suggest(trial, name: str, value: Any) -> Any:
@@ -335,7 +343,7 @@ def result_rows(grid, sweep: SweepConfig, epochs: int) -> list[dict[str, Any]]:
                 "best_val_acc": metrics.get("best_val_acc"),
                 "epochs": ran,
                 "stopped_early": ran < epochs and result.error is None,
-                "error": None if result.error is None else str(result.error).splitlines()[0][:200],
+                "error": None if result.error is None else _error_line(result.error),
                 "time_s": round(float(metrics.get("time_total_s", math.nan)), 1),
                 "run_name": trial_run_name(sweep.name, choice),
             }
@@ -343,6 +351,14 @@ def result_rows(grid, sweep: SweepConfig, epochs: int) -> list[dict[str, Any]]:
     sign = -1 if sweep.mode == "max" else 1
     rows.sort(key=lambda r: (r["metric"] is None, sign * (r["metric"] or 0)))
     return rows
+
+
+def _error_line(error: BaseException) -> str:
+    """The line that says what went wrong: Ray wraps a trial's exception in lines about
+    the actor and the traceback, and the exception itself comes last."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    named = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b", line)]
+    return (named[-1] if named else lines[-1] if lines else type(error).__name__)[:200]
 
 
 def format_results(rows: list[dict[str, Any]], sweep: SweepConfig) -> str:

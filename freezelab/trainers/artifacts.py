@@ -19,6 +19,7 @@ from pathlib import Path
 
 from freezelab.env import resolve_result_path
 from freezelab.errors import ConfigError
+from freezelab.redact import strip_credentials
 from freezelab.trainers.checkpoint import MODEL_FILE
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -32,6 +33,11 @@ def resolve_tracking_uri(configured: str | None) -> str:
         # inside a Ray job): made absolute, so the Train controller (another process)
         # writes to the same file.
         uri = "sqlite:///" + resolve_result_path(uri.removeprefix("sqlite:///"))
+    if strip_credentials(uri)[1] is not None:
+        # MLflow prints run and model links with the URI as given (at every run's end):
+        # with a password in it, this process prints none.
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+        os.environ["MLFLOW_PRINT_MODEL_URLS_ON_CREATION"] = "false"
     return uri
 
 

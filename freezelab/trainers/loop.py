@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
+from torch.utils.flop_counter import FlopCounterMode
 
 from freezelab.policies import FreezePlan, apply
 from freezelab.trainers import checkpoint as ckpt
@@ -143,7 +144,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if use_cached
             else train_loader
         )
-        for batch in batches:
+        step_flops = 0
+        for index, batch in enumerate(batches):
             set_lr(
                 optimizer,
                 config.optimizer.lr,
@@ -157,15 +159,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 if config.performance.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 inputs = cache.features_for(model, images, labels, indices) if cache else images
-            with _autocast(config, device):
-                logits = trained(inputs)
-                loss = F.cross_entropy(
-                    logits, labels, label_smoothing=config.optimizer.label_smoothing
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            # The epoch's first step is counted (FLOPs of what really runs: a frozen
+            # layer's weight gradient is never computed, a cached backbone never runs).
+            counter = FlopCounterMode(display=False) if index == 0 else nullcontext()
+            with counter:
+                with _autocast(config, device):
+                    logits = trained(inputs)
+                    loss = F.cross_entropy(
+                        logits, labels, label_smoothing=config.optimizer.label_smoothing
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            if index == 0:
+                step_flops = counter.get_total_flops()
             step += 1
             # Accumulated on the device: no host sync in the training step.
             totals += torch.stack(
@@ -179,8 +187,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             cache.share()
         train_time = time.perf_counter() - started
 
+        # Every rank evaluates, and rank 0 saves, the same model: BatchNorm statistics
+        # that each rank updated on its own batches are averaged first.
+        _average_buffers(model, world_size)
         val_loss, val_acc = _evaluate(model, val_loader, device, config, val_cache)
         totals = _all_reduce(totals)
+        so_far = history[-1] if history else {}
         metrics = {
             "epoch": epoch,
             "phase": plan.phase,
@@ -190,6 +202,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "val_acc": val_acc,
             "epoch_time_s": time.perf_counter() - started,
             "images_per_s": float(totals[2]) / train_time,
+            # The run's cost so far (README, "What a run costs"): summed over epochs.
+            "train_time_s": so_far.get("train_time_s", 0.0) + train_time,
+            "train_images": so_far.get("train_images", 0) + int(totals[2]),
+            "train_flops": so_far.get("train_flops", 0) + step_flops * steps_per_epoch * world_size,
+            "trainable_share": plan.trainable_params / plan.total_params,
             "trainable_params": plan.trainable_params,
             "frozen_params": plan.total_params - plan.trainable_params,
             "feature_cache": int(use_cached),
@@ -368,17 +385,34 @@ def _drift(
 
 
 @torch.no_grad()
-def _replicas_in_sync(model: nn.Module, world_size: int) -> int:
-    """1 when every rank holds bit-identical parameters, else 0 (always 1 on one rank).
+def _average_buffers(model: nn.Module, world_size: int) -> None:
+    """Average every floating-point buffer (BatchNorm's running statistics) across
+    ranks, as timm's ``distribute_bn(..., reduce=True)`` does. DDP broadcasts rank 0's
+    buffers at each forward, then each rank updates them on its own batch, so after the
+    last step they differ. Averaging keeps the statistics of every rank's data, where
+    broadcasting rank 0's would keep a single shard's. Identical buffers stay exact."""
+    if world_size <= 1 or not dist.is_initialized():
+        return
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+            buffer.div_(world_size)
 
-    The checksum sums each parameter's bytes as integers: equal bits give equal sums.
+
+@torch.no_grad()
+def _replicas_in_sync(model: nn.Module, world_size: int) -> int:
+    """1 when every rank holds bit-identical parameters and buffers (BatchNorm's
+    statistics too), else 0 (always 1 on one rank).
+
+    The checksum sums each tensor's bytes as integers: equal bits give equal sums.
     """
     if world_size <= 1 or not dist.is_initialized():
         return 1
+    tensors = [*model.parameters(), *model.buffers()]
     sums = torch.stack(
         [
-            p.detach().contiguous().view(torch.uint8).to(torch.int64).sum()
-            for p in model.parameters()
+            t.detach().reshape(-1).contiguous().view(torch.uint8).to(torch.int64).sum()
+            for t in tensors
         ]
     ).to(torch.int64)
     gathered = [torch.empty_like(sums) for _ in range(world_size)]

@@ -366,3 +366,90 @@ def test_a_wrong_token_is_refused_with_how_to_get_the_right_one(
     assert f"the Ray cluster at {head.dashboard} refused the request" in result.stderr
     assert "ray get-auth-token" in result.stderr
     assert "submitted" not in result.stdout
+
+
+@pytest.mark.ray
+def test_two_jobs_of_one_upload_keep_their_own_results_at_freezelab_home(
+    head, tmp_path: Path
+) -> None:
+    """Ray reuses the package of an identical upload: relative results there would be
+    shared by the jobs and lost with the package. Inside a job they go to FREEZELAB_HOME,
+    and a name template gives each config its own run."""
+    from ray.job_submission import JobSubmissionClient
+
+    project = tmp_path / "project"
+    config_path = _write_job_dir(project, "twin-{hash}")
+    config = yaml.safe_load(config_path.read_text())
+    del config["storage_path"], config["mlflow"]  # the defaults: relative paths
+    config_path.write_text(yaml.safe_dump(config))
+    home = tmp_path / "home"
+    token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+    client = JobSubmissionClient(head.dashboard, headers={"Authorization": f"Bearer {token}"})
+    jobs = {}
+    for epochs in (1, 2):
+        jobs[epochs] = client.submit_job(
+            entrypoint=f"{sys.executable} -m freezelab train configs/tiny.yaml --set epochs={epochs}",
+            runtime_env={
+                **shipped_runtime_env(),
+                "working_dir": str(project),
+                "env_vars": {"FREEZELAB_HOME": str(home)},
+            },
+        )
+        status = _wait_terminal(client, jobs[epochs], timeout=400)
+        logs = client.get_job_logs(jobs[epochs])
+        assert status == "SUCCEEDED", logs[-3000:]
+        assert f"runs in {home / 'freezelab_runs'}" in logs
+        assert f"checkpoint: {home / 'freezelab_runs'}" in logs and "MLflow run: " in logs
+
+    runs = {
+        epochs: _runs_of_job(f"sqlite:///{home / 'mlflow.db'}", job_id)
+        for epochs, job_id in jobs.items()
+    }
+    assert all(len(found) == 1 and found[0].info.status == "FINISHED" for found in runs.values())
+    assert runs[1][0].info.run_id != runs[2][0].info.run_id
+    assert runs[1][0].data.metrics["epoch"] == 0 and runs[2][0].data.metrics["epoch"] == 1
+    directories = sorted((home / "freezelab_runs").glob("twin-*"))
+    assert len(directories) == 2 and all(
+        list(d.glob("checkpoint_*/state.json")) for d in directories
+    )
+    assert len(list((home / "mlruns" / "freezelab").glob("*/artifacts/config.yaml"))) == 2
+    # Nothing landed in Ray's copy of the upload.
+    from ray._common.utils import get_default_ray_temp_dir
+
+    packages = list(
+        Path(get_default_ray_temp_dir()).glob("session_*/runtime_resources/working_dir_files/*")
+    )
+    leftovers = [
+        p for pkg in packages for p in pkg.rglob("*") if p.name in ("mlflow.db", "freezelab_runs")
+    ]
+    assert leftovers == []
+
+
+@pytest.mark.ray
+def test_train_without_an_address_never_joins_the_head_that_ray_start_left(head) -> None:
+    """While the head runs, Ray's address file points at it: a bare ``ray.init()`` would
+    join it. freezelab starts a Ray of its own unless told an address."""
+    from ray_nodes import _address_file_kept
+
+    code = (
+        "import ray; from freezelab.trainers.launch import init_ray; init_ray(); "
+        "print(ray.get_runtime_context().gcs_address); ray.shutdown()"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    addresses = {}
+    for label, extra in (
+        ("own", {}),
+        ("joined", {"RAY_ADDRESS": head.gcs, "RAY_AUTH_MODE": "token"}),
+    ):
+        with _address_file_kept():
+            result = subprocess.run(
+                [sys.executable, "-c", code],
+                capture_output=True,
+                text=True,
+                env={**env, **extra},
+                timeout=180,
+            )
+        assert result.returncode == 0, result.stderr[-3000:]
+        addresses[label] = result.stdout.strip().splitlines()[-1]
+    assert addresses["joined"] == head.gcs
+    assert addresses["own"] != head.gcs

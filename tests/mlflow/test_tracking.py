@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -175,6 +176,8 @@ def test_compare_lists_runs_by_policy(tiny_config, sqlite_uri, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert sorted(r["policy"] for r in rows) == ["full", "last_n(n=1)"]
     assert all(r["epochs"] == 1 for r in rows)
+    # One definition of cost: the training passes, and the run's wall clock around them.
+    assert all(0 < r["train_time_s"] < r["wall_time_s"] for r in rows)
     assert main(["compare", "tests", "--tracking-uri", sqlite_uri, "--format", "csv"]) == 0
     assert capsys.readouterr().out.startswith("policy,best_val_acc")
     assert main(["compare", "missing", "--tracking-uri", sqlite_uri]) == 2
@@ -267,3 +270,47 @@ def test_killed_worker_resumes_and_logs_each_epoch_once(
             2,
             3,
         ], key
+
+
+@pytest.mark.ray
+def test_secrets_reach_the_workers_and_nothing_else(
+    ray_session, tiny_config, mlflow_server, tmp_path, capfd
+):
+    """A secret in scaling.env_vars and a password in the tracking URI: the worker gets
+    the variable, and neither is found in any param, tag, artifact, checkpoint file,
+    run record or output line."""
+    from faults import RecordEnv
+
+    secret, password = "AKIA-not-a-real-secret-7f3a", "hunter2-pw-9c1e"
+    host = mlflow_server.removeprefix("http://")
+    config = _tracked(
+        tiny_config,
+        f"http://alice:{password}@{host}",
+        name="secretive",
+        epochs=1,
+        scaling={"num_workers": 1, "env_vars": {"AWS_SECRET_ACCESS_KEY": secret}},
+    )
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    tracked = train(config, reporter=RecordEnv("AWS_SECRET_ACCESS_KEY", seen))
+    assert (seen / "rank-0").read_text() == secret
+
+    client = mlflow.MlflowClient(mlflow_server)
+    run = client.get_run(tracked.run_id)
+    texts = [json.dumps(run.data.params), json.dumps(run.data.tags)]
+    scratch = tmp_path / "artifacts"
+    texts += [
+        path.read_text(errors="replace")
+        for path in Path(client.download_artifacts(tracked.run_id, "", str(scratch))).rglob("*")
+        if path.is_file()
+    ]
+    texts += [
+        path.read_text(errors="replace")
+        for path in Path(config.storage_path, config.name).rglob("*")
+        if path.is_file() and path.suffix in (".json", ".yaml", ".jsonl", ".txt")
+    ]
+    out, err = capfd.readouterr()
+    texts += [out, err]
+    assert run.data.params["scaling.env_vars.AWS_SECRET_ACCESS_KEY"] == "***"
+    for text in texts:
+        assert secret not in text and password not in text

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from freezelab.policies import from_dict
-from freezelab.sweep.run import _define_by_run, trial_run_name
+from freezelab.sweep.run import DefineByRun, trial_run_name
 from freezelab.sweep.space import SearchSpace, SweepConfig, load_sweep, validate_space
 from freezelab.trainers.config import ConfigError
 from tests.conftest import TINY
@@ -62,7 +62,8 @@ def test_random_samples_stay_in_their_ranges_and_are_valid():
 
 
 def test_optuna_define_by_run_samples_only_valid_conditional_policies():
-    define = _define_by_run(_sweep(algorithm="optuna"))
+    sweep = _sweep(algorithm="optuna")
+    define = DefineByRun(sweep.space.policies, sweep.space.params)
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
     types = set()
     for _ in range(30):
@@ -79,6 +80,33 @@ def test_optuna_define_by_run_samples_only_valid_conditional_policies():
         assert sampled <= {policy.type}
         study.tell(trial, 0.5)
     assert len(types) >= 3
+
+
+def test_the_optuna_searcher_pickles_as_tune_checkpoints_it():
+    # Tune saves its searcher with pickle as the first trial starts, and restores it on
+    # --resume: the define-by-run space must survive the round trip with its trials.
+    import pickle
+
+    from ray.tune.search.optuna import OptunaSearch
+
+    sweep = _sweep(algorithm="optuna")
+    searcher = OptunaSearch(
+        space=DefineByRun(sweep.space.policies, sweep.space.params),
+        metric="val_acc",
+        mode="max",
+        seed=0,
+    )
+    first = searcher.suggest("trial-1")
+    searcher.on_trial_complete("trial-1", {"val_acc": 0.5, "training_iteration": 1})
+    restored = pickle.loads(pickle.dumps(searcher))
+    assert len(restored._ot_study.trials) == 1
+    assert from_dict(restored.suggest("trial-2")["policy"]).type in {
+        "full",
+        "last_n",
+        "lp_ft",
+        "bitfit",
+    }
+    assert from_dict(first["policy"])
 
 
 def test_validation_rejects_a_policy_that_cannot_fit_the_model():

@@ -159,3 +159,27 @@ def test_a_sweep_with_some_failed_trials_says_so(ray_session, tmp_path):
     errors = [r for r in outcome.rows if r["error"]]
     assert len(errors) == 1 and errors[0]["params"] == {"data.root": broken}
     assert (tmp_path / "runs" / "failing" / "best_policy.yaml").exists()
+
+
+def test_the_example_optuna_sweep_runs_through_tune_and_resumes(ray_session, tmp_path):
+    # The README's Optuna example, shrunk: Tune pickles the searcher as the first trial
+    # starts (a closure as the space failed here), and --resume restores it.
+    from pathlib import Path
+
+    from freezelab.sweep.space import load_sweep
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "sweep_optuna.yaml"
+    sweep = load_sweep(
+        example,
+        overrides=[
+            "num_samples=2",
+            "max_concurrent_trials=1",
+            f"overrides=['storage_path={tmp_path / 'runs'}', scaling.num_workers=1, "
+            f"'mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db', data.train_per_class=8]",
+        ],
+    )
+    outcome = run_sweep(sweep)
+    assert len(outcome.rows) == 2 and outcome.failed == 0
+    assert (tmp_path / "runs" / sweep.name / "best_policy.yaml").is_file()
+    again = run_sweep(sweep, resume=True)
+    assert again.best_policy == outcome.best_policy and len(again.rows) == 2

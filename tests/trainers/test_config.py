@@ -5,6 +5,7 @@ import yaml
 
 from freezelab.study import DEFAULT_STUDY, load_study, stage_config
 from freezelab.trainers.config import ConfigError, load_config, validate_config
+from freezelab.trainers.location import config_hash
 from tests.conftest import TINY
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -27,7 +28,15 @@ def test_every_shipped_config_validates(path):
         load_policy(path)
     else:
         config = load_config(path)
-        assert config.name == data["name"]
+        if "{" in data["name"]:  # a name template: filled in from the config
+            assert config.name == data["name"].format(
+                policy=config.policy.slug(),
+                hash=config_hash(config.to_dict()),
+                model=config.model.name,
+                seed=config.seed,
+            )
+        else:
+            assert config.name == data["name"]
 
 
 def test_example_study_file_is_the_builtin_study():

@@ -185,3 +185,29 @@ def test_lp_ft_switches_lr_and_groups_at_the_boundary(tiny_config):
     assert metrics["phase"] == "finetune"
     assert metrics["lr/head"] == pytest.approx(0.05 * 0.1)
     assert metrics["lr/stem"] == pytest.approx(0.05 * 0.1)
+
+
+def test_cost_metrics_add_up_over_epochs_and_follow_what_trains(tiny_config):
+    full = run_training(tiny_config(name="cost-full", policy={"type": "full"}, epochs=2))
+    head = run_training(
+        tiny_config(
+            name="cost-head",
+            policy={"type": "head_only"},
+            epochs=2,
+            performance={"feature_cache": False},
+        )
+    )
+    for outcome in (full, head):
+        first, last = outcome.history
+        assert (
+            0
+            < first["train_time_s"]
+            < last["train_time_s"]
+            <= sum(h["epoch_time_s"] for h in outcome.history)
+        )
+        assert last["train_images"] == 2 * first["train_images"] > 0
+        assert last["train_flops"] == 2 * first["train_flops"] > 0
+    assert full.metrics["trainable_share"] == 1.0
+    assert 0 < head.metrics["trainable_share"] < 0.2
+    # A frozen backbone computes no weight gradients: fewer FLOPs per image.
+    assert head.metrics["train_flops"] < 0.7 * full.metrics["train_flops"]

@@ -1,0 +1,71 @@
+"""Two gloo ranks on this machine, for checks of the loop's DDP helpers without Ray.
+
+Run as a script (``python gloo_ranks.py CASE``) so the ranks never share a process
+with a test's Ray session; it prints each rank's result as JSON.
+
+- ``rebuilt`` / ``not-rebuilt``: DDP built while the backbone is frozen, the backbone
+  unfrozen, one step on each rank's own batch, with or without rewrapping DDP; the
+  result is the replica check (1 in sync, 0 not).
+- ``buffers``: the same parameters everywhere, BatchNorm statistics updated on each
+  rank's own batch; the replica check before and after averaging the buffers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+
+import torch
+
+
+def _rank(rank: int, world_size: int, port: int, case: str, results) -> None:
+    import timm
+    import torch.distributed as dist
+
+    from freezelab.policies import apply, from_dict
+    from freezelab.trainers.loop import _average_buffers, _replicas_in_sync, _wrap
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        model = timm.create_model("test_resnet", num_classes=3)
+        if case == "buffers":
+            model.train()
+            torch.manual_seed(100 + rank)
+            with torch.no_grad():
+                model(torch.randn(4, 3, 32, 32))  # updates running statistics only
+            before = _replicas_in_sync(model, world_size)
+            _average_buffers(model, world_size)
+            results[rank] = [before, _replicas_in_sync(model, world_size)]
+            return
+        apply(model, from_dict({"type": "head_only"}).plan(model, 0))
+        wrapped = _wrap(model, world_size, torch.device("cpu"))
+        apply(model, from_dict({"type": "full", "bn": "eval"}).plan(model, 0))
+        if case == "rebuilt":
+            wrapped = _wrap(model, world_size, torch.device("cpu"))
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        torch.manual_seed(100 + rank)  # each rank its own batch, as under a sampler
+        wrapped(torch.randn(4, 3, 32, 32)).logsumexp(1).mean().backward()
+        optimizer.step()
+        results[rank] = _replicas_in_sync(model, world_size)
+    finally:
+        dist.destroy_process_group()
+
+
+def main(case: str) -> None:
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_rank, args=(2, port, case, results), nprocs=2, join=True)
+        print(json.dumps({str(k): v for k, v in sorted(results.items())}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
