@@ -38,7 +38,7 @@ def train(
         from freezelab.mlflow.tracking import resolve_tracking_uri
 
         print(
-            f"[freezelab] Ray job {job_submission_id()}: runs in {config.storage_path}, MLflow "
+            f"[freezelab] Ray job {job_submission_id()}: runs in {redact_uri(config.storage_path)}, MLflow "
             f"at {redact_uri(resolve_tracking_uri(config.mlflow.tracking_uri))} (inside a job, relative "
             f"paths resolve under {freezelab_home()}, not in the job's temporary folder)"
         )

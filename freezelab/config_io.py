@@ -49,12 +49,17 @@ def parse_yaml(text: str, origin: str) -> Any:
     """``yaml.safe_load`` with an error that names where the text came from."""
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"{origin}: nested too deeply to be a config") from None
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"{origin}: not valid YAML{at}: {problem}") from None
-    size = _expanded_size(data, {})
+    try:
+        size = _expanded_size(data, {})
+    except RecursionError:
+        raise ConfigError(f"{origin}: nested too deeply to be a config") from None
     if size > MAX_EXPANDED_VALUES:
         raise ConfigError(
             f"{origin}: expands to more than {MAX_EXPANDED_VALUES:,} values through YAML "

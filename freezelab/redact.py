@@ -19,16 +19,22 @@ from urllib.parse import urlsplit, urlunsplit
 HIDDEN = "***"
 # Config fields that may hold a URI with credentials in it.
 URI_FIELDS = (("mlflow", "tracking_uri"), ("storage_path",), ("model", "weights"), ("data", "root"))
-_USERINFO = re.compile(
-    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]*)@"
-)
+# scheme://USERINFO@host: the userinfo runs to the last "@" before the path.
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/\s]*)@")
+
+
+def _hidden(match: re.Match) -> str:
+    user, colon, _ = match["userinfo"].partition(":")
+    # user:password keeps the user; a lone userinfo is a token (https://TOKEN@host).
+    return f"{match['scheme']}{user}:{HIDDEN}@" if colon else f"{match['scheme']}{HIDDEN}@"
 
 
 def redact_uri(uri: str | None) -> str | None:
-    """``uri`` with the password of its ``user:password@`` part hidden."""
+    """``uri`` with the password of its ``user:password@`` part (or a token standing
+    alone before the ``@``) hidden."""
     if not uri or "@" not in uri:
         return uri
-    return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{HIDDEN}@", uri)
+    return _USERINFO.sub(_hidden, uri)
 
 
 def strip_credentials(uri: str) -> tuple[str, tuple[str, str] | None]:
@@ -45,7 +51,7 @@ def strip_credentials(uri: str) -> tuple[str, tuple[str, str] | None]:
 
 def redact_text(text: str) -> str:
     """Every URI password in ``text`` hidden (for messages that quote a URI)."""
-    return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{HIDDEN}@", text)
+    return _USERINFO.sub(_hidden, text)
 
 
 def redact_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -151,3 +151,19 @@ def test_an_experiment_named_dotdot_stays_inside_mlruns(tmp_path):
     experiment = client.get_experiment(experiment_id_for(client, ".."))
     location = Path(experiment.artifact_location.removeprefix("file://"))
     assert location.resolve().is_relative_to((tmp_path / "mlruns").resolve())
+
+
+def test_uri_secrets_are_hidden_in_every_shape():
+    from freezelab.redact import redact_text, redact_uri
+
+    assert redact_uri("http://alice:p@ss@mlflow:5000/x") == "http://alice:***@mlflow:5000/x"
+    assert redact_uri("https://ghp_TOKEN@mlflow.example/x") == "https://***@mlflow.example/x"
+    assert redact_uri("s3://bucket/runs") == "s3://bucket/runs"
+    assert "pw" not in redact_text("cannot reach http://u:pw@h/x (and https://u:pw@h2)")
+
+
+def test_a_config_nested_too_deeply_is_refused(tmp_path, capsys):
+    path = tmp_path / "deep.yaml"
+    path.write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert main(["train", str(path)]) == 2
+    assert "nested too deeply" in capsys.readouterr().err

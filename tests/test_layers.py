@@ -1,7 +1,7 @@
 """The package imports downward only, and no module imports itself through others.
 
 Layers, bottom to top (a module may import its own layer and the ones below):
-shared conventions (errors, config I/O, console, env, redact) <- policies <- trainers <-
+shared conventions (errors, config I/O, console, env, redact, stats) <- policies <- trainers <-
 mlflow, report <- sweep, cluster <- the orchestration (api, study) <- the CLI.
 Lazy imports inside functions count: a circle through one is still a circle.
 """
@@ -23,6 +23,7 @@ LAYERS = {
     "freezelab.console": 0,
     "freezelab.env": 0,
     "freezelab.redact": 0,
+    "freezelab.stats": 0,
     "freezelab.policies": 1,
     "freezelab.trainers": 2,
     "freezelab.mlflow": 3,

@@ -6,10 +6,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from freezelab.console import Column, format_table
 from freezelab.errors import NotFound
+from freezelab.stats import summarize
+from freezelab.trainers.location import RESULT_NEUTRAL
 
 TABLE = (
     Column("policy", max_width=48),
@@ -38,7 +41,7 @@ def compare_rows(
         raise NotFound(
             f"no MLflow experiment {experiment!r} at {tracking_uri}; experiments: {', '.join(names) or 'none'}"
         )
-    rows = []
+    rows, params_of = [], {}
     for run in client.search_runs([found.experiment_id], max_results=5000):
         metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
         if tags.get("freezelab.kind") == "sweep":
@@ -64,9 +67,11 @@ def compare_rows(
                 "run_id": run.info.run_id,
             }
         )
+        params_of[run.info.run_id] = params
     key = sort if sort in COLUMNS else None
     if key is None and rows and not any(sort in r for r in rows):
         raise NotFound(f"cannot sort by {sort!r}; columns: {', '.join(COLUMNS)}")
+    _add_group_stats(rows, params_of, sort)
     rows.sort(
         key=lambda r: (
             r.get(sort) is None,
@@ -91,5 +96,52 @@ def _policy_summary(params: dict[str, str]) -> str:
         return fields["type"]
 
 
+# Params that never tell two settings apart: the repeat itself, and bookkeeping.
+NOT_A_SETTING = ("seed", *RESULT_NEUTRAL)
+
+
+def _add_group_stats(rows: list[dict[str, Any]], params_of: dict[str, dict], metric: str) -> None:
+    """Runs that differ only in their seed form a group: each row gets its group's
+    label and n, mean, std and 95% interval of ``metric`` (Student t)."""
+    varying = sorted(
+        key
+        for key in {k for params in params_of.values() for k in params}
+        if not key.startswith("policy.")
+        and not any(key == n or key.startswith(n + ".") for n in NOT_A_SETTING)
+        and len({params.get(key) for params in params_of.values()}) > 1
+    )
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        params = params_of[row["run_id"]]
+        setting = ", ".join(f"{k}={params.get(k)}" for k in varying)
+        row["group"] = row["policy"] + (f" [{setting}]" if setting else "")
+        # Grouped on the policy's own params: two labels can look alike.
+        policy = sorted((k, v) for k, v in params.items() if k.startswith("policy."))
+        groups.setdefault(json.dumps([policy, setting]), []).append(row)
+    for members in groups.values():
+        # Only finished runs are repeats of a result.
+        values = [
+            r[metric]
+            for r in members
+            if r["status"] == "FINISHED" and isinstance(r.get(metric), (int, float))
+        ]
+        stats = summarize(values).as_dict() if values else {"n": 0}
+        for row in members:
+            row.update({k: stats.get(k) for k in STAT_KEYS})
+
+
+STAT_KEYS = ("n", "mean", "std", "ci95_low", "ci95_high")
+
+
 def format_rows(rows: list[dict[str, Any]], fmt: str = "table") -> str:
-    return format_table(rows, TABLE, fmt)
+    columns = list(TABLE)
+    if any((r.get("n") or 0) > 1 for r in rows):
+        # Repeats: the group's mean and 95% interval beside each run.
+        for row in rows:
+            if row.get("ci95_low") is not None:
+                half = (row["ci95_high"] - row["ci95_low"]) / 2
+                row["mean_ci95"] = f"{row['mean']:.4f} ± {half:.4f}"
+        columns[1:1] = [Column("n"), Column("mean_ci95", "mean ± ci95")]
+        if fmt in ("json", "csv"):
+            columns += [Column("group"), *(Column(k) for k in STAT_KEYS[1:])]
+    return format_table(rows, columns, fmt)

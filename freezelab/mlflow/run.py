@@ -175,7 +175,7 @@ class TrackedRun:
         client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
         model_uri = None
         try:
-            if wall_time_s is not None and outcome is not None:
+            if wall_time_s is not None and outcome is not None and not outcome.already_complete:
                 last = int(outcome.metrics.get("epoch", 0))
                 client.log_metric(self.run_id, "wall_time_s", wall_time_s, step=last)
             self._log_phases(client, config)

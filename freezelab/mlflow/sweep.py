@@ -84,7 +84,7 @@ def finish_sweep_run(sweep: Any, base: Any, outcome: Any) -> None:
     uri = resolve_tracking_uri(base.mlflow.tracking_uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
     run_id = outcome.parent_run_id
-    best = outcome.rows[0] if outcome.rows else None
+    best = outcome.best_row
     if best is not None and best["metric"] is not None:
         client.log_metric(run_id, f"best_{sweep.metric}", float(best["metric"]))
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,6 +22,7 @@ import yaml
 from freezelab.console import Column, format_table
 from freezelab.errors import ConfigError, FreezelabError
 from freezelab.policies import from_dict
+from freezelab.redact import redact_text
 from freezelab.sweep.space import SweepConfig, is_range, validate_space
 from freezelab.trainers.launch import init_ray, worker_env_vars, worker_resources
 from freezelab.trainers.location import RunLocation
@@ -45,6 +46,7 @@ class SweepOutcome:
     directory: str
     parent_run_id: str | None
     failed: int = 0  # trials that ended with an error
+    best_row: dict[str, Any] | None = None  # the best run of the best setting
 
 
 def run_sweep(
@@ -112,7 +114,12 @@ def run_sweep(
             ),
             run_config=tune.RunConfig(name=sweep.name, storage_path=base.storage_path),
         )
-    trials = len(param_space["trial"]["grid_search"]) if sweep.algorithm == "grid" else num_samples
+    grid = param_space.get("trial", {})
+    trials = (
+        len(grid["grid_search"])
+        if isinstance(grid, dict) and "grid_search" in grid
+        else num_samples
+    )
     print(
         f"[freezelab] sweep {sweep.name!r}: {sweep.algorithm}, {trials} trial(s), up to {concurrent} "
         f"at once, each trial {trial_resources} + {base.scaling.num_workers} worker(s) x {per_worker}"
@@ -131,8 +138,11 @@ def run_sweep(
             f"sweep {sweep.name!r}: none of its {len(rows)} trial(s) finished; no best policy "
             f"written. First error: {first}"
         )
-    best = finished[0]
-    outcome = SweepOutcome(rows, best["policy"], best["params"], directory, parent, len(failed))
+    best = _best_row(finished, sweep)
+    best_params = {k: v for k, v in best["params"].items() if k != "seed"}
+    outcome = SweepOutcome(
+        rows, best["policy"], best_params, directory, parent, len(failed), best_row=best
+    )
     _write_best(outcome, sweep)
     _finish_parent(sweep, base, outcome)
     if failed:
@@ -281,9 +291,13 @@ def _search(sweep: SweepConfig):
         trials = [
             {"policy": p, "params": q} for p in space.grid_policies() for q in space.grid_params()
         ]
-        return {"trial": tune.grid_search(trials)}, None, sweep.num_samples
+        return {"trial": tune.grid_search(_per_seed(trials, sweep.seeds))}, None, sweep.num_samples
     if sweep.algorithm == "random":
         rng = random.Random(sweep.seed)
+        if sweep.seeds:
+            # Drawn up front, so each sample is the same setting under every seed.
+            samples = [space.sample(rng) for _ in range(sweep.num_samples)]
+            return {"trial": tune.grid_search(_per_seed(samples, sweep.seeds))}, None, 1
         return {"trial": tune.sample_from(lambda _spec: space.sample(rng))}, None, sweep.num_samples
     from ray.tune.search.optuna import OptunaSearch
 
@@ -294,6 +308,16 @@ def _search(sweep: SweepConfig):
         seed=sweep.seed,
     )
     return {}, searcher, sweep.num_samples
+
+
+def _per_seed(trials: list[dict[str, Any]], seeds: list[int] | None) -> list[dict[str, Any]]:
+    if not seeds:
+        return trials
+    return [
+        {"policy": t["policy"], "params": {**t["params"], "seed": seed}}
+        for t in trials
+        for seed in seeds
+    ]
 
 
 class DefineByRun:
@@ -353,12 +377,27 @@ def result_rows(grid, sweep: SweepConfig, epochs: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _best_row(finished: list[dict[str, Any]], sweep: SweepConfig) -> dict[str, Any]:
+    """The best run of the best setting: settings (policy and params, the seed aside)
+    are ranked on the mean of the metric over their seeds; without seeds, each trial is
+    a setting of its own."""
+    sign = 1 if sweep.mode == "max" else -1
+    settings: dict[str, list[dict[str, Any]]] = {}
+    for row in finished:
+        params = {k: v for k, v in row["params"].items() if k != "seed"}
+        settings.setdefault(json.dumps([row["policy"], params], sort_keys=True), []).append(row)
+    best = max(
+        settings.values(), key=lambda rows: sign * sum(r["metric"] for r in rows) / len(rows)
+    )
+    return max(best, key=lambda r: sign * r["metric"])
+
+
 def _error_line(error: BaseException) -> str:
     """The line that says what went wrong: Ray wraps a trial's exception in lines about
     the actor and the traceback, and the exception itself comes last."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     named = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b", line)]
-    return (named[-1] if named else lines[-1] if lines else type(error).__name__)[:200]
+    return redact_text(named[-1] if named else lines[-1] if lines else type(error).__name__)[:200]
 
 
 def format_results(rows: list[dict[str, Any]], sweep: SweepConfig) -> str:

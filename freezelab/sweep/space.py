@@ -192,7 +192,21 @@ class SweepConfig(ConfigModel):
     mode: Literal["max", "min"] = "max"
     asha: AshaSection | None = None
     seed: int = 0
+    # Every trial repeated once per seed (the train config's seed: data order, the new
+    # head's initialization): the best policy is chosen on the mean over seeds.
+    seeds: list[int] | None = Field(None, min_length=1)
     register_best_as: str | None = None
+
+    @model_validator(mode="after")
+    def _seeds_need_a_fixed_set_of_trials(self) -> SweepConfig:
+        if self.seeds and self.algorithm == "optuna":
+            raise ValueError(
+                "seeds: repeats need a fixed set of trials (grid or random); Optuna suggests "
+                "each trial from the results so far"
+            )
+        if self.seeds and len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: {self.seeds} repeats a seed")
+        return self
 
     def trial_config(
         self, policy: dict[str, Any], params: dict[str, Any], name: str

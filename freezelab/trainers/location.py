@@ -19,6 +19,7 @@ start (``claim``). Bookkeeping keys (``RESULT_NEUTRAL``) may change between atte
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from freezelab.errors import ConfigError, quote
+from freezelab.redact import redact_config, redact_uri
 from freezelab.trainers import checkpoint as ckpt
 
 PENDING_METRICS_FILE = "mlflow_pending_metrics.jsonl"
@@ -126,8 +128,9 @@ class RunLocation:
 
     @property
     def key(self) -> str:
-        """The run's identity in MLflow (the tag ``freezelab.run_key``)."""
-        return self.directory
+        """The run's identity in MLflow (the tag ``freezelab.run_key``): its directory,
+        with any password in a storage URI hidden."""
+        return redact_uri(self.directory)
 
     @property
     def local_checkpoint_dir(self) -> Path:
@@ -185,11 +188,17 @@ class RunLocation:
         Remote storage is not checked (None).
         """
         if self.is_remote:
+            if overwrite:
+                raise ConfigError(
+                    f"--overwrite: {self.key} is remote storage, where freezelab does not "
+                    "move runs aside; choose another name"
+                )
             return None
         mine = config.safe_dict()
         record = self.read_record()
         if record is not None and not overwrite:
-            changes = config_changes(record["config"], mine)
+            # Older checkpoints saved the config unredacted: compare like with like.
+            changes = config_changes(redact_config(record["config"]), mine)
             if changes:
                 shown = "; ".join(changes[:6]) + (
                     f"; and {len(changes) - 6} more" if len(changes) > 6 else ""
@@ -200,17 +209,34 @@ class RunLocation:
                     "aside, or use a name template such as name: "
                     f"'{self.name}-{{policy}}-{{hash}}' so that each config gets its own run"
                 )
-            if record.get("uid"):
-                return record["uid"]
+            if record.get("uid") or self.record_file.is_file():
+                return record.get("uid")
+            # A run from before records existed: recorded without a uid, so it keeps
+            # its MLflow run (whose key has none).
+            return self._record(None, mine)
         if overwrite and self.path.exists():
             aside = self.path.with_name(f"{self.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
             self.path.rename(aside)
             print(f"[freezelab] --overwrite: the old run {self.name!r} moved to {aside}")
-        uid = uuid.uuid4().hex[:12]
+        return self._record(uuid.uuid4().hex[:12], mine)
+
+    def _record(self, uid: str | None, config: dict[str, Any]) -> str | None:
+        """Write the record, unless another process just did: then that one decides."""
         self.path.mkdir(parents=True, exist_ok=True)
-        partial = self.record_file.with_suffix(".partial")
-        partial.write_text(json.dumps({"uid": uid, "config": mine}, indent=2, sort_keys=True))
-        partial.rename(self.record_file)
+        partial = self.path / f".{RECORD_FILE}.{uuid.uuid4().hex}"
+        partial.write_text(json.dumps({"uid": uid, "config": config}, indent=2, sort_keys=True))
+        try:
+            os.link(partial, self.record_file)  # fails if the record exists: no race
+        except FileExistsError:
+            other = json.loads(self.record_file.read_text())
+            if config_changes(other["config"], config):
+                raise ConfigError(
+                    f"run {self.name!r} at {self.directory} was just started by another "
+                    "process with another config; choose another name"
+                ) from None
+            return other.get("uid")
+        finally:
+            partial.unlink(missing_ok=True)
         return uid
 
     def mlflow_key(self) -> str:

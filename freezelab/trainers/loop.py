@@ -395,8 +395,10 @@ def _average_buffers(model: nn.Module, world_size: int) -> None:
         return
     for buffer in model.buffers():
         if buffer.is_floating_point():
-            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
-            buffer.div_(world_size)
+            # In float64, so buffers that agree stay bit-exact for any number of ranks.
+            total = buffer.double()
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+            buffer.copy_(total / world_size)
 
 
 @torch.no_grad()

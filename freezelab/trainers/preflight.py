@@ -28,6 +28,8 @@ def check_run(
     hand (a folder that only the cluster sees); ``check_weights=False`` skips reading
     a weights file that only the cluster has.
     """
+    if config.scaling.num_workers == 0 and "://" in config.storage_path:
+        raise ConfigError("storage_path: local mode (num_workers: 0) needs a local path")
     if num_classes is None:
         check_data(config.data)
     check_storage(config.storage_path)

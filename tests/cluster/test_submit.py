@@ -453,3 +453,19 @@ def test_train_without_an_address_never_joins_the_head_that_ray_start_left(head)
         addresses[label] = result.stdout.strip().splitlines()[-1]
     assert addresses["joined"] == head.gcs
     assert addresses["own"] != head.gcs
+
+
+def test_submit_warns_of_credentials_and_a_large_upload(tmp_path: Path) -> None:
+    from freezelab.cluster.submit import upload_warnings
+
+    (tmp_path / ".env").write_text("AWS_SECRET_ACCESS_KEY=x\n")
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "deploy.pem").write_text("-----BEGIN-----\n")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "pack").write_bytes(b"\0" * (150 << 20))  # excluded: not counted
+    excludes = shipped_runtime_env()["excludes"]
+    warnings = upload_warnings(tmp_path, excludes)
+    assert len(warnings) == 1 and ".env" in warnings[0] and "keys/deploy.pem" in warnings[0]
+    (tmp_path / "weights.bin").write_bytes(b"\0" * (120 << 20))
+    assert any("the upload is 120 MiB" in w for w in upload_warnings(tmp_path, excludes))
+    assert {".env", "*.pem", "*.key", ".ssh/", ".aws/"} <= set(excludes)

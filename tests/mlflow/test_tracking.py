@@ -314,3 +314,35 @@ def test_secrets_reach_the_workers_and_nothing_else(
     assert run.data.params["scaling.env_vars.AWS_SECRET_ACCESS_KEY"] == "***"
     for text in texts:
         assert secret not in text and password not in text
+
+
+def test_compare_groups_repeats_with_their_interval(tiny_config, sqlite_uri, capsys):
+    from freezelab.stats import summarize
+
+    for policy in ({"type": "full"}, {"type": "head_only"}):
+        for seed in (0, 1, 2):
+            train(
+                _tracked(
+                    tiny_config,
+                    sqlite_uri,
+                    name=f"rep-{policy['type']}-{seed}",
+                    epochs=1,
+                    seed=seed,
+                    policy=policy,
+                )
+            )
+    capsys.readouterr()
+    assert main(["compare", "tests", "--tracking-uri", sqlite_uri, "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 6
+    for policy in ("full", "head_only"):
+        group = [r for r in rows if r["policy"] == policy]
+        expected = summarize([r["best_val_acc"] for r in group])
+        for r in group:
+            assert r["group"] == policy and r["n"] == 3
+            assert r["mean"] == pytest.approx(expected.mean)
+            assert r["ci95_low"] == pytest.approx(expected.ci95_low)
+            assert r["ci95_high"] == pytest.approx(expected.ci95_high)
+            assert r["train_time_s"] > 0 and r["wall_time_s"] > 0
+    assert main(["compare", "tests", "--tracking-uri", sqlite_uri]) == 0
+    assert "mean ± ci95" in capsys.readouterr().out

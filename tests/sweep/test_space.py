@@ -161,3 +161,61 @@ def test_trial_names_are_stable_per_config():
     b = {"params": {"optimizer.lr": 0.01}, "policy": {"n": 2, "type": "last_n"}}
     assert trial_run_name("s", a) == trial_run_name("s", b)
     assert trial_run_name("s", a) != trial_run_name("s", {**a, "params": {"optimizer.lr": 0.02}})
+
+
+@pytest.mark.parametrize(
+    "params, needle",
+    [
+        (
+            {"optimizer.lr": {"uniform": [-1.0, -0.5]}},
+            "optimizer.lr: Input should be greater than 0",
+        ),
+        ({"optimizer.momentum": {"uniform": [0.5, 1.5]}}, "optimizer.momentum"),
+        ({"optimizer.lr": {"loguniform": [0.001, 0.1]}, "epochs": {"randint": [0, 2]}}, "epochs"),
+    ],
+)
+def test_float_ranges_are_validated_at_their_ends_and_inside(params, needle):
+    # A random sweep whose range is invalid must fail before any trial, not after all.
+    with pytest.raises(ConfigError, match=needle):
+        validate_space(
+            _sweep(algorithm="random", space={"policies": [{"type": "full"}], "params": params})
+        )
+
+
+def test_probe_params_cover_ends_and_interior_points():
+    space = _sweep(
+        algorithm="random",
+        space={
+            "policies": [{"type": "full"}],
+            "params": {"optimizer.lr": {"loguniform": [0.001, 0.1]}},
+        },
+    ).space
+    values = sorted(p["optimizer.lr"] for p in space.probe_params())
+    assert values[0] == pytest.approx(0.001) and values[-1] == pytest.approx(0.1)
+    assert len(values) == 5 and values[2] == pytest.approx(0.01)
+
+
+def test_seeds_repeat_every_trial_and_refuse_optuna():
+    from freezelab.sweep.run import _per_seed
+
+    trials = [{"policy": {"type": "full"}, "params": {"optimizer.lr": 0.1}}]
+    assert [t["params"] for t in _per_seed(trials, [0, 1])] == [
+        {"optimizer.lr": 0.1, "seed": 0},
+        {"optimizer.lr": 0.1, "seed": 1},
+    ]
+    with pytest.raises(ValueError, match="seeds: repeats need a fixed set of trials"):
+        _sweep(algorithm="optuna", seeds=[0, 1])
+    with pytest.raises(ValueError, match="repeats a seed"):
+        _sweep(seeds=[0, 0])
+
+
+def test_the_best_setting_is_chosen_on_its_mean_over_seeds():
+    from freezelab.sweep.run import _best_row
+
+    def row(policy, seed, metric):
+        return {"policy": {"type": policy}, "params": {"seed": seed}, "metric": metric}
+
+    # full has the single best run (0.9) but the lower mean (0.6 against 0.75).
+    rows = [row("full", 0, 0.9), row("full", 1, 0.3), row("bitfit", 0, 0.7), row("bitfit", 1, 0.8)]
+    best = _best_row(rows, _sweep(seeds=[0, 1]))
+    assert best["policy"] == {"type": "bitfit"} and best["metric"] == 0.8

@@ -183,3 +183,28 @@ def test_the_example_optuna_sweep_runs_through_tune_and_resumes(ray_session, tmp
     assert (tmp_path / "runs" / sweep.name / "best_policy.yaml").is_file()
     again = run_sweep(sweep, resume=True)
     assert again.best_policy == outcome.best_policy and len(again.rows) == 2
+
+
+def test_a_sweep_with_seeds_runs_each_setting_per_seed(ray_session, tmp_path):
+    sweep = _sweep(
+        tmp_path,
+        name="seeded",
+        space={"policies": [{"type": "head_only"}, {"type": "bitfit"}]},
+        seeds=[0, 1],
+        max_concurrent_trials=1,
+        overrides=["epochs=1"],
+    )
+    outcome = run_sweep(sweep)
+    assert sorted((r["policy"]["type"], r["params"]["seed"]) for r in outcome.rows) == [
+        ("bitfit", 0),
+        ("bitfit", 1),
+        ("head_only", 0),
+        ("head_only", 1),
+    ]
+    assert len({r["run_name"] for r in outcome.rows}) == 4  # one Train run per seed
+    assert "seed" not in outcome.best_params
+    means = {
+        kind: sum(r["metric"] for r in outcome.rows if r["policy"]["type"] == kind) / 2
+        for kind in ("head_only", "bitfit")
+    }
+    assert outcome.best_policy["type"] == max(means, key=means.get)

@@ -104,6 +104,12 @@ def test_a_request_that_can_never_fit_fails_clearly(ray_session, tiny_config):
     config = tiny_config(name="gpu", scaling={"num_workers": 1, "use_gpu": True})
     with pytest.raises(ConfigError, match="GPU"):
         worker_resources(config)
+    # 16 workers on 2 CPUs would get 0.125 CPU each: refused, with the numbers.
+    config = tiny_config(name="crowd", scaling={"num_workers": 16})
+    with pytest.raises(
+        ConfigError, match=r"16 workers on 2 CPUs would get 0.125 CPU each.*at most 8"
+    ):
+        worker_resources(config)
 
 
 @pytest.mark.ray

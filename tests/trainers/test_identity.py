@@ -93,3 +93,21 @@ def test_config_changes_ignore_bookkeeping_only():
     assert config_changes(old, new) == []
     new["policy"]["type"] = "full"
     assert config_changes(old, new)[0].startswith("policy.")
+
+
+def test_two_processes_claiming_one_name_at_once_never_share_it(tiny_config):
+    first = tiny_config(name="race", epochs=1)
+    other = tiny_config(name="race", epochs=2)
+    where = RunLocation.of(first)
+    # The other process wrote its record between our read and our write.
+    where._record("theirs", other.safe_dict())
+    with pytest.raises(ConfigError, match="just started by another process"):
+        where._record("mine", first.safe_dict())
+    assert where._record("mine", other.safe_dict()) == "theirs"  # same config: same run
+    assert not list(where.path.glob(".freezelab_run.json.*")), "a partial record was left"
+
+
+def test_overwrite_is_refused_on_remote_storage(tiny_config):
+    config = tiny_config(name="far", storage_path="s3://bucket/runs", scaling={"num_workers": 1})
+    with pytest.raises(ConfigError, match="remote storage"):
+        RunLocation.of(config).claim(config, overwrite=True)
