@@ -64,19 +64,6 @@ def load_optimizer_state(directory: str | Path) -> dict[str, dict[str, torch.Ten
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint directory under ``root`` (by epoch)."""
-    root = Path(root)
-    if not root.is_dir():
-        return None
-    candidates = [
-        d for d in root.iterdir() if (d / STATE_FILE).is_file() and (d / MODEL_FILE).is_file()
-    ]
-    if not candidates:
-        return None
-    return max(candidates, key=lambda d: read_state(d)["epoch"])
-
-
 def _to_cpu(state: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {
         name: {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in entry.items()}

@@ -151,18 +151,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 config.optimizer.lr,
                 lr_factor(config.schedule, step / steps_per_epoch, config.epochs),
             )
-            if use_cached:
-                inputs, labels = cache.batch(batch)
-                inputs, labels = inputs.to(device), labels.to(device)
-            else:
-                images, labels, indices = (t.to(device) for t in batch)
-                if config.performance.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                inputs = cache.features_for(model, images, labels, indices) if cache else images
-            # The epoch's first step is counted (FLOPs of what really runs: a frozen
-            # layer's weight gradient is never computed, a cached backbone never runs).
+            # The epoch's first step is counted: the FLOPs of what really runs (a frozen
+            # layer's weight gradient is never computed; a cached backbone runs only in
+            # the epoch that fills the cache).
             counter = FlopCounterMode(display=False) if index == 0 else nullcontext()
             with counter:
+                if use_cached:
+                    inputs, labels = cache.batch(batch)
+                    inputs, labels = inputs.to(device), labels.to(device)
+                else:
+                    images, labels, indices = (t.to(device) for t in batch)
+                    if config.performance.channels_last:
+                        images = images.contiguous(memory_format=torch.channels_last)
+                    inputs = cache.features_for(model, images, labels, indices) if cache else images
                 with _autocast(config, device):
                     logits = trained(inputs)
                     loss = F.cross_entropy(

@@ -19,6 +19,7 @@ import yaml
 from ray_nodes import free_port, node_env, ray_node, wait_for
 
 from freezelab.trainers import checkpoint as ckpt
+from freezelab.trainers.location import RunLocation
 
 pytestmark = pytest.mark.ray
 
@@ -72,7 +73,7 @@ def test_two_workers_spread_over_two_nodes_stay_in_sync_and_checkpoint_to_shared
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "2 workers on 2 node(s)" in result.stdout
 
-    final = ckpt.latest_checkpoint(tmp_path / "shared" / "runs" / "spread")
+    final = RunLocation(str(tmp_path / "shared" / "runs"), "spread").latest_checkpoint()
     assert final is not None and final.is_relative_to(tmp_path / "shared" / "runs")
     state = ckpt.read_state(final)
     assert state["epoch"] == 1

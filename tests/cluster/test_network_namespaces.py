@@ -19,6 +19,7 @@ import yaml
 from ray_nodes import Network, network_namespace, node_env, ray_head, ray_node, wait_for
 
 from freezelab.trainers import checkpoint as ckpt
+from freezelab.trainers.location import RunLocation
 
 pytestmark = pytest.mark.ray
 
@@ -70,7 +71,7 @@ def test_nodes_with_their_own_addresses_are_node_ranks_0_and_1_over_gloo(
     result = freezelab_cli("train", str(config), "--address", head.gcs, env=env, timeout=400)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
-    state = ckpt.read_state(ckpt.latest_checkpoint(tmp_path / "runs" / "netns"))
+    state = ckpt.read_state(RunLocation(str(tmp_path / "runs"), "netns").latest_checkpoint())
     workers = state["workers"]
     assert sorted(w["node_rank"] for w in workers) == [0, 1]
     assert {w["node_ip"] for w in workers} == {network.host_ip, network.namespace_ip}

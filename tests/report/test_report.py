@@ -242,3 +242,32 @@ def test_pareto_front():
 def test_docstring_examples(name):
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_figures_draw_labels_with_dollar_signs_as_text(tmp_path):
+    # A patterns policy's regex label holds "$" twice: matplotlib would read it as math
+    # text and fail; the report draws every label as plain text.
+    from freezelab.report.build import draw_figures, table_row
+    from freezelab.report.runs import RunRecord
+
+    label = r"patterns(include=['layer4$', '^fc_$'])"
+    record = RunRecord(
+        run_id="0" * 32,
+        run_name="regex",
+        experiment_id="1",
+        status="FINISHED",
+        policy=label,
+        config=None,
+        history={
+            "val_acc": {0: 0.5, 1: 0.6},
+            "train_time_s": {0: 1.0, 1: 2.0},
+            "train_images": {0: 10, 1: 20},
+            "drift/layer4": {0: 0.1, 1: 0.2},
+            "drift/head": {0: 0.3, 1: 0.4},
+        },
+        groups=["layer4", "head"],
+        head_groups=frozenset({"head"}),
+    )
+    rows = [table_row(record, None, "not computed")]
+    paths = draw_figures(tmp_path, [record], [label], rows, [0])
+    assert all(path.stat().st_size > 0 for path in paths.values())

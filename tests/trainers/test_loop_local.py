@@ -211,3 +211,11 @@ def test_cost_metrics_add_up_over_epochs_and_follow_what_trains(tiny_config):
     assert 0 < head.metrics["trainable_share"] < 0.2
     # A frozen backbone computes no weight gradients: fewer FLOPs per image.
     assert head.metrics["train_flops"] < 0.7 * full.metrics["train_flops"]
+
+
+def test_the_epoch_that_fills_the_feature_cache_counts_the_backbone(tiny_config):
+    outcome = run_training(tiny_config(name="cost-cache", policy={"type": "head_only"}, epochs=2))
+    first, second = outcome.history
+    assert (first["feature_cache"], second["feature_cache"]) == (0, 1)
+    # Filling the cache runs the backbone; the cached epoch trains the head alone.
+    assert first["train_flops"] > 10 * (second["train_flops"] - first["train_flops"]) > 0
