@@ -26,13 +26,6 @@ class Summary:
     def as_dict(self) -> dict[str, float | int | None]:
         return asdict(self)
 
-    def overlaps(self, other: Summary) -> bool:
-        """Whether the two 95% intervals overlap (True when either has none): a
-        difference smaller than its intervals says nothing."""
-        if None in (self.ci95_low, self.ci95_high, other.ci95_low, other.ci95_high):
-            return True
-        return self.ci95_low <= other.ci95_high and other.ci95_low <= self.ci95_high
-
 
 def summarize(values: Sequence[float]) -> Summary:
     values = [float(v) for v in values if v is not None and not math.isnan(float(v))]
