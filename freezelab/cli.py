@@ -7,6 +7,7 @@ freezelab sweep SWEEP [--resume]
 freezelab submit CONFIG_OR_SWEEP --address http://HEAD:8265 [--follow] [--set ...]
 freezelab compare EXPERIMENT [--format table|md|csv|json] [--sort METRIC]
 freezelab report EXPERIMENT_OR_SWEEP [--out DIR] [--tracking-uri URI]
+freezelab sync RUN_DIR_OR_STORAGE [--tracking-uri URI]
 freezelab demo [--config STUDY]
 freezelab schema [train|sweep]
 
@@ -21,6 +22,7 @@ import json
 import logging
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 
 from freezelab.errors import FreezelabError, one_line
@@ -148,11 +150,22 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser("compare", help="an MLflow experiment's runs side by side")
     p.add_argument("experiment")
     p.add_argument("--format", choices=("table", "md", "csv", "json"), default="table")
-    p.add_argument("--sort", default="best_val_acc", help="a column to sort by (descending)")
+    p.add_argument(
+        "--sort",
+        default="val_acc",
+        help="a column to sort by, descending (default: val_acc, the handed-over model's)",
+    )
     p.add_argument(
         "--tracking-uri", default=None, help="else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"
     )
     p.set_defaults(run=_compare)
+
+    p = commands.add_parser(
+        "sync", help="finish in MLflow the runs whose tracking server was away at their end"
+    )
+    p.add_argument("path", help="a run folder, or a storage folder of run folders")
+    p.add_argument("--tracking-uri", default=None, help="default: the one each run was tracked on")
+    p.set_defaults(run=_sync)
 
     p = commands.add_parser("report", help="an HTML report of a sweep's (or an experiment's) runs")
     p.add_argument(
@@ -265,13 +278,22 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sync(args: argparse.Namespace) -> int:
+    from freezelab.mlflow.sync import sync
+
+    sync(args.path, tracking_uri=args.tracking_uri)
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from freezelab.mlflow.tracking import resolve_tracking_uri
-    from freezelab.report import build_report
+    from freezelab.report import build_report, format_settings
 
-    build_report(
+    report = build_report(
         args.target, out_dir=args.out, tracking_uri=resolve_tracking_uri(args.tracking_uri)
     )
+    print(format_settings(report.settings))
+    print(textwrap.fill(report.summary, width=100))
     return 0
 
 

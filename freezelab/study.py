@@ -12,12 +12,16 @@ the digits ship with scikit-learn.
 from __future__ import annotations
 
 import copy
+import itertools
+import json
+import re
+import textwrap
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from freezelab.api import train
 from freezelab.config_io import ConfigModel, read_mapping
@@ -59,13 +63,42 @@ DEFAULT_STUDY: dict[str, Any] = {
 
 
 class StudyConfig(ConfigModel):
-    """A base train config, the overrides of each stage, and the policies to compare."""
+    """A base train config, the overrides of each stage, and the policies to compare.
+
+    Every policy is fine-tuned at every combination of ``grid`` (dotted keys of the
+    fine-tuning config, e.g. ``optimizer.lr``), once per seed in ``seeds``; the report
+    compares each policy at its best combination, averaged over the seeds.
+    """
 
     name: str = "transfer-study"
     base: dict[str, Any]
     pretrain: dict[str, Any]
     finetune: dict[str, Any]
     policies: list[dict[str, Any]] = Field(min_length=1)
+    seeds: list[int] = Field(default=[0], min_length=1)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    register_best_as: str | None = Field(default=None, min_length=1)
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds repeat: {seeds}")
+        return seeds
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_keys(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in grid.items():
+            if key.split(".")[0] in GRID_FORBIDDEN:
+                raise ValueError(f"grid key {key!r}: the study sets {key.split('.')[0]} itself")
+            if not values:
+                raise ValueError(f"grid key {key!r} has no values")
+        return grid
+
+
+# What a study sets per run: a grid over them would be overwritten.
+GRID_FORBIDDEN = ("name", "seed", "policy")
 
 
 def load_study(source: str | Path | None, overrides: list[str] | None = None) -> StudyConfig:
@@ -87,24 +120,63 @@ def stage_config(study: StudyConfig, stage: dict[str, Any], name: str, **extra: 
     return validate_config(merged, origin=f"study {study.name!r}, run {name!r}")
 
 
+def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of the grid's values, as {dotted key: value}; one empty
+    combination without a grid."""
+    keys = sorted(grid)
+    return [
+        dict(zip(keys, values, strict=True))
+        for values in itertools.product(*(grid[k] for k in keys))
+    ]
+
+
+def finetune_configs(study: StudyConfig, tag: str) -> list[TrainConfig]:
+    """One config per (policy, grid point, seed), validated before anything trains."""
+    configs = []
+    for policy in study.policies:
+        for point in grid_points(study.grid):
+            stage = copy.deepcopy(study.finetune)
+            for key, value in point.items():
+                apply_override(stage, f"{key}={json.dumps(value)}")
+            suffix = "".join(f"-{k.rsplit('.', 1)[-1]}{v}" for k, v in point.items())
+            for seed in study.seeds:
+                name = f"{tag}-{from_dict(policy).slug()}{suffix}"
+                if len(study.seeds) > 1:
+                    name += f"-seed{seed}"
+                configs.append(
+                    stage_config(
+                        study,
+                        stage,
+                        re.sub(r"[^A-Za-z0-9_.=-]", "_", name),
+                        policy=policy,
+                        seed=seed,
+                        model={"weights": "PENDING"},
+                    )
+                )
+    if study.register_best_as and not configs[0].mlflow.log_model:
+        raise ConfigError(f"study {study.name!r}: register_best_as needs mlflow.log_model: true")
+    return configs
+
+
 def run_study(
     source: str | Path | None = None, overrides: list[str] | None = None, address: str | None = None
-):
+) -> list[dict[str, Any]]:
+    """Pretrain once, fine-tune every (policy, grid point, seed), print the settings
+    with their intervals and a summary, and write the report. Returns one row per
+    fine-tuning run."""
+    from freezelab.report.build import group_rows
+
     study = load_study(source, overrides)
     # A fresh name per invocation: reusing a name would resume the old runs.
     tag = f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     pretrain = stage_config(study, study.pretrain, f"{tag}-pretrain")
-    finetunes = [
-        stage_config(
-            study,
-            study.finetune,
-            f"{tag}-{from_dict(p).slug()}",
-            policy=p,
-            model={"weights": "PENDING"},
-        )
-        for p in study.policies
-    ]  # validated before anything trains
-    print(f"[freezelab] transfer study {tag}: pretraining {pretrain.model.name} on the source task")
+    finetunes = finetune_configs(study, tag)
+    varying = [k for k, values in study.grid.items() if len(values) > 1]
+    print(
+        f"[freezelab] transfer study {tag}: {len(study.policies)} policies x "
+        f"{len(grid_points(study.grid))} grid points x {len(study.seeds)} seeds = "
+        f"{len(finetunes)} fine-tuning runs; pretraining {pretrain.model.name} on the source task"
+    )
     source = train(pretrain, address=address).outcome
     parent = None
     if finetunes[0].mlflow.enabled:
@@ -116,24 +188,17 @@ def run_study(
         f"[freezelab] source model val_acc {source.metrics.get('val_acc', float('nan')):.3f}; weights {weights}"
     )
     rows = []
-    for config in finetunes:
+    for number, config in enumerate(finetunes, 1):
         config = config.model_copy(
             update={"model": config.model.model_copy(update={"weights": weights})}
         )
-        started = time.perf_counter()
-        m = train(config, address=address, parent_run_id=parent).outcome.metrics
-        total = m["trainable_params"] + m["frozen_params"]
-        rows.append(
-            {
-                "policy": config.policy.label(),
-                "val_acc": m["val_acc"],
-                "best_val_acc": m["best_val_acc"],
-                "wall_s": time.perf_counter() - started,
-                "trainable_pct": 100.0 * m["trainable_params"] / total,
-                "backbone_drift": _mean_backbone_drift(m),
-            }
-        )
-    print(format_study(tag, rows))
+        print(f"[freezelab] fine-tuning run {number}/{len(finetunes)}: {config.name}")
+        tracked = train(config, address=address, parent_run_id=parent)
+        rows.append(study_row(config, tracked, varying))
+    groups = group_rows(rows)
+    print(format_study(tag, rows, groups))
+    if study.register_best_as and parent is not None:
+        _register_best(finetunes[0], rows, groups, study.register_best_as)
     if parent is not None:
         import mlflow
 
@@ -148,22 +213,83 @@ def run_study(
     return rows
 
 
+def study_row(config: TrainConfig, tracked: Any, varying: list[str]) -> dict[str, Any]:
+    """A fine-tuning run as the study's tables (and ``group_rows``) read it."""
+    m = tracked.outcome.metrics
+    total = m["trainable_params"] + m["frozen_params"]
+    data = config.to_dict()
+    setting = ", ".join(f"{key}={_lookup(data, key)}" for key in varying)
+    policy = config.policy.label()
+    train_time = m.get("train_time_s", float("nan"))
+    return {
+        "policy": policy,
+        "setting": setting,
+        "setting_key": json.dumps([config.policy.to_dict(), setting], sort_keys=True),
+        "label": policy + (f" [{setting}]" if setting else ""),
+        "seed": config.seed,
+        "run_name": config.name,
+        "run_id": tracked.run_id,
+        "model_uri": tracked.model_uri,
+        "status": "FINISHED",
+        "val_acc": m["val_acc"],
+        "best_val_acc": m["best_val_acc"],
+        "train_time_s": train_time,
+        "wall_time_s": tracked.wall_time_s,
+        "images_per_s": m.get("train_images", 0) / train_time if train_time > 0 else float("nan"),
+        "trainable_share": m["trainable_params"] / total,
+        "backbone_drift": _mean_backbone_drift(m),
+        "cka": None,
+    }
+
+
+def _lookup(data: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        data = data[part]
+    return data
+
+
+def _register_best(base: TrainConfig, rows: list[dict[str, Any]], groups, name: str) -> None:
+    """Register the best run of the best setting: the model the study hands over."""
+    from freezelab.mlflow.run import register
+    from freezelab.mlflow.tracking import resolve_tracking_uri
+
+    members = [r for r in rows if r["run_id"] in groups[0]["run_ids"] and r["model_uri"]]
+    if not members:
+        print(f"[freezelab] warning: no logged model to register as {name}")
+        return
+    best = max(members, key=lambda r: r["val_acc"])
+    register(
+        resolve_tracking_uri(base.mlflow.tracking_uri), best["model_uri"], name, base.mlflow.alias
+    )
+    print(f"[freezelab] registered run {best['run_name']} ({best['label']}) as {name}")
+
+
 STUDY_COLUMNS = (
-    Column("policy", max_width=40),
+    Column("label", "policy [setting]", max_width=48),
+    Column("seed"),
     Column("val_acc", fmt="{:.3f}"),
     Column("best_val_acc", "best", fmt="{:.3f}"),
-    Column("wall_s", "time_s", fmt="{:.1f}"),
-    Column("trainable_pct", "trainable%", fmt="{:.1f}"),
+    Column("train_time_s", "train_s", fmt="{:.1f}"),
+    Column("wall_time_s", "wall_s", fmt="{:.1f}"),
+    Column("trainable_share", "trainable", fmt="{:.1%}"),
     Column("backbone_drift", "drift", fmt="{:.3f}"),
 )
 
 
-def format_study(tag: str, rows: list[dict[str, Any]]) -> str:
+def format_study(tag: str, rows: list[dict[str, Any]], groups: list[dict[str, Any]]) -> str:
+    """Each run, then each setting with its interval, then the summary in words."""
+    from freezelab.report import format_settings, summarize
+
     return "\n".join(
         [
             f"transfer study {tag}: fine-tuning on the target task",
             format_table(rows, STUDY_COLUMNS),
             "drift: mean relative L2 change of the backbone's groups from the pretrained weights",
+            "",
+            "each setting over its seeds (val_acc: the last epoch's, the handed-over model's):",
+            format_settings(groups),
+            "",
+            textwrap.fill(summarize(groups), width=100),
         ]
     )
 

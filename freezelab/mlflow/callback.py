@@ -41,13 +41,7 @@ class MlflowMetricsCallback(UserCallback):
         rank0 = metrics[0] if metrics else {}
         if "epoch" not in rank0:
             return
-        epoch = int(rank0["epoch"])
-        values = {
-            k: float(v)
-            for k, v in rank0.items()
-            if isinstance(v, NUMERIC) and not isinstance(v, bool) and k != "epoch"
-        }
-        self._pending[epoch] = values
+        self._pending[int(rank0["epoch"])] = rank0
         self.flush()
 
     def flush(self) -> bool:
@@ -63,19 +57,10 @@ class MlflowMetricsCallback(UserCallback):
             client = self._client()
             if self._logged_epochs is None:
                 self._logged_epochs = logged_epochs(client, self.run_id)
-            from mlflow.entities import Metric
 
             for epoch in sorted(self._pending):
                 if epoch not in self._logged_epochs:
-                    now = int(time.time() * 1000)
-                    batch = [
-                        Metric(key, value, now, epoch)
-                        for key, value in self._pending[epoch].items()
-                    ]
-                    # log_batch takes at most 1000 metrics per call
-                    for start in range(0, len(batch), 1000):
-                        client.log_batch(self.run_id, metrics=batch[start : start + 1000])
-                    client.log_metric(self.run_id, "epoch", epoch, timestamp=now, step=epoch)
+                    log_epoch(client, self.run_id, self._pending[epoch])
                     self._logged_epochs.add(epoch)
                 del self._pending[epoch]
             if self._warned:
@@ -98,8 +83,9 @@ class MlflowMetricsCallback(UserCallback):
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
             for epoch, values in sorted(self._pending.items()):
+                metrics = {k: v for k, v in values.items() if k != "epoch"}
                 f.write(
-                    json.dumps({"run_id": self.run_id, "epoch": epoch, "metrics": values}) + "\n"
+                    json.dumps({"run_id": self.run_id, "epoch": epoch, "metrics": metrics}) + "\n"
                 )
         message = (
             f"MLflow at {redact_uri(self.tracking_uri)} is unreachable "
@@ -112,30 +98,34 @@ class MlflowMetricsCallback(UserCallback):
         self._warned = True
 
 
+def epoch_metrics(report: dict[str, Any]) -> list[Any]:
+    """The MLflow metrics of one epoch's report: its numbers at ``step=epoch``, and the
+    early steps' gradient norms (``early_steps``, JSON) at their global steps."""
+    from mlflow.entities import Metric
+
+    epoch, now = int(report["epoch"]), int(time.time() * 1000)
+    metrics = [
+        Metric(key, float(value), now, epoch)
+        for key, value in report.items()
+        if isinstance(value, NUMERIC) and not isinstance(value, bool) and key != "epoch"
+    ]
+    for row in json.loads(report.get("early_steps") or "[]"):
+        step = int(row["step"])
+        metrics += [
+            Metric(f"early/{k}", float(v), now, step) for k, v in row.items() if k != "step"
+        ]
+    return metrics
+
+
+def log_epoch(client, run_id: str, report: dict[str, Any]) -> None:
+    """Log one epoch's report; its ``epoch`` metric last, as the mark that it is in."""
+    batch = epoch_metrics(report)
+    for start in range(0, len(batch), 1000):  # log_batch takes at most 1000 per call
+        client.log_batch(run_id, metrics=batch[start : start + 1000])
+    epoch = int(report["epoch"])
+    client.log_metric(run_id, "epoch", epoch, timestamp=int(time.time() * 1000), step=epoch)
+
+
 def logged_epochs(client, run_id: str) -> set[int]:
     """Epochs whose metrics the run already has (its ``epoch`` metric's steps)."""
     return {int(m.step) for m in client.get_metric_history(run_id, "epoch")}
-
-
-def replay_fallback_file(path: str | Path, tracking_uri: str) -> int:
-    """Write the epochs saved in a fallback file into their runs; returns epochs written."""
-    import mlflow
-    from mlflow.entities import Metric
-
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    written = 0
-    done: dict[str, set[int]] = {}
-    for line in Path(path).read_text().splitlines():
-        entry = json.loads(line)
-        run_id, epoch = entry["run_id"], int(entry["epoch"])
-        seen = done.setdefault(run_id, logged_epochs(client, run_id))
-        if epoch in seen:
-            continue
-        now = int(time.time() * 1000)
-        client.log_batch(
-            run_id, metrics=[Metric(k, v, now, epoch) for k, v in entry["metrics"].items()]
-        )
-        client.log_metric(run_id, "epoch", epoch, timestamp=now, step=epoch)
-        seen.add(epoch)
-        written += 1
-    return written

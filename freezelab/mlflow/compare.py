@@ -16,8 +16,8 @@ from freezelab.trainers.location import RESULT_NEUTRAL
 
 TABLE = (
     Column("policy", max_width=48),
-    Column("best_val_acc", fmt="{:.4f}"),
     Column("val_acc", fmt="{:.4f}"),
+    Column("best_val_acc", fmt="{:.4f}"),
     Column("epochs"),
     Column("train_time_s", fmt="{:.1f}"),
     Column("wall_time_s", fmt="{:.1f}"),
@@ -29,8 +29,12 @@ TABLE = (
 COLUMNS = tuple(c.key for c in TABLE)
 
 
+# The accuracy of the model a run hands over (its last epoch), not its best epoch's.
+DEFAULT_SORT = "val_acc"
+
+
 def compare_rows(
-    experiment: str, tracking_uri: str, sort: str = "best_val_acc"
+    experiment: str, tracking_uri: str, sort: str = DEFAULT_SORT
 ) -> list[dict[str, Any]]:
     from freezelab.mlflow.tracking import open_store
 
@@ -100,9 +104,11 @@ def _policy_summary(params: dict[str, str]) -> str:
 NOT_A_SETTING = ("seed", *RESULT_NEUTRAL)
 
 
-def _add_group_stats(rows: list[dict[str, Any]], params_of: dict[str, dict], metric: str) -> None:
-    """Runs that differ only in their seed form a group: each row gets its group's
-    label and n, mean, std and 95% interval of ``metric`` (Student t)."""
+def settings_of(params_of: dict[str, dict[str, str]]) -> dict[str, tuple[str, str]]:
+    """Each run's setting: its policy's params and every other param that varies across
+    the runs, the seed and result-neutral params aside. Returns, per run id, a key that
+    tells settings apart and the label of the varying params (``"optimizer.lr=0.01"``,
+    empty when nothing varies)."""
     varying = sorted(
         key
         for key in {k for params in params_of.values() for k in params}
@@ -110,14 +116,24 @@ def _add_group_stats(rows: list[dict[str, Any]], params_of: dict[str, dict], met
         and not any(key == n or key.startswith(n + ".") for n in NOT_A_SETTING)
         and len({params.get(key) for params in params_of.values()}) > 1
     )
+    settings = {}
+    for run_id, params in params_of.items():
+        label = ", ".join(f"{k}={params.get(k)}" for k in varying)
+        # Keyed on the policy's own params: two policy labels can look alike.
+        policy = sorted((k, v) for k, v in params.items() if k.startswith("policy."))
+        settings[run_id] = (json.dumps([policy, label]), label)
+    return settings
+
+
+def _add_group_stats(rows: list[dict[str, Any]], params_of: dict[str, dict], metric: str) -> None:
+    """Runs that differ only in their seed form a group: each row gets its group's
+    label and n, mean, std and 95% interval of ``metric`` (Student t)."""
+    settings = settings_of(params_of)
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        params = params_of[row["run_id"]]
-        setting = ", ".join(f"{k}={params.get(k)}" for k in varying)
-        row["group"] = row["policy"] + (f" [{setting}]" if setting else "")
-        # Grouped on the policy's own params: two labels can look alike.
-        policy = sorted((k, v) for k, v in params.items() if k.startswith("policy."))
-        groups.setdefault(json.dumps([policy, setting]), []).append(row)
+        key, label = settings[row["run_id"]]
+        row["group"] = row["policy"] + (f" [{label}]" if label else "")
+        groups.setdefault(key, []).append(row)
     for members in groups.values():
         # Only finished runs are repeats of a result.
         values = [

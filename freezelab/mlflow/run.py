@@ -81,13 +81,77 @@ def train_tracked(
         outcome = run_training(config, callbacks=callbacks, env_vars=env_vars, reporter=reporter)
     except BaseException:
         if tracked is not None:
-            tracked.finish(config, None, status="FAILED")
+            try:
+                tracked.finish(config, None, status="FAILED")
+            except Exception as err:  # the training error is the one to raise
+                print(f"[freezelab] warning: MLflow run {tracked.run_id} not closed: {err}")
         raise
     wall_time_s = time.perf_counter() - started
     if tracked is None:
         return TrackedOutcome(outcome, wall_time_s=wall_time_s)
-    model_uri = tracked.finish(config, outcome, wall_time_s=wall_time_s)
+    model_uri = finish_or_defer(tracked, config, outcome, wall_time_s)
     return TrackedOutcome(outcome, tracked.run_id, model_uri, wall_time_s)
+
+
+SYNC_FILE = "mlflow_sync.json"
+
+
+def finish_or_defer(
+    tracked: TrackedRun, config: Any, outcome: Any, wall_time_s: float | None
+) -> str | None:
+    """Finish the MLflow run: every epoch of the outcome's history that the run lacks,
+    then the model, the phases and the status. A server that is away is retried with a
+    back-off for ``mlflow.sync_timeout_s``; if it stays away, what a later
+    ``freezelab sync`` needs is left in the run's folder and the command is printed.
+    Returns the logged model's URI, None when there is none (yet)."""
+    where = RunLocation.of(config)
+    deadline = time.monotonic() + config.mlflow.sync_timeout_s
+    delay = 1.0
+    while True:
+        try:
+            if tracked.tracking_uri.startswith(("http://", "https://")):
+                # MLflow's HTTP client retries a dead server for minutes: probe first.
+                ensure_reachable(tracked.tracking_uri, timeout_s=3.0)
+            tracked.write_epochs(outcome.history)
+            model_uri = tracked.finish(config, outcome, wall_time_s=wall_time_s)
+        except Exception as err:
+            if time.monotonic() + delay > deadline:
+                break
+            print(
+                f"[freezelab] MLflow at {redact_uri(tracked.tracking_uri)} unavailable at the "
+                f"end of the run ({type(err).__name__}); retrying in {delay:.0f} s"
+            )
+            time.sleep(delay)
+            delay = min(2 * delay, 15.0)
+        else:
+            (where.path / SYNC_FILE).unlink(missing_ok=True)
+            return model_uri
+    if where.is_remote:
+        print(
+            f"[freezelab] warning: MLflow run {tracked.run_id} could not be finished and "
+            f"{where.directory} is not a local folder: its metrics are in its checkpoints"
+        )
+        return None
+    record = {
+        "run_id": tracked.run_id,
+        "experiment_id": tracked.experiment_id,
+        "status": "FINISHED",
+        "wall_time_s": wall_time_s,
+        "checkpoint": outcome.checkpoint_dir,
+        "tracking_uri": redact_uri(tracked.tracking_uri),
+    }
+    where.path.mkdir(parents=True, exist_ok=True)
+    (where.path / SYNC_FILE).write_text(json.dumps(record, indent=2))
+    command = f"freezelab sync {where.path}"
+    if tracked.tracking_uri != redact_uri(tracked.tracking_uri):
+        command += " --tracking-uri URI"  # its credentials are never written down
+    print(
+        f"[freezelab] warning: MLflow at {redact_uri(tracked.tracking_uri)} stayed unavailable "
+        f"for {config.mlflow.sync_timeout_s:.0f} s: run {tracked.run_id} is not finished there "
+        f"(epochs, model, status). Everything it needs is in {where.path}; when the server is "
+        f"back, run:\n  {command}"
+    )
+    return None
 
 
 def tracking_available(config: Any) -> bool:
@@ -161,6 +225,25 @@ class TrackedRun:
     def callback(self) -> MlflowMetricsCallback:
         return MlflowMetricsCallback(self.tracking_uri, self.run_id, self.fallback_file)
 
+    def write_epochs(self, history: Sequence[dict[str, Any]]) -> int:
+        """Log each epoch of ``history`` that the run does not hold yet (those a lost
+        server missed), in order; returns how many were written."""
+        import mlflow
+
+        from freezelab.mlflow.callback import log_epoch, logged_epochs
+
+        client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+        logged = logged_epochs(client, self.run_id)
+        written = 0
+        for metrics in sorted(history, key=lambda m: int(m.get("epoch", -1))):
+            if "epoch" not in metrics or int(metrics["epoch"]) in logged:
+                continue
+            epoch = int(metrics["epoch"])
+            log_epoch(client, self.run_id, metrics)
+            logged.add(epoch)
+            written += 1
+        return written
+
     def finish(
         self,
         config: Any,
@@ -175,18 +258,27 @@ class TrackedRun:
         client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
         model_uri = None
         try:
-            if wall_time_s is not None and outcome is not None and not outcome.already_complete:
-                last = int(outcome.metrics.get("epoch", 0))
+            last = int(outcome.metrics.get("epoch", 0)) if outcome is not None else 0
+            logged = client.get_metric_history(self.run_id, "wall_time_s")
+            if (
+                wall_time_s is not None
+                and outcome is not None
+                and not outcome.already_complete
+                and not any(m.step == last for m in logged)
+            ):
                 client.log_metric(self.run_id, "wall_time_s", wall_time_s, step=last)
             self._log_phases(client, config)
             if config.mlflow.log_model and outcome is not None and outcome.checkpoint_dir:
-                model_uri = log_checkpoint_model(
-                    self.tracking_uri, self.run_id, config, outcome.checkpoint_dir
-                )
-                if config.mlflow.register_as:
-                    register(
-                        self.tracking_uri, model_uri, config.mlflow.register_as, config.mlflow.alias
+                # Finishing again (a retry, `freezelab sync`, a rerun of a finished run)
+                # reuses the model logged then.
+                model_uri = logged_model_uri(client, self.experiment_id, self.run_id, last)
+                if model_uri is None:
+                    model_uri = log_checkpoint_model(
+                        self.tracking_uri, self.run_id, config, outcome.checkpoint_dir, step=last
                     )
+                name = config.mlflow.register_as
+                if name and not _registered(client, name, model_uri):
+                    register(self.tracking_uri, model_uri, name, config.mlflow.alias)
         finally:
             client.set_terminated(self.run_id, status=status)
         return model_uri
@@ -212,9 +304,14 @@ class TrackedRun:
             client.log_artifact(self.run_id, str(text), artifact_path="phases")
 
 
-def log_checkpoint_model(tracking_uri: str, run_id: str, config: Any, checkpoint_dir: str) -> str:
+def log_checkpoint_model(
+    tracking_uri: str, run_id: str, config: Any, checkpoint_dir: str, step: int = 0
+) -> str:
     """Log the checkpoint's model as an MLflow model (a LoggedModel) with a signature
-    and an input example; its safetensors weights ride along for safe reloading."""
+    and an input example; its safetensors weights ride along for safe reloading.
+
+    ``step`` is the checkpoint's epoch: MLflow links the run's metrics of that step to
+    the model, so the Models tab shows the handed-over model's val_acc, not epoch 0's."""
     import mlflow
     import numpy as np
     import torch
@@ -237,9 +334,41 @@ def log_checkpoint_model(tracking_uri: str, run_id: str, config: Any, checkpoint
             signature=signature,
             input_example=example,
             extra_files=[str(Path(checkpoint_dir) / ckpt.MODEL_FILE)],
+            step=step,
+            tags={"freezelab.policy": config.policy.label(), "freezelab.epoch": str(step)},
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm"],
         )
     return info.model_uri
+
+
+def logged_model_uri(client: Any, experiment_id: str, run_id: str, step: int) -> str | None:
+    """The URI of the model this run already logged for ``step``, if any."""
+    for model in client.search_logged_models(
+        experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'"
+    ):
+        if model.tags.get("freezelab.epoch") == str(step):
+            return model.model_uri
+    return None
+
+
+def registry_client(uri: str) -> Any:
+    """A client whose model registry is the tracking store's: without ``registry_uri``,
+    MLflow takes the registry of the first tracking URI the process used."""
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _registered(client: Any, name: str, model_uri: str) -> bool:
+    """Whether ``model_uri`` already is a version of registered model ``name``."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = registry_client(client.tracking_uri).search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return False
+    model_id = model_uri.removeprefix("models:/")
+    return any(v.source == model_uri or getattr(v, "model_id", None) == model_id for v in versions)
 
 
 def register(tracking_uri: str, model_uri: str, name: str, alias: str) -> str:
@@ -247,9 +376,7 @@ def register(tracking_uri: str, model_uri: str, name: str, alias: str) -> str:
 
     with tracking_uri_set(tracking_uri):
         version = mlflow.register_model(model_uri, name)
-    mlflow.MlflowClient(tracking_uri=tracking_uri).set_registered_model_alias(
-        name, alias, version.version
-    )
+    registry_client(tracking_uri).set_registered_model_alias(name, alias, version.version)
     print(f"[freezelab] MLflow: registered {name} version {version.version} as @{alias}")
     return version.version
 

@@ -4,7 +4,13 @@
 >>> report = build_report("policy-sweep", out_dir="report/")  # doctest: +SKIP
 """
 
-from freezelab.report.build import Report, build_report, pareto_front, summarize
+from freezelab.report.build import (
+    Report,
+    build_report,
+    format_settings,
+    pareto_front,
+    summarize,
+)
 from freezelab.report.cka import backbone_cka, linear_cka
 from freezelab.report.runs import ReportError
 
@@ -13,6 +19,7 @@ __all__ = [
     "ReportError",
     "backbone_cka",
     "build_report",
+    "format_settings",
     "linear_cka",
     "pareto_front",
     "summarize",

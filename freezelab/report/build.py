@@ -26,6 +26,8 @@ from freezelab.report.runs import (
     load_record,
     resolve_target,
 )
+from freezelab.stats import difference
+from freezelab.stats import summarize as stats_summary
 
 DEFAULT_ROOT = "freezelab_reports"
 REPORT_ARTIFACT_PATH = "report"
@@ -39,6 +41,7 @@ class Report:
     index: Path
     figures: dict[str, Path]
     rows: list[dict[str, Any]]  # one per run, best first
+    settings: list[dict[str, Any]]  # one per setting (repeats grouped), best first
     summary: str
     notes: list[str]
     parent_run_id: str | None
@@ -55,6 +58,7 @@ def build_report(
 ) -> Report:
     """Write ``index.html`` and its figures for ``target`` (a sweep parent run's name
     or id, or an experiment name) and log them on the sweep's parent run."""
+    from freezelab.mlflow.compare import settings_of
     from freezelab.mlflow.tracking import open_store, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
@@ -74,14 +78,17 @@ def build_report(
     directory.mkdir(parents=True, exist_ok=True)
 
     similarity = _similarities(client, records, uri, cka_samples) if cka else {}
+    settings = settings_of({r.run_id: r.params for r in records})
     rows = sorted(
-        (table_row(r, *similarity.get(r.run_id, (None, "CKA not computed"))) for r in records),
-        key=lambda row: (-_number(row["best_val_acc"], -math.inf), _number(row["train_time_s"])),
+        (
+            table_row(r, *similarity.get(r.run_id, (None, "CKA not computed")), settings[r.run_id])
+            for r in records
+        ),
+        key=lambda row: (-_number(row["val_acc"], -math.inf), _number(row["train_time_s"])),
     )
-    _label_uniquely(rows)
+    groups = group_rows(rows, notes)
     by_id = {r.run_id: r for r in records}
     ordered = [by_id[row["run_id"]] for row in rows]
-    labels = [row["label"] for row in rows]
     for record in ordered:
         notes += [f"run {record.run_name} ({record.policy}): {n}" for n in record.notes]
     notes += [
@@ -91,14 +98,15 @@ def build_report(
     ]
     if len(rows) > MAX_DRIFT_PANELS:
         notes.append(f"the drift figure shows the best {MAX_DRIFT_PANELS} of {len(rows)} runs")
-    figures = draw_figures(directory, ordered, labels, rows, pareto_front(_points(rows)))
-    summary = summarize(rows)
+    figures = draw_figures(directory, ordered, rows, groups)
+    summary = summarize(groups)
     index = directory / "index.html"
-    index.write_text(html_page(found.description, rows, figures, summary, notes))
+    index.write_text(html_page(found.description, rows, groups, figures, summary, notes))
     (directory / "report.json").write_text(
         json.dumps(
             {
                 "target": found.description,
+                "settings": _json_safe(groups),
                 "rows": _json_safe(rows),
                 "summary": summary,
                 "notes": notes,
@@ -108,17 +116,28 @@ def build_report(
     )
     print(f"[freezelab] report: {index.resolve()}")
     logged = _log_on_parent(client, found.parent_run_id, directory)
-    return Report(directory, index, figures, rows, summary, notes, found.parent_run_id, logged)
+    return Report(
+        directory, index, figures, rows, groups, summary, notes, found.parent_run_id, logged
+    )
 
 
-def table_row(record: RunRecord, cka: float | None, cka_source: str) -> dict[str, Any]:
-    """The report's table row of a run: every number is read from its MLflow metrics."""
+def table_row(
+    record: RunRecord, cka: float | None, cka_source: str, setting: tuple[str, str] = ("", "")
+) -> dict[str, Any]:
+    """The report's table row of a run: every number is read from its MLflow metrics.
+    ``setting`` is the run's (key, label) from ``settings_of``: runs that share it are
+    repeats of one setting (they differ in their seed only)."""
+    key, label = setting
     return {
         "policy": record.policy,
-        "label": record.policy,
+        "setting": label,
+        "setting_key": key or record.policy,
+        "label": record.policy + (f" [{label}]" if label else ""),
         "run_name": record.run_name,
         "run_id": record.run_id,
+        "seed": record.params.get("seed"),
         "status": record.status,
+        "val_acc": record.val_acc,
         "best_val_acc": record.best_val_acc,
         "epochs_to_best": record.epochs_to_best,
         "epochs": record.epochs,
@@ -129,6 +148,65 @@ def table_row(record: RunRecord, cka: float | None, cka_source: str) -> dict[str
         "cka": cka,
         "cka_source": cka_source,
     }
+
+
+# Means over a setting's runs of these run columns.
+AVERAGED = (
+    "best_val_acc",
+    "train_time_s",
+    "images_per_s",
+    "trainable_share",
+    "backbone_drift",
+    "cka",
+)
+
+
+def group_rows(rows: list[dict[str, Any]], notes: list[str] | None = None) -> list[dict[str, Any]]:
+    """One row per setting (a policy and the values of the other params that vary),
+    best mean val_acc first: n, mean, std and 95% interval of the final val_acc over
+    its finished runs, and the means of the other columns. ``best_of_policy`` marks
+    each policy's best setting, the one the summary compares."""
+    finished = [r for r in rows if r["status"] == "FINISHED"]
+    counted = finished or rows
+    if notes is not None:
+        if finished and len(finished) < len(rows):
+            notes.append(
+                "left out of the settings' statistics (not FINISHED): "
+                + ", ".join(f"{r['run_name']} ({r['status']})" for r in rows if r not in finished)
+            )
+        elif not finished:
+            notes.append("no run has FINISHED: the statistics use the runs as they stand")
+    members: dict[str, list[dict[str, Any]]] = {}
+    for row in counted:
+        if not math.isnan(_number(row["val_acc"], math.nan)):
+            members.setdefault(row["setting_key"], []).append(row)
+    groups = []
+    for runs in members.values():
+        values = [r["val_acc"] for r in runs]
+        stats = stats_summary(values)
+        group = {
+            "policy": runs[0]["policy"],
+            "setting": runs[0]["setting"],
+            "label": runs[0]["label"],
+            "values": values,
+            "val_acc": stats.mean,
+            "std": stats.std,
+            "n": stats.n,
+            "ci95_low": stats.ci95_low,
+            "ci95_high": stats.ci95_high,
+            "run_ids": [r["run_id"] for r in runs],
+        }
+        for key in AVERAGED:
+            measured = [r[key] for r in runs if not math.isnan(_number(r[key], math.nan))]
+            group[key] = sum(measured) / len(measured) if measured else None
+        groups.append(group)
+    groups.sort(key=lambda g: (-g["val_acc"], _number(g["train_time_s"])))
+    seen = set()
+    for group in groups:
+        group["best_of_policy"] = group["policy"] not in seen
+        seen.add(group["policy"])
+        group["settings_of_policy"] = sum(g["policy"] == group["policy"] for g in groups)
+    return groups
 
 
 def _similarities(
@@ -169,59 +247,121 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
-def summarize(rows: list[dict[str, Any]]) -> str:
-    """A few sentences from the table: the winner, its cost, what each policy kept.
+def summarize(groups: list[dict[str, Any]]) -> str:
+    """A few sentences from the settings (``group_rows``, best first): the winner and
+    its interval, which differences its runs settle, its cost, what each policy kept.
 
-    ``rows`` are best first (as ``build_report`` sorts them).
+    Each policy enters at its own best setting (say, its best learning rate).
     """
-    winner = rows[0]
+    best = [g for g in groups if g["best_of_policy"]]
+    winner = best[0]
+    repeated = max(g["n"] for g in groups) > 1
     sentences = [
-        f"{winner['label']} won: best val_acc {winner['best_val_acc']:.4f}, reached after "
-        f"{winner['epochs_to_best']} of {winner['epochs']} epochs in "
-        f"{_seconds(winner['train_time_s'])} of training "
-        f"({winner['images_per_s']:.0f} images/s), with "
-        f"{_percent(winner['trainable_share'])} of the parameters trainable."
+        "Ranked on val_acc at the last epoch, the accuracy of the model each run hands over"
+        + (", averaged over each setting's seeds." if repeated else " (one run per setting).")
     ]
-    ties = [r["label"] for r in rows[1:] if r["best_val_acc"] == winner["best_val_acc"]]
-    if ties:
-        sentences.append(f"Tied with it on accuracy, but slower: {', '.join(ties)}.")
-    elif len(rows) > 1:
-        second = rows[1]
+    tuned = [g for g in best if g["settings_of_policy"] > 1]
+    if tuned:
         sentences.append(
-            f"Runner-up: {second['label']} at {second['best_val_acc']:.4f} "
-            f"({second['best_val_acc'] - winner['best_val_acc']:+.4f})."
+            "Each policy is compared at its own best setting, chosen on that same mean "
+            "val_acc (an optimistic choice: confirm it on held-out data)."
         )
-    fastest = min(rows, key=lambda r: _number(r["train_time_s"]))
+    sentences.append(
+        f"{winner['label']} won: val_acc {_with_interval(winner)}, "
+        f"{_seconds(winner['train_time_s'])} of training per run "
+        f"({_rate(winner['images_per_s'])}), with "
+        f"{_percent(winner['trainable_share'])} of the parameters trainable."
+    )
+    if len(best) > 1:
+        sentences.append(_differences(winner, best[1:]))
+    fastest = min(best, key=lambda g: _number(g["train_time_s"]))
     if fastest is winner:
-        sentences.append("The winner was also the fastest run.")
-    elif winner["train_time_s"] > 0 and fastest["train_time_s"] > 0:
+        sentences.append("The winner was also the fastest policy.")
+    elif _number(winner["train_time_s"], 0) > 0 and _number(fastest["train_time_s"], 0) > 0:
         sentences.append(
             f"The cost of winning: {winner['train_time_s'] / fastest['train_time_s']:.1f}x the "
-            f"training time of the fastest run, {fastest['label']} "
-            f"({_seconds(fastest['train_time_s'])}, best val_acc {fastest['best_val_acc']:.4f})."
+            f"training time of the fastest policy, {fastest['label']} "
+            f"({_seconds(fastest['train_time_s'])}, val_acc {fastest['val_acc']:.4f})."
         )
-    front = pareto_front(_points(rows))
-    if len(rows) > 1:
-        names = ", ".join(rows[i]["label"] for i in front)
+    if len(best) > 1:
+        front = pareto_front(_points(best))
+        names = ", ".join(best[i]["label"] for i in front)
         sentences.append(f"On the accuracy/compute Pareto front: {names}.")
-    sentences.append(_kept(rows))
+    sentences.append(_kept(best))
     return " ".join(sentences)
 
 
-def _kept(rows: list[dict[str, Any]]) -> str:
+def format_settings(groups: list[dict[str, Any]], fmt: str = "table") -> str:
+    """The settings table for the terminal: the page's first table."""
+    from freezelab.console import Column, format_table
+
+    shown = [{**g, "mean_ci95": _with_interval(g, short=True)} for g in groups]
+    columns = [
+        Column("label", "policy [setting]", max_width=56),
+        Column("n"),
+        Column("mean_ci95", "val_acc (mean ± ci95)"),
+        Column("train_time_s", "train_s", fmt="{:.1f}"),
+        Column("trainable_share", "trainable", fmt="{:.1%}"),
+        Column("backbone_drift", "drift", fmt="{:.3f}"),
+        Column("cka", "cka", fmt="{:.3f}"),
+    ]
+    return format_table(shown, columns, fmt)
+
+
+def _with_interval(group: dict[str, Any], short: bool = False) -> str:
+    if short:
+        if group["ci95_low"] is None:
+            return f"{group['val_acc']:.4f}"
+        return f"{group['val_acc']:.4f} ± {(group['ci95_high'] - group['ci95_low']) / 2:.4f}"
+    if group["ci95_low"] is None:
+        return f"{group['val_acc']:.4f} (n={group['n']}, no interval)"
+    half = (group["ci95_high"] - group["ci95_low"]) / 2
+    return f"{group['val_acc']:.4f} ± {half:.4f} (95% interval, n={group['n']})"
+
+
+def _differences(winner: dict[str, Any], others: list[dict[str, Any]]) -> str:
+    """Which policies trail the winner by more than the 95% interval of the difference
+    (Welch's t), which are within it, and which have too few runs to say."""
+    behind, within, single = [], [], []
+    for group in others:
+        found = difference(winner["values"], group["values"])
+        if found.settled is None:
+            single.append(f"{group['label']} ({-found.delta:+.4f})")
+            continue
+        text = (
+            f"{group['label']} ({-found.delta:+.4f}, interval "
+            f"[{-found.ci95_high:+.4f}, {-found.ci95_low:+.4f}])"
+        )
+        (behind if found.settled else within).append(text)
     parts = []
-    for row in rows:
-        drift, cka = row["backbone_drift"], row["cka"]
+    if behind:
+        parts.append(
+            "behind it by more than the 95% interval of the difference: " + "; ".join(behind)
+        )
+    if within:
+        parts.append("within the interval, so not told apart by these runs: " + "; ".join(within))
+    if single:
+        parts.append(
+            "no interval with a single run (give the study or sweep `seeds: [0, 1, 2]`): "
+            + "; ".join(single)
+        )
+    return "Against the winner, " + "; ".join(parts) + "."
+
+
+def _kept(groups: list[dict[str, Any]]) -> str:
+    parts = []
+    for group in groups:
+        drift, cka = _number(group["backbone_drift"], math.nan), group["cka"]
         measured = cka is not None and not math.isnan(cka)
         if not measured:
-            amount = "intact" if drift == 0 else "unmeasured"
+            amount = "intact" if drift == 0 else "changed"
         elif cka >= INTACT_CKA:
             amount = "intact"
         else:
             amount = "mostly" if cka >= 0.9 else "partly" if cka >= 0.5 else "little of it"
         details = [f"CKA {cka:.4f}" if measured else "no CKA"]
         details.append("no drift data" if math.isnan(drift) else f"backbone drift {drift:.4f}")
-        parts.append(f"{row['label']} {amount} ({', '.join(details)})")
+        parts.append(f"{group['label']} {amount} ({', '.join(details)})")
     return "Starting representation kept: " + "; ".join(parts) + "."
 
 
@@ -234,27 +374,36 @@ MAX_DRIFT_PANELS = 12
 def draw_figures(
     directory: Path,
     records: list[RunRecord],
-    labels: list[str],
     rows: list[dict[str, Any]],
-    front: list[int],
+    groups: list[dict[str, Any]],
 ) -> dict[str, Path]:
-    """One PNG per figure in ``FIGURES``; ``records``, ``labels`` and ``rows`` align."""
+    """One PNG per figure in ``FIGURES``. ``records`` and ``rows`` align (one per run);
+    ``groups`` are the settings (``group_rows``), and each setting has one color."""
     import matplotlib
 
-    colors = [_color(i, len(records)) for i in range(len(records))]
+    color_of = {g["label"]: _color(i, len(groups)) for i, g in enumerate(groups)}
+    gray = (0.5, 0.5, 0.5, 1.0)
+    colors = [color_of.get(row["label"], gray) for row in rows]
     paths = {}
     # Labels are policy labels and run names, never math: a regex's "$" stays a "$".
     with matplotlib.rc_context({"text.parse_math": False}):
         figures = {
-            "accuracy_vs_time": _accuracy_vs_time(rows, front, colors),
-            "learning_curves": _learning_curves(records, labels, colors),
-            "drift": _drift(records, labels),
-            "cka": _similarity(rows, colors),
+            "accuracy_vs_time": _accuracy_vs_time(groups, rows, colors),
+            "learning_curves": _learning_curves(records, rows, colors),
+            "drift": _drift(records, [_run_label(row, rows) for row in rows]),
+            "cka": _similarity(groups, [color_of[g["label"]] for g in groups]),
         }
         for name, figure in figures.items():
             paths[name] = directory / f"{name}.png"
             figure.savefig(paths[name], dpi=100)
     return paths
+
+
+def _run_label(row: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """The setting's label, and the run's seed (else its name) when the setting repeats."""
+    if sum(r["label"] == row["label"] for r in rows) == 1:
+        return row["label"]
+    return row["label"] + (f" seed={row['seed']}" if row["seed"] else f" [{row['run_name']}]")
 
 
 def _figure(width: float, height: float):
@@ -275,33 +424,62 @@ def _color(index: int, count: int):
     return matplotlib.colormaps["tab10" if count <= 10 else "tab20"](index % 20)
 
 
-def _accuracy_vs_time(rows: list[dict[str, Any]], front: list[int], colors: list) -> Any:
+def _accuracy_vs_time(groups: list[dict[str, Any]], rows: list[dict[str, Any]], colors) -> Any:
     figure = _figure(7, 4.5)
     ax = figure.add_subplot()
-    for i, row in enumerate(rows):
-        x, y = _number(row["train_time_s"], math.nan), _number(row["best_val_acc"], math.nan)
-        edge = "black" if i in front else "none"
-        ax.scatter([x], [y], color=colors[i], s=50, zorder=3, edgecolors=edge)
-        ax.annotate(row["label"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    if front:
-        xs = [rows[i]["train_time_s"] for i in front]
-        ys = [rows[i]["best_val_acc"] for i in front]
-        ax.step(xs, ys, where="post", linestyle="--", color="gray", label="Pareto front", zorder=2)
+    ax.scatter(
+        [_number(r["train_time_s"], math.nan) for r in rows],
+        [_number(r["val_acc"], math.nan) for r in rows],
+        color=colors,
+        s=12,
+        alpha=0.45,
+        zorder=2,
+    )
+    front = pareto_front(_points(groups))
+    for i, group in enumerate(groups):
+        x, y = _number(group["train_time_s"], math.nan), group["val_acc"]
+        error = None
+        if group["ci95_low"] is not None:
+            error = [[y - group["ci95_low"]], [group["ci95_high"] - y]]
+        ax.errorbar(
+            [x],
+            [y],
+            yerr=error,
+            fmt="o",
+            color=_color(i, len(groups)),
+            markeredgecolor="black" if i in front else "none",
+            markersize=7,
+            capsize=3,
+            zorder=3,
+        )
+        ax.annotate(group["label"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    if len(front) > 1:
+        xs = [groups[i]["train_time_s"] for i in front]
+        ys = [groups[i]["val_acc"] for i in front]
+        ax.step(xs, ys, where="post", linestyle="--", color="gray", label="Pareto front", zorder=1)
         ax.legend(loc="lower right", fontsize=8)
-    times = [t for t, _ in _points(rows) if 0 < t < math.inf]
+    times = [t for t, _ in _points(groups) if 0 < t < math.inf]
     if times and max(times) / min(times) > 20:
         ax.set_xscale("log")
-    ax.set_xlabel("training time (s, train_time_s)")
-    ax.set_ylabel("best val_acc")
-    ax.set_title("Accuracy against training compute (one point per run)")
+    ax.set_xlabel("training time per run (s, train_time_s)")
+    ax.set_ylabel("val_acc at the last epoch")
+    repeats = max(g["n"] for g in groups) > 1
+    ax.set_title(
+        "Accuracy against training compute"
+        + (": mean and 95% interval per setting, dots are runs" if repeats else "")
+    )
     ax.grid(alpha=0.3)
     return figure
 
 
-def _learning_curves(records: list[RunRecord], labels: list[str], colors: list) -> Any:
+def _learning_curves(records: list[RunRecord], rows: list[dict[str, Any]], colors) -> Any:
     figure = _figure(11, 4.5)
     axes = figure.subplots(1, 2)
-    for record, label, color in zip(records, labels, colors, strict=True):
+    labelled = set()
+    for record, row, color in zip(records, rows, colors, strict=True):
+        # One legend entry per setting; its repeats share the color.
+        label = None if row["label"] in labelled else row["label"]
+        labelled.add(row["label"])
         for ax, key in zip(axes, ("val_acc", "train_loss"), strict=True):
             series = record.series(key)
             ax.plot(
@@ -310,6 +488,7 @@ def _learning_curves(records: list[RunRecord], labels: list[str], colors: list) 
                 marker=".",
                 color=color,
                 label=label,
+                alpha=0.8,
             )
     for ax, key in zip(axes, ("val_acc", "train_loss"), strict=True):
         _epoch_axis(ax)
@@ -378,16 +557,16 @@ def _epoch_axis(ax: Any) -> None:
     ax.grid(alpha=0.3)
 
 
-def _similarity(rows: list[dict[str, Any]], colors: list) -> Any:
-    figure = _figure(11, 0.9 + 0.4 * len(rows))
+def _similarity(groups: list[dict[str, Any]], colors: list) -> Any:
+    figure = _figure(11, 0.9 + 0.4 * len(groups))
     axes = figure.subplots(1, 2, sharey=True)
-    positions = list(range(len(rows)))[::-1]  # best run on top
+    positions = list(range(len(groups)))[::-1]  # best setting on top
     for ax, key, title in (
         (axes[0], "cka", "backbone CKA, start vs fine-tuned (1 = unchanged)"),
         (axes[1], "backbone_drift", "final backbone drift (mean of non-head groups)"),
     ):
-        for position, row, color in zip(positions, rows, colors, strict=True):
-            value = row[key]
+        for position, group, color in zip(positions, groups, colors, strict=True):
+            value = group[key]
             if value is None or math.isnan(value):
                 ax.text(0, position, " n/a", va="center", fontsize=8)
             else:
@@ -396,30 +575,47 @@ def _similarity(rows: list[dict[str, Any]], colors: list) -> Any:
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3, axis="x")
     axes[0].set_xlim(0, 1.15)
-    axes[0].set_yticks(positions, [row["label"] for row in rows], fontsize=8)
+    axes[0].set_yticks(positions, [g["label"] for g in groups], fontsize=8)
     return figure
 
 
 # -- the page ----------------------------------------------------------------------
 
+# (key, header, format) of the settings table: one row per policy and setting.
+SETTING_COLUMNS = (
+    ("label", "policy [setting]", str),
+    ("n", "runs", "{}"),
+    ("mean_ci95", "val_acc (mean ± 95% interval)", str),
+    ("std", "std", "{:.4f}"),
+    ("best_val_acc", "best-epoch val_acc (mean)", "{:.4f}"),
+    ("train_time_s", "training time (s, mean)", "{:.2f}"),
+    ("images_per_s", "images/s", "{:.0f}"),
+    ("trainable_share", "trainable share", "{:.2%}"),
+    ("backbone_drift", "backbone drift (final)", "{:.4f}"),
+    ("cka", "backbone CKA", "{:.4f}"),
+)
+# ... and of the runs table: one row per run.
 COLUMNS = (
-    ("label", "policy", str),
+    ("label", "policy [setting]", str),
+    ("seed", "seed", str),
     ("run_name", "run", str),
+    ("val_acc", "val_acc", "{:.4f}"),
     ("best_val_acc", "best val_acc", "{:.4f}"),
     ("epochs_to_best", "epochs to best", "{}"),
     ("train_time_s", "training time (s)", "{:.2f}"),
-    ("images_per_s", "images/s (mean)", "{:.0f}"),
+    ("images_per_s", "images/s", "{:.0f}"),
     ("trainable_share", "trainable share", "{:.2%}"),
     ("backbone_drift", "backbone drift (final)", "{:.4f}"),
     ("cka", "backbone CKA", "{:.4f}"),
     ("status", "status", str),
+    ("run_id", "MLflow run", str),
 )
 CAPTIONS = {
     "accuracy_vs_time": "Accuracy against training compute; the dashed line is the Pareto front.",
     "learning_curves": "Learning curves: validation accuracy and training loss per epoch.",
     "drift": "Feature drift: how far each layer group moved from its starting weights "
     "(dashed: the head).",
-    "cka": "How much of the starting representation each run kept: linear CKA of the "
+    "cka": "How much of the starting representation each setting kept: linear CKA of the "
     "classifier's input on a fixed validation batch, and the final backbone drift.",
 }
 
@@ -427,22 +623,20 @@ CAPTIONS = {
 def html_page(
     title: str,
     rows: list[dict[str, Any]],
+    groups: list[dict[str, Any]],
     figures: dict[str, Path],
     summary: str,
     notes: list[str],
 ) -> str:
-    """A self-contained page; the figures are referenced next to it."""
+    """One self-contained page: the figures are embedded as data URIs, so the page
+    shows them wherever it is opened, MLflow's sandboxed artifact view included."""
+    import base64
     from html import escape
 
-    head = "".join(f"<th>{escape(name)}</th>" for _, name, _ in COLUMNS)
-    body = "".join(
-        "<tr>"
-        + "".join(f"<td>{escape(_format(row[key], fmt))}</td>" for key, _, fmt in COLUMNS)
-        + "</tr>\n"
-        for row in rows
-    )
+    shown = [{**g, "mean_ci95": _with_interval(g)} for g in groups]
     images = "".join(
-        f'<figure><img src="{escape(path.name)}" alt="{escape(name)}">'
+        f'<figure><img src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}"'
+        f' alt="{escape(name)}" data-file="{escape(path.name)}">'
         f"<figcaption>{escape(CAPTIONS.get(name, name))}</figcaption></figure>\n"
         for name, path in figures.items()
     )
@@ -453,21 +647,38 @@ def html_page(
 body {{ font-family: sans-serif; max-width: 1150px; margin: 2em auto; color: #222; }}
 table {{ border-collapse: collapse; font-size: 0.9em; }}
 th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
-td:nth-child(-n+2), th {{ text-align: left; }}
+td:first-child, th {{ text-align: left; }}
 img {{ max-width: 100%; }} figure {{ margin: 1.5em 0; }} figcaption {{ color: #555; }}
 </style></head><body>
 <h1>freezelab report: {escape(title)}</h1>
-<h2>Summary</h2><p>{escape(summary)}</p>
-<h2>Policies</h2>
-<table><thead><tr>{head}</tr></thead><tbody>
-{body}</tbody></table>
-<p>Training time is the sum of the epochs' <code>epoch_time_s</code>; the trainable share is
-that of the last epoch; backbone drift is the mean over the non-head layer groups of their
-relative L2 drift at the last epoch.</p>
+<h2>Summary</h2><p id="summary">{escape(summary)}</p>
+<h2>Policies and settings</h2>
+<p>One row per policy and setting (the values of the params that vary, the seed aside),
+best first. val_acc is the last epoch's, the accuracy of the model a run hands over; its
+95% interval is Student's t over the setting's finished runs.</p>
+{_table("settings", SETTING_COLUMNS, shown)}
+<h2>Runs</h2>
+{_table("runs", COLUMNS, rows)}
+<p>Training time is <code>train_time_s</code>, the sum of the training passes; the trainable
+share is that of the last epoch; backbone drift is the mean over the non-head layer groups of
+their relative L2 drift at the last epoch.</p>
 <h2>Figures</h2>
 {images}<h2>Notes</h2><ul>{noted}</ul>
 </body></html>
 """
+
+
+def _table(name: str, columns: tuple, rows: list[dict[str, Any]]) -> str:
+    from html import escape
+
+    head = "".join(f"<th>{escape(header)}</th>" for _, header, _ in columns)
+    body = "".join(
+        "<tr>"
+        + "".join(f"<td>{escape(_format(row.get(key), fmt))}</td>" for key, _, fmt in columns)
+        + "</tr>\n"
+        for row in rows
+    )
+    return f'<table id="{name}"><thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table>'
 
 
 def _format(value: Any, fmt: Any) -> str:
@@ -476,17 +687,8 @@ def _format(value: Any, fmt: Any) -> str:
     return fmt(value) if callable(fmt) else fmt.format(value)
 
 
-def _points(rows: list[dict[str, Any]]) -> list[tuple[float, float]]:
-    return [(_number(r["train_time_s"]), _number(r["best_val_acc"])) for r in rows]
-
-
-def _label_uniquely(rows: list[dict[str, Any]]) -> None:
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row["policy"]] = counts.get(row["policy"], 0) + 1
-    for row in rows:
-        if counts[row["policy"]] > 1:
-            row["label"] = f"{row['policy']} [{row['run_name']}]"
+def _points(groups: list[dict[str, Any]]) -> list[tuple[float, float]]:
+    return [(_number(g["train_time_s"]), _number(g["val_acc"], math.nan)) for g in groups]
 
 
 def _log_on_parent(client: Any, parent_run_id: str | None, directory: Path) -> bool:
@@ -498,7 +700,7 @@ def _log_on_parent(client: Any, parent_run_id: str | None, directory: Path) -> b
     except Exception as err:  # the local report stands even when the store is down
         print(f"[freezelab] warning: report not logged on run {parent_run_id}: {err}")
         return False
-    print(f"[freezelab] report logged on sweep run {parent_run_id} under {REPORT_ARTIFACT_PATH}/")
+    print(f"[freezelab] report logged on run {parent_run_id} under {REPORT_ARTIFACT_PATH}/")
     return True
 
 
@@ -514,12 +716,20 @@ def _number(value: Any, missing: float = math.inf) -> float:
     return missing if value is None or math.isnan(value) else float(value)
 
 
-def _seconds(value: float) -> str:
+def _seconds(value: float | None) -> str:
+    value = _number(value, math.nan)
+    if math.isnan(value):
+        return "an unknown time"
     return f"{value:.3g} s" if value < 10 else f"{value:.0f} s"
 
 
-def _percent(share: float) -> str:
-    return "?" if math.isnan(share) else f"{100 * share:.1f}%"
+def _percent(share: float | None) -> str:
+    return "?" if share is None or math.isnan(share) else f"{100 * share:.1f}%"
+
+
+def _rate(images_per_s: float | None) -> str:
+    value = _number(images_per_s, math.nan)
+    return "images/s unknown" if math.isnan(value) else f"{value:.0f} images/s"
 
 
 def _slug(name: str) -> str:

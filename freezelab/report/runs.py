@@ -27,6 +27,7 @@ from freezelab.trainers.location import RunLocation, config_changes
 
 SWEEP_KIND_TAG = "freezelab.kind"
 PARENT_TAG = "mlflow.parentRunId"
+GROUP_TAG = "freezelab.group"
 DRIFT_PREFIX = "drift/"
 HISTORY_KEYS = (
     "val_acc",
@@ -115,8 +116,9 @@ def _sweeps_named(client: Any, experiment_ids: list[str], name: str) -> list[Any
 
 def _sweep_target(parent: Any, children: list[Any], notes: list[str]) -> Target:
     name = parent.info.run_name or parent.info.run_id
+    kind = parent.data.tags.get(GROUP_TAG, "sweep")  # a sweep or a study
     return Target(
-        name, f"sweep {name!r} (run {parent.info.run_id})", children, parent.info.run_id, notes
+        name, f"{kind} {name!r} (run {parent.info.run_id})", children, parent.info.run_id, notes
     )
 
 
@@ -167,6 +169,7 @@ class RunRecord:
     groups: list[str]  # layer groups with a drift metric, input to output
     head_groups: frozenset[str]
     notes: list[str] = field(default_factory=list)
+    params: dict[str, str] = field(default_factory=dict)  # the run's MLflow params
 
     def series(self, key: str) -> list[tuple[int, float]]:
         return sorted(self.history.get(key, {}).items())
@@ -178,6 +181,11 @@ class RunRecord:
     @property
     def epochs(self) -> int:
         return len(self.series("val_acc"))
+
+    @property
+    def val_acc(self) -> float:
+        """The last epoch's val_acc: the accuracy of the model the run hands over."""
+        return self.last("val_acc")
 
     @property
     def best_val_acc(self) -> float:
@@ -243,6 +251,7 @@ def load_record(client: Any, run: Any, tracking_uri: str) -> RunRecord:
         groups=groups,
         head_groups=head,
         notes=notes,
+        params=dict(run.data.params),
     )
 
 

@@ -127,6 +127,8 @@ def run_sweep(
     grid = tuner.fit()
     rows = result_rows(grid, sweep, base.epochs)
     print(format_results(rows, sweep))
+    if parent is not None:
+        _finish_stopped_trials(rows, sweep)
     # The best comes only from trials that finished with the metric; rows are sorted by
     # the last reported value, the one of the model each trial hands over.
     finished = [r for r in rows if r["error"] is None and r["metric"] is not None]
@@ -161,6 +163,27 @@ class SweepFailed(FreezelabError):
     """Every trial of a sweep failed: there is no best policy."""
 
     exit_code = 1
+
+
+def _finish_stopped_trials(rows: list[dict[str, Any]], sweep: SweepConfig) -> None:
+    """Close the MLflow runs of trials that Tune stopped (ASHA at a rung, or at max_t as
+    the last epoch reports) before their own end could log the model and the status:
+    from each trial's last checkpoint, as ``freezelab sync`` does. An early-stopped
+    trial ends KILLED, with its model all the same."""
+    from freezelab.mlflow.sync import finish_from_checkpoint
+
+    for row in rows:
+        if row["error"] is not None:
+            continue
+        config = sweep.trial_config(row["policy"], row["params"], row["run_name"])
+        try:
+            finish_from_checkpoint(
+                config,
+                status="KILLED" if row["stopped_early"] else "FINISHED",
+                only_if_running=True,
+            )
+        except Exception as err:  # the sweep's results stand without this run's model
+            print(f"[freezelab] warning: MLflow run of trial {row['run_name']} not closed: {err}")
 
 
 def _fail_parent(base, parent_run_id: str | None) -> None:

@@ -73,15 +73,22 @@ def tracking_uri_set(uri: str):
     MLFLOW_TRACKING_URI environment variable, which would leak into every later run
     of this process: the previous value is restored."""
     import mlflow
+    from mlflow.tracking._model_registry import utils as registry
 
-    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
+    # The model registry too: left unset, MLflow resolves it from the first tracking URI
+    # it saw and keeps it, so a later run of this process would register elsewhere.
+    previous_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     previous = mlflow.get_tracking_uri()
+    previous_registry = registry._registry_uri
     mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     try:
         yield
     finally:
         mlflow.set_tracking_uri(previous)
-        if previous_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous_env
+        registry._registry_uri = previous_registry
+        for key, value in previous_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

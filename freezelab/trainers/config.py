@@ -109,6 +109,15 @@ class PerformanceSection(_Section):
     torch_threads: int | None = Field(None, ge=1)
 
 
+class MetricsSection(_Section):
+    """What the loop measures beyond accuracy and cost (README, "What the study measures")."""
+
+    # Per-group gradient norms each epoch (grad_norm/<group>, rel_grad_norm/<group>), and
+    # per step for the first `early_steps` steps of the run and of every phase.
+    gradients: bool = True
+    early_steps: int = Field(20, ge=0)
+
+
 class CheckpointSection(_Section):
     every: int = Field(1, ge=1)
     keep: int | None = Field(2, ge=1)
@@ -127,6 +136,9 @@ class MlflowSection(_Section):
     alias: str = "champion"
     log_model: bool = True
     tags: dict[str, str] = Field(default_factory=dict)
+    # How long the end of a run retries a tracking server that is away before it
+    # leaves the run for `freezelab sync`.
+    sync_timeout_s: float = Field(60.0, ge=0)
 
 
 class TrainConfig(_Section):
@@ -144,6 +156,7 @@ class TrainConfig(_Section):
     scaling: ScalingSection = ScalingSection()
     performance: PerformanceSection = PerformanceSection()
     checkpoint: CheckpointSection = CheckpointSection()
+    metrics: MetricsSection = MetricsSection()
     max_failures: int = Field(0, ge=-1)  # worker failures survived by restarting
     max_controller_failures: int = Field(3, ge=-1)  # e.g. worker groups that could not start
     storage_path: str = Field("freezelab_runs", validate_default=True)

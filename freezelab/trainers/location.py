@@ -42,6 +42,7 @@ RESULT_NEUTRAL = (
     "storage_path",
     "mlflow",
     "checkpoint",
+    "metrics",
     "max_failures",
     "max_controller_failures",
     "scaling.resources_per_worker",

@@ -12,6 +12,7 @@ the reporter that the caller chose (``reporting.py``); the rest is plain PyTorch
 
 from __future__ import annotations
 
+import json
 import random
 import resource
 import time
@@ -33,6 +34,7 @@ from freezelab.trainers import checkpoint as ckpt
 from freezelab.trainers.config import TrainConfig, validate_config
 from freezelab.trainers.data import build_datasets, train_transform_is_deterministic
 from freezelab.trainers.feature_cache import FeatureCache, cache_blocker, classifier_of
+from freezelab.trainers.gradients import GradientMeter
 from freezelab.trainers.models import build_for_config
 from freezelab.trainers.optim import (
     build_optimizer,
@@ -110,6 +112,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     # -- the epoch loop ------------------------------------------------------------
     plan: FreezePlan | None = None
+    meter: GradientMeter | None = None
     optimizer: torch.optim.Optimizer | None = None
     trained: nn.Module = model
     cache: FeatureCache | None = None
@@ -126,6 +129,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             load_state_by_name(optimizer, optimizer_state)
             optimizer_state = {}
             cache = _new_cache(config, model, epoch_plan, deterministic, len(train_set), rank)
+            meter = _gradient_meter(config, model, epoch_plan, epoch)
             val_cache = FeatureCache(len(val_shard)) if cache is not None else None
             # [2] prepare the model: DDP registers only what requires grad right now.
             target = classifier_of(model) if cache is not None else model
@@ -171,6 +175,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                if meter is not None:
+                    if scaler.is_enabled():
+                        scaler.unscale_(optimizer)  # measure the true gradients
+                    meter.measure(step)
                 scaler.step(optimizer)
                 scaler.update()
             if index == 0:
@@ -220,6 +228,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 for name, value in _drift(model, initial_weights, plan).items()
             },
         }
+        if meter is not None:
+            metrics.update(meter.epoch_metrics())
+            early = meter.early_metrics()
+            if early:
+                # One string, not a list: Tune and MLflow take scalars and strings.
+                metrics["early_steps"] = json.dumps(early)
         best_val_acc = val_acc if best_val_acc is None else max(best_val_acc, val_acc)
         metrics["best_val_acc"] = best_val_acc
         history.append(metrics)
@@ -283,6 +297,17 @@ def _new_cache(
             print(f"[freezelab] frozen-feature cache off: {blocker}")
         return None
     return FeatureCache(size)
+
+
+def _gradient_meter(
+    config: TrainConfig, model: nn.Module, plan: FreezePlan, epoch: int
+) -> GradientMeter | None:
+    """A meter for the phase that starts at ``epoch``. Its early steps are the phase's
+    first ones: a run resumed in the middle of a phase records none."""
+    if not config.metrics.gradients:
+        return None
+    starts = epoch == 0 or config.policy.plan(model, epoch - 1).signature() != plan.signature()
+    return GradientMeter(model, plan, config.metrics.early_steps if starts else 0)
 
 
 def _wrap(module: nn.Module, world_size: int, device: torch.device) -> nn.Module:

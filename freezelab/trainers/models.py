@@ -101,12 +101,15 @@ def build_model(
     weights: str | Path | None = None,
     head: HeadConfig | dict | None = None,
     in_chans: int = 3,
+    image_size: int | None = None,
 ) -> nn.Module:
     """A backbone with a fresh classifier for ``num_classes``.
 
     ``pretrained=True`` downloads the weights through timm (the Hugging Face Hub);
     ``weights=PATH`` loads a local safetensors or state-dict file instead. Classifier
-    weights whose class count differs are dropped with a log line.
+    weights whose class count differs are dropped with a log line. ``image_size`` is
+    the side of the images the model will see (default: the backbone's own): a
+    ``pool: flatten`` head's width depends on it.
     """
     import timm
 
@@ -135,10 +138,8 @@ def build_model(
     if head_config is None:
         model = backbone
     else:
-        input_size = (
-            in_chans,
-            *timm.data.resolve_data_config({}, model=backbone)["input_size"][1:],
-        )
+        size = timm.data.resolve_data_config({}, model=backbone)["input_size"][1:]
+        input_size = (in_chans, *((image_size, image_size) if image_size else size))
         model = FineTuneModel(backbone, head_config, num_classes, input_size)
     if weights:
         load_weights(model, weights)
@@ -256,4 +257,5 @@ def build_for_config(
         weights=weights,
         head=section.head,
         in_chans=section.in_chans,
+        image_size=config.data.input_size,
     )

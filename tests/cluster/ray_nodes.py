@@ -102,7 +102,11 @@ class Head:
 
 
 @contextmanager
-def ray_head(tmp: Path, *, ip: str | None = None, cpus: int = 1, prefix=()) -> Iterator[Head]:
+def ray_head(
+    tmp: Path, *, ip: str | None = None, cpus: int = 1, prefix=(), env: dict | None = None
+) -> Iterator[Head]:
+    """A head node for the block; ``env`` adds to its processes' environment (and so to
+    that of the jobs it runs)."""
     gcs_port, dashboard_port = free_port(), free_port()
     log = tmp / "head.log"
     args = [
@@ -117,7 +121,9 @@ def ray_head(tmp: Path, *, ip: str | None = None, cpus: int = 1, prefix=()) -> I
     if ip:
         args.append(f"--node-ip-address={ip}")
     dashboard = f"http://127.0.0.1:{dashboard_port}"
-    with ray_node(args, log, prefix=prefix, env=node_env(RAY_AUTH_MODE="token")) as process:
+    with ray_node(
+        args, log, prefix=prefix, env=node_env(RAY_AUTH_MODE="token", **(env or {}))
+    ) as process:
 
         def up() -> bool:
             assert process.poll() is None, f"the head exited: {log.read_text()[-3000:]}"

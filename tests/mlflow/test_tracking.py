@@ -1,17 +1,13 @@
 """MLflow tracking against a real sqlite store and a real ``mlflow server``."""
 
 import json
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 import torch
+from servers import Server
 
 from freezelab.api import train
 from freezelab.cli import main
@@ -71,6 +67,16 @@ def test_run_logs_params_metrics_artifacts_and_model(tiny_config, sqlite_uri):
     policy = json.loads(open(client.download_artifacts(run.info.run_id, "policy.json")).read())
     assert policy == config.policy.to_dict()
 
+    # The logged model is linked to the last epoch's metrics: those of the weights it holds.
+    (logged,) = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}'",
+    )
+    linked = {m.key: (m.value, m.step) for m in logged.metrics}
+    assert linked["val_acc"] == (outcome.history[-1]["val_acc"], 2)
+    assert linked["wall_time_s"][0] == tracked.wall_time_s
+    assert logged.tags["freezelab.policy"] == config.policy.label()
+
     # The logged model reloads and predicts exactly what the checkpoint's weights do.
     with tracking_uri_set(sqlite_uri):
         loaded = mlflow.pytorch.load_model(tracked.model_uri)
@@ -94,7 +100,7 @@ def test_registry_alias_and_chained_fine_tuning(tiny_config, sqlite_uri):
     )
     tracked = train(config)
     outcome = tracked.outcome
-    client = mlflow.MlflowClient(sqlite_uri)
+    client = mlflow.MlflowClient(sqlite_uri, registry_uri=sqlite_uri)
     version = client.get_model_version_by_alias("digits-source", "best")
     assert version.run_id == tracked.run_id
 
@@ -179,54 +185,16 @@ def test_compare_lists_runs_by_policy(tiny_config, sqlite_uri, capsys):
     # One definition of cost: the training passes, and the run's wall clock around them.
     assert all(0 < r["train_time_s"] < r["wall_time_s"] for r in rows)
     assert main(["compare", "tests", "--tracking-uri", sqlite_uri, "--format", "csv"]) == 0
-    assert capsys.readouterr().out.startswith("policy,best_val_acc")
+    assert capsys.readouterr().out.startswith("policy,val_acc,best_val_acc")
     assert main(["compare", "missing", "--tracking-uri", sqlite_uri]) == 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("server")
-    port = _free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{root}/store.db",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2):
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("mlflow server did not start")
-    yield uri
-    process.terminate()
-    process.wait(timeout=30)
+    server = Server(tmp_path_factory.mktemp("server"))
+    server.start()
+    yield server.uri
+    server.stop()
 
 
 def test_against_a_real_mlflow_server(tiny_config, mlflow_server):
@@ -337,12 +305,15 @@ def test_compare_groups_repeats_with_their_interval(tiny_config, sqlite_uri, cap
     assert len(rows) == 6
     for policy in ("full", "head_only"):
         group = [r for r in rows if r["policy"] == policy]
-        expected = summarize([r["best_val_acc"] for r in group])
+        # The default sort metric: the accuracy of the model each run hands over.
+        expected = summarize([r["val_acc"] for r in group])
         for r in group:
             assert r["group"] == policy and r["n"] == 3
             assert r["mean"] == pytest.approx(expected.mean)
             assert r["ci95_low"] == pytest.approx(expected.ci95_low)
             assert r["ci95_high"] == pytest.approx(expected.ci95_high)
             assert r["train_time_s"] > 0 and r["wall_time_s"] > 0
+    values = [r["val_acc"] for r in rows]
+    assert values == sorted(values, reverse=True)
     assert main(["compare", "tests", "--tracking-uri", sqlite_uri]) == 0
     assert "mean ± ci95" in capsys.readouterr().out

@@ -19,7 +19,7 @@ import torch
 
 from freezelab.api import train
 from freezelab.policies import from_dict
-from freezelab.report import ReportError, build_report, linear_cka, pareto_front
+from freezelab.report import ReportError, build_report, linear_cka, pareto_front, summarize
 from freezelab.report.build import FIGURES
 from freezelab.report.runs import find_weights, load_record, resolve_target
 from freezelab.trainers.config import validate_config
@@ -101,7 +101,9 @@ def test_every_figure_is_a_valid_png(sweep):
             image.verify()
         pixels = imread(path)
         assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
-        assert f'src="{path.name}"' in page
+        # Embedded, so the page shows its figures inside MLflow's sandboxed view too.
+        assert f'data-file="{path.name}"' in page and f'src="{path.name}"' not in page
+    assert page.count('src="data:image/png;base64,') == len(FIGURES)
 
 
 def test_table_matches_the_mlflow_runs(sweep):
@@ -114,6 +116,7 @@ def test_table_matches_the_mlflow_runs(sweep):
         assert run.data.params["policy.type"] == POLICIES[label]["type"]
         metrics = run.data.metrics
         val_acc = _history(client, run.info.run_id, "val_acc")
+        assert row["val_acc"] == metrics["val_acc"] == val_acc[-1]
         assert row["best_val_acc"] == metrics["best_val_acc"] == max(val_acc)
         assert row["epochs_to_best"] == val_acc.index(max(val_acc)) + 1
         assert row["epochs"] == len(val_acc) == 2
@@ -128,8 +131,8 @@ def test_table_matches_the_mlflow_runs(sweep):
         backbone = [v for k, v in metrics.items() if k.startswith("drift/") and k != "drift/head"]
         assert row["backbone_drift"] == pytest.approx(sum(backbone) / len(backbone), rel=1e-12)
     assert sweep.rows["full"]["trainable_share"] == 1.0
-    # best first, as the page shows them
-    accuracies = [row["best_val_acc"] for row in sweep.report.rows]
+    # best first on the handed-over model's accuracy, as the page shows them
+    accuracies = [row["val_acc"] for row in sweep.report.rows]
     assert accuracies == sorted(accuracies, reverse=True)
 
 
@@ -204,10 +207,13 @@ def test_linear_cka_identity_orthogonal_and_scale_invariance():
 def test_summary_names_the_winning_policy(sweep):
     client = sweep.client
     runs = [client.get_run(row["run_id"]) for row in sweep.report.rows]
-    winner = max(runs, key=lambda r: r.data.metrics["best_val_acc"])
+    winner = max(runs, key=lambda r: r.data.metrics["val_acc"])
     label = next(p for p, row in sweep.rows.items() if row["run_id"] == winner.info.run_id)
-    assert sweep.report.summary.startswith(f"{label} won: best val_acc")
-    assert f"{winner.data.metrics['best_val_acc']:.4f}" in sweep.report.summary
+    assert sweep.report.summary.startswith("Ranked on val_acc at the last epoch")
+    assert f"{label} won: val_acc {winner.data.metrics['val_acc']:.4f} (n=1, no interval)" in (
+        sweep.report.summary
+    )
+    assert "no interval with a single run" in sweep.report.summary
     assert "head_only intact" in sweep.report.summary
     assert html.escape(sweep.report.summary) in sweep.report.index.read_text()
 
@@ -247,7 +253,7 @@ def test_docstring_examples(name):
 def test_figures_draw_labels_with_dollar_signs_as_text(tmp_path):
     # A patterns policy's regex label holds "$" twice: matplotlib would read it as math
     # text and fail; the report draws every label as plain text.
-    from freezelab.report.build import draw_figures, table_row
+    from freezelab.report.build import draw_figures, group_rows, table_row
     from freezelab.report.runs import RunRecord
 
     label = r"patterns(include=['layer4$', '^fc_$'])"
@@ -269,5 +275,91 @@ def test_figures_draw_labels_with_dollar_signs_as_text(tmp_path):
         head_groups=frozenset({"head"}),
     )
     rows = [table_row(record, None, "not computed")]
-    paths = draw_figures(tmp_path, [record], [label], rows, [0])
+    paths = draw_figures(tmp_path, [record], rows, group_rows(rows))
     assert all(path.stat().st_size > 0 for path in paths.values())
+
+
+def _row(policy, lr, seed, val_acc, time=1.0, status="FINISHED"):
+    setting = f"optimizer.lr={lr}"
+    return {
+        "policy": policy,
+        "setting": setting,
+        "setting_key": f"{policy}|{setting}",
+        "label": f"{policy} [{setting}]",
+        "run_name": f"{policy}-{lr}-{seed}",
+        "run_id": f"{policy}-{lr}-{seed}",
+        "seed": str(seed),
+        "status": status,
+        "val_acc": val_acc,
+        "best_val_acc": val_acc,
+        "train_time_s": time,
+        "images_per_s": 100.0,
+        "trainable_share": 0.5,
+        "backbone_drift": 0.1,
+        "cka": 0.9,
+    }
+
+
+def test_settings_group_seeds_and_each_policy_enters_at_its_best_lr():
+    from freezelab.report.build import group_rows
+    from freezelab.stats import summarize as stats
+
+    rows = [
+        *(_row("full", 0.1, s, v) for s, v in enumerate([0.50, 0.55, 0.45])),
+        *(_row("full", 0.01, s, v, time=2.0) for s, v in enumerate([0.80, 0.82, 0.81])),
+        *(_row("head_only", 0.1, s, v) for s, v in enumerate([0.70, 0.71, 0.72])),
+        _row("head_only", 0.1, 3, 0.99, status="FAILED"),
+    ]
+    notes = []
+    groups = group_rows(rows, notes)
+    assert [g["label"] for g in groups] == [
+        "full [optimizer.lr=0.01]",
+        "head_only [optimizer.lr=0.1]",
+        "full [optimizer.lr=0.1]",
+    ]
+    expected = stats([0.80, 0.82, 0.81])
+    top = groups[0]
+    assert top["n"] == 3 and top["val_acc"] == pytest.approx(expected.mean)
+    assert (top["ci95_low"], top["ci95_high"]) == pytest.approx(
+        (expected.ci95_low, expected.ci95_high)
+    )
+    assert top["train_time_s"] == 2.0
+    # the failed run is no repeat of a result, and the notes say so
+    assert groups[1]["n"] == 3 and "head_only-0.1-3 (FAILED)" in notes[0]
+    assert [g["best_of_policy"] for g in groups] == [True, True, False]
+    assert groups[0]["settings_of_policy"] == 2
+
+
+def test_summary_says_which_differences_exceed_their_interval():
+    from freezelab.report.build import group_rows
+
+    rows = [
+        *(_row("full", 0.01, s, v) for s, v in enumerate([0.80, 0.82, 0.81])),
+        *(_row("full", 0.1, s, v) for s, v in enumerate([0.30, 0.31, 0.29])),
+        *(_row("head_only", 0.1, s, v) for s, v in enumerate([0.70, 0.71, 0.72])),
+        *(_row("bitfit", 0.1, s, v) for s, v in enumerate([0.70, 0.90, 0.80])),
+        _row("last_n", 0.1, 0, 0.6),
+    ]
+    text = summarize(group_rows(rows))
+    assert "averaged over each setting's seeds" in text
+    assert "Each policy is compared at its own best setting" in text
+    assert "full [optimizer.lr=0.01] won: val_acc 0.8100 ± 0.0248 (95% interval, n=3)" in text
+    behind = text.split("behind it by more than")[1].split("within the interval")[0]
+    within = text.split("within the interval")[1].split("no interval")[0]
+    assert "head_only [optimizer.lr=0.1] (-0.1000" in behind and "bitfit" not in behind
+    assert "bitfit [optimizer.lr=0.1] (-0.0100" in within
+    assert "last_n [optimizer.lr=0.1] (-0.2100)" in text.split("no interval with a single run")[1]
+    # the weaker lr of full never enters the comparison
+    assert "full [optimizer.lr=0.1]" not in text
+
+
+def test_report_command_prints_the_settings_and_the_summary(sweep, tmp_path, capsys):
+    from freezelab.cli import main
+
+    capsys.readouterr()
+    assert main(["report", SWEEP, "--tracking-uri", sweep.uri, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "val_acc (mean ± ci95)" in out
+    assert all(label in out for label in POLICIES)
+    assert " ".join(out.split()).count("Ranked on val_acc at the last epoch") == 1
+    assert (tmp_path / "index.html").is_file()

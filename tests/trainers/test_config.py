@@ -39,8 +39,17 @@ def test_every_shipped_config_validates(path):
             assert config.name == data["name"]
 
 
-def test_example_study_file_is_the_builtin_study():
-    assert yaml.safe_load((EXAMPLES / "transfer_study.yaml").read_text()) == DEFAULT_STUDY
+def test_example_study_file_is_the_builtin_study_with_repeats_and_an_lr_grid():
+    from freezelab.study import finetune_configs, load_study
+
+    data = yaml.safe_load((EXAMPLES / "transfer_study.yaml").read_text())
+    repeats = {key: data.pop(key) for key in ("seeds", "grid", "register_best_as")}
+    assert data == DEFAULT_STUDY
+    assert len(repeats["seeds"]) == 3 and len(repeats["grid"]["optimizer.lr"]) > 1
+    study = load_study(EXAMPLES / "transfer_study.yaml")
+    configs = finetune_configs(study, "t")
+    assert len(configs) == len(study.policies) * len(repeats["grid"]["optimizer.lr"]) * 3
+    assert len({c.name for c in configs}) == len(configs)
 
 
 def test_overrides_keep_yaml_types(tmp_path):

@@ -125,6 +125,17 @@ def test_keras_head_on_vgg16():
     assert names[-4:] == ["head.0.weight", "head.0.bias", "head.2.weight", "head.2.bias"]
 
 
+def test_a_flatten_head_is_as_wide_as_the_images_the_config_gives(tiny_config):
+    # The Keras head on VGG16 at the data's 32 px: 512 x 1 x 1 features, not 224 px's 7 x 7.
+    from freezelab.trainers.models import build_for_config
+
+    config = tiny_config(model={"name": "vgg16", "head": {"pool": "flatten", "hidden": [8]}})
+    model = build_for_config(config)
+    assert model.head[0].in_features == 512
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+    assert build_model("vgg16", 2, head={"pool": "flatten"}).head[0].in_features == 512 * 7 * 7
+
+
 def test_head_config_object_or_dict():
     from freezelab.trainers.config import HeadConfig
 

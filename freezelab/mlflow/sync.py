@@ -1,0 +1,109 @@
+"""Finish MLflow runs from what their run folders hold: ``freezelab sync``.
+
+A run whose tracking server was away at its end leaves ``mlflow_sync.json`` in its
+folder (see ``finish_or_defer``); a sweep trial that Tune stopped (ASHA, or the last
+epoch reached) never ran its own end. Both are finished here, from the run's final
+checkpoint, whose state holds every epoch's metrics: the epochs the run lacks (each
+once, in order), the model, the phases, the status. Running it twice changes nothing.
+
+>>> synced = sync("freezelab_runs/")                  # doctest: +SKIP
+[freezelab] synced run 1f0c...: 3 epoch(s) written, model models:/m-..., FINISHED
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from freezelab.errors import NotFound
+from freezelab.mlflow.run import RUN_KEY_TAG, SYNC_FILE, TrackedRun, experiment_id_for
+from freezelab.mlflow.tracking import ensure_reachable, resolve_tracking_uri
+from freezelab.redact import redact_uri
+from freezelab.trainers import checkpoint as ckpt
+from freezelab.trainers.location import RunLocation
+
+
+def finish_from_checkpoint(
+    config: Any,
+    *,
+    status: str = "FINISHED",
+    wall_time_s: float | None = None,
+    tracking_uri: str | None = None,
+    only_if_running: bool = False,
+) -> tuple[str | None, int] | None:
+    """Finish the MLflow run of ``config`` from its latest checkpoint. Returns (model
+    URI, epochs written), or None when there is no run or no checkpoint to finish from
+    (or, with ``only_if_running``, when the run is already closed)."""
+    import mlflow
+
+    uri = tracking_uri or resolve_tracking_uri(config.mlflow.tracking_uri)
+    where = RunLocation.of(config)
+    checkpoint = where.latest_checkpoint()
+    if checkpoint is None:
+        return None
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment_id = experiment_id_for(client, config.mlflow.experiment)
+    key = where.mlflow_key()
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{_quote(key)}'", max_results=1
+    )
+    if not found:
+        return None
+    run = found[0]
+    if only_if_running and run.info.status != "RUNNING":
+        return None
+    state = ckpt.read_state(checkpoint)
+    outcome = SimpleNamespace(
+        metrics=state["metrics"],
+        history=state.get("history", []),
+        checkpoint_dir=str(checkpoint),
+        already_complete=False,
+    )
+    tracked = TrackedRun(uri, run.info.run_id, experiment_id, str(where.pending_metrics_file))
+    written = tracked.write_epochs(outcome.history)
+    model_uri = tracked.finish(config, outcome, status=status, wall_time_s=wall_time_s)
+    return model_uri, written
+
+
+def sync(path: str | Path, tracking_uri: str | None = None) -> list[str]:
+    """Finish every run left for later under ``path`` (a run folder, or a storage
+    folder of run folders); returns their MLflow run ids."""
+    from freezelab.trainers.config import validate_config
+
+    root = Path(path)
+    if not root.is_dir():
+        raise NotFound(f"freezelab sync: {path} is not a folder")
+    markers = [root / SYNC_FILE] if (root / SYNC_FILE).is_file() else []
+    markers += sorted(root.glob(f"*/{SYNC_FILE}"))
+    if not markers:
+        print(f"[freezelab] nothing to sync under {root}: every run there is finished in MLflow")
+        return []
+    synced = []
+    for marker in markers:
+        record = json.loads(marker.read_text())
+        checkpoint = Path(record["checkpoint"])
+        config = validate_config(ckpt.read_state(checkpoint)["config"], str(checkpoint))
+        uri = tracking_uri or resolve_tracking_uri(config.mlflow.tracking_uri)
+        ensure_reachable(uri)
+        result = finish_from_checkpoint(
+            config, status=record["status"], wall_time_s=record.get("wall_time_s"), tracking_uri=uri
+        )
+        if result is None:
+            raise NotFound(
+                f"freezelab sync: no MLflow run of {config.name!r} at {redact_uri(uri)} "
+                "(pass the server the run was tracked on with --tracking-uri)"
+            )
+        model_uri, written = result
+        marker.unlink()
+        print(
+            f"[freezelab] synced run {record['run_id']} ({config.name}): {written} epoch(s) "
+            f"written, model {model_uri or 'not logged'}, {record['status']}"
+        )
+        synced.append(record["run_id"])
+    return synced
+
+
+def _quote(text: str) -> str:
+    return text.replace("'", "\\'")
