@@ -32,28 +32,36 @@ def finish_from_checkpoint(
     wall_time_s: float | None = None,
     tracking_uri: str | None = None,
     only_if_running: bool = False,
+    checkpoint: Path | None = None,
+    run_id: str | None = None,
 ) -> tuple[str | None, int] | None:
-    """Finish the MLflow run of ``config`` from its latest checkpoint. Returns (model
-    URI, epochs written), or None when there is no run or no checkpoint to finish from
-    (or, with ``only_if_running``, when the run is already closed)."""
+    """Finish the MLflow run of ``config`` (``run_id``, else the run its location
+    names) from ``checkpoint`` (else its latest). Returns (model URI, epochs written),
+    or None when there is no run or no checkpoint to finish from (or, with
+    ``only_if_running``, when the run is already closed)."""
     import mlflow
 
     uri = tracking_uri or resolve_tracking_uri(config.mlflow.tracking_uri)
     where = RunLocation.of(config)
-    checkpoint = where.latest_checkpoint()
+    checkpoint = checkpoint or where.latest_checkpoint()
     if checkpoint is None:
         return None
     client = mlflow.MlflowClient(tracking_uri=uri)
-    experiment_id = experiment_id_for(client, config.mlflow.experiment)
-    key = where.mlflow_key()
-    found = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{_quote(key)}'", max_results=1
-    )
-    if not found:
-        return None
-    run = found[0]
+    if run_id is not None:
+        run = client.get_run(run_id)
+    else:
+        experiment_id = experiment_id_for(client, config.mlflow.experiment)
+        found = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{RUN_KEY_TAG}` = '{_quote(where.mlflow_key())}'",
+            max_results=1,
+        )
+        if not found:
+            return None
+        run = found[0]
     if only_if_running and run.info.status != "RUNNING":
         return None
+    experiment_id = run.info.experiment_id
     state = ckpt.read_state(checkpoint)
     outcome = SimpleNamespace(
         metrics=state["metrics"],
@@ -70,6 +78,8 @@ def finish_from_checkpoint(
 def sync(path: str | Path, tracking_uri: str | None = None) -> list[str]:
     """Finish every run left for later under ``path`` (a run folder, or a storage
     folder of run folders); returns their MLflow run ids."""
+    from mlflow.exceptions import MlflowException
+
     from freezelab.trainers.config import validate_config
 
     root = Path(path)
@@ -87,12 +97,21 @@ def sync(path: str | Path, tracking_uri: str | None = None) -> list[str]:
         config = validate_config(ckpt.read_state(checkpoint)["config"], str(checkpoint))
         uri = tracking_uri or resolve_tracking_uri(config.mlflow.tracking_uri)
         ensure_reachable(uri)
-        result = finish_from_checkpoint(
-            config, status=record["status"], wall_time_s=record.get("wall_time_s"), tracking_uri=uri
-        )
+        try:
+            # The marker names the run and the checkpoint: sync works from any folder.
+            result = finish_from_checkpoint(
+                config,
+                status=record["status"],
+                wall_time_s=record.get("wall_time_s"),
+                tracking_uri=uri,
+                checkpoint=checkpoint,
+                run_id=record["run_id"],
+            )
+        except MlflowException:
+            result = None
         if result is None:
             raise NotFound(
-                f"freezelab sync: no MLflow run of {config.name!r} at {redact_uri(uri)} "
+                f"freezelab sync: no MLflow run {record['run_id']} at {redact_uri(uri)} "
                 "(pass the server the run was tracked on with --tracking-uri)"
             )
         model_uri, written = result

@@ -69,7 +69,9 @@ def test_a_server_back_mid_run_gets_every_epoch_once(tiny_config, server, capsys
     assert not (Path(config.storage_path) / config.name / SYNC_FILE).exists()
 
 
-def test_a_server_away_at_the_end_leaves_the_run_to_freezelab_sync(tiny_config, server, capsys):
+def test_a_server_away_at_the_end_leaves_the_run_to_freezelab_sync(
+    tiny_config, server, capsys, tmp_path, monkeypatch
+):
     config = _config(tiny_config, server, sync_timeout_s=2)
     tracked = train(config, callbacks=[Outage(server, stop_at=1)])
     out = capsys.readouterr().out
@@ -83,6 +85,9 @@ def test_a_server_away_at_the_end_leaves_the_run_to_freezelab_sync(tiny_config, 
     client = mlflow.MlflowClient(server.uri)
     assert client.get_run(tracked.run_id).info.status == "RUNNING"
     assert _epochs(client, tracked.run_id) == [0]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the marker names the run: sync works from any folder
     assert main(["sync", str(run_dir)]) == 0
     assert f"synced run {tracked.run_id}" in capsys.readouterr().out
 
