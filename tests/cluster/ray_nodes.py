@@ -106,41 +106,58 @@ def ray_head(
     tmp: Path, *, ip: str | None = None, cpus: int = 1, prefix=(), env: dict | None = None
 ) -> Iterator[Head]:
     """A head node for the block; ``env`` adds to its processes' environment (and so to
-    that of the jobs it runs)."""
-    gcs_port, dashboard_port = free_port(), free_port()
+    that of the jobs it runs).
+
+    Its ports are picked free, then released for Ray to bind: another process (a worker
+    of the tests' own Ray session) can take one in between, and the head then dies
+    right after it came up. A head that does not stay up is started again on new ports.
+    """
     log = tmp / "head.log"
-    args = [
-        "--head",
-        f"--port={gcs_port}",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard_port}",
-        f"--ray-client-server-port={free_port()}",
-        f"--dashboard-agent-listen-port={free_port()}",
-        f"--num-cpus={cpus}",
-    ]
-    if ip:
-        args.append(f"--node-ip-address={ip}")
-    dashboard = f"http://127.0.0.1:{dashboard_port}"
-    with ray_node(
-        args, log, prefix=prefix, env=node_env(RAY_AUTH_MODE="token", **(env or {}))
-    ) as process:
+    for attempt in range(3):
+        gcs_port, dashboard_port = free_port(), free_port()
+        args = [
+            "--head",
+            f"--port={gcs_port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
+            f"--ray-client-server-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--num-cpus={cpus}",
+        ]
+        if ip:
+            args.append(f"--node-ip-address={ip}")
+        dashboard = f"http://127.0.0.1:{dashboard_port}"
+        with ray_node(
+            args, log, prefix=prefix, env=node_env(RAY_AUTH_MODE="token", **(env or {}))
+        ) as process:
 
-        def up() -> bool:
-            assert process.poll() is None, f"the head exited: {log.read_text()[-3000:]}"
-            token = (Path.home() / ".ray" / "auth_token").read_text().strip()
-            request = urllib.request.Request(
-                f"{dashboard}/api/jobs/", headers={"Authorization": f"Bearer {token}"}
-            )
+            def up(process=process, dashboard=dashboard) -> bool:
+                assert process.poll() is None, f"the head exited: {log.read_text()[-3000:]}"
+                token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+                request = urllib.request.Request(
+                    f"{dashboard}/api/jobs/", headers={"Authorization": f"Bearer {token}"}
+                )
+                try:
+                    urllib.request.urlopen(request, timeout=2)
+                except OSError:
+                    return False
+                return True
+
             try:
-                urllib.request.urlopen(request, timeout=2)
-            except OSError:
-                return False
-            return True
+                wait_for(up, 90, "the Ray head's job server")
+                time.sleep(5)  # a port lost to another process ends the head within seconds
+                stayed_up = up()
+            except AssertionError:
+                if attempt == 2:
+                    raise
+                continue
+            if not stayed_up:
+                continue
+            from ray.util import get_node_ip_address
 
-        wait_for(up, 90, "the Ray head's job server")
-        from ray.util import get_node_ip_address
-
-        yield Head(f"{ip or get_node_ip_address()}:{gcs_port}", dashboard, log)
+            yield Head(f"{ip or get_node_ip_address()}:{gcs_port}", dashboard, log)
+            return
+    raise RuntimeError(f"the Ray head did not stay up: {log.read_text()[-3000:]}")
 
 
 class Network:
