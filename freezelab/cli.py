@@ -5,8 +5,8 @@ freezelab inspect --model NAME --policy FILE_OR_JSON [--epoch E] [--format table
 freezelab train CONFIG [--set a.b=value ...] [--address RAY_ADDRESS]
 freezelab sweep SWEEP [--resume]
 freezelab submit CONFIG_OR_SWEEP --address http://HEAD:8265 [--follow] [--set ...]
-freezelab compare EXPERIMENT [--format table|md|csv|json] [--sort METRIC]
-freezelab report EXPERIMENT_OR_SWEEP [--out DIR] [--tracking-uri URI]
+freezelab compare EXPERIMENT [--format table|md|csv|json] [--sort METRIC] [--with-pretraining]
+freezelab report EXPERIMENT_OR_SWEEP [--out DIR] [--tracking-uri URI] [--with-pretraining]
 freezelab sync RUN_DIR_OR_STORAGE [--tracking-uri URI]
 freezelab demo [--config STUDY]
 freezelab schema [train|sweep]
@@ -27,6 +27,8 @@ from collections.abc import Sequence
 
 from freezelab.errors import FreezelabError, one_line
 from freezelab.redact import redact_text
+
+PRETRAINING_HELP = "also show pretraining runs (tag freezelab.stage=pretrain), left out by default"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -158,6 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tracking-uri", default=None, help="else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"
     )
+    p.add_argument("--with-pretraining", action="store_true", help=PRETRAINING_HELP)
     p.set_defaults(run=_compare)
 
     p = commands.add_parser(
@@ -180,6 +183,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db",
     )
+    p.add_argument("--with-pretraining", action="store_true", help=PRETRAINING_HELP)
     p.set_defaults(run=_report)
 
     p = commands.add_parser(
@@ -273,7 +277,12 @@ def _compare(args: argparse.Namespace) -> int:
     from freezelab.mlflow.compare import compare_rows, format_rows
     from freezelab.mlflow.tracking import resolve_tracking_uri
 
-    rows = compare_rows(args.experiment, resolve_tracking_uri(args.tracking_uri), sort=args.sort)
+    rows = compare_rows(
+        args.experiment,
+        resolve_tracking_uri(args.tracking_uri),
+        sort=args.sort,
+        with_pretraining=args.with_pretraining,
+    )
     print(format_rows(rows, args.format))
     return 0
 
@@ -290,10 +299,13 @@ def _report(args: argparse.Namespace) -> int:
     from freezelab.report import build_report, format_settings
 
     report = build_report(
-        args.target, out_dir=args.out, tracking_uri=resolve_tracking_uri(args.tracking_uri)
+        args.target,
+        out_dir=args.out,
+        tracking_uri=resolve_tracking_uri(args.tracking_uri),
+        with_pretraining=args.with_pretraining,
     )
     print(format_settings(report.settings))
-    print(textwrap.fill(report.summary, width=100))
+    print("\n\n".join(textwrap.fill(p, width=100) for p in report.summary.split("\n\n")))
     return 0
 
 

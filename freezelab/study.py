@@ -1,9 +1,12 @@
 """The transfer study: a self-contained answer to "what if I don't freeze?".
 
-Pretrain a small backbone on a source task (digits 0-4), then fine-tune it on a
-different target task (digits 5-9, few labels per class) under several freeze
-policies, and print each policy's accuracy, time and trainable share. No download:
-the digits ship with scikit-learn.
+Pretrain a small backbone on a source task (digits 0-4), then fine-tune it on target
+tasks that differ from it (``variants``: digits 5-9 with few labels per class, and the
+same digits inverted) under several freeze policies. Print each policy's accuracy,
+cost, and the four consequences of not freezing, each measured (README, "What the
+study measures"): compute, accuracy under data shift, forgetting of the source task,
+and the gradients a new head sends into the backbone. No download: the digits ship
+with scikit-learn.
 
     freezelab demo                      # the built-in study below
     freezelab demo --config study.yaml  # your own (same keys)
@@ -27,7 +30,9 @@ from freezelab.api import train
 from freezelab.config_io import ConfigModel, read_mapping
 from freezelab.console import Column, format_table
 from freezelab.errors import ConfigError, describe_validation_error
+from freezelab.mlflow.tracking import PRETRAIN, STAGE_TAG
 from freezelab.policies import from_dict
+from freezelab.report.runs import VARIANT_TAG
 from freezelab.trainers.config import TrainConfig, apply_override, deep_merge, validate_config
 
 DEFAULT_STUDY: dict[str, Any] = {
@@ -48,14 +53,27 @@ DEFAULT_STUDY: dict[str, Any] = {
     },
     "finetune": {
         "epochs": 8,
-        "data": {"classes": [5, 6, 7, 8, 9], "train_per_class": 20},
+        "data": {
+            "classes": [5, 6, 7, 8, 9],
+            "train_per_class": 20,
+            "eval_shifts": ["rotate:30", "gaussian_noise:0.3", "blur:1", "contrast:0.3"],
+        },
         "optimizer": {"lr": 0.02},
+        # One process per fine-tuning run (Ray Train's local mode): the pretraining
+        # shows data-parallel training; twelve short runs would spend most of their
+        # time starting worker groups.
+        "scaling": {"num_workers": 0},
+        "metrics": {"eval_every": 4},
+    },
+    "variants": {
+        "new-digits": {},
+        "new-digits-inverted": {"data": {"shift": "invert"}},
     },
     "policies": [
         {"type": "full"},
         {"type": "head_only"},
         {"type": "last_n", "n": 1},
-        {"type": "bitfit"},
+        {"type": "surgical", "groups": ["stem", "layer1"]},
         {"type": "gradual", "every": 2},
         {"type": "lp_ft", "probe_epochs": 3, "ft_lr_factor": 0.5},
     ],
@@ -65,9 +83,13 @@ DEFAULT_STUDY: dict[str, Any] = {
 class StudyConfig(ConfigModel):
     """A base train config, the overrides of each stage, and the policies to compare.
 
-    Every policy is fine-tuned at every combination of ``grid`` (dotted keys of the
-    fine-tuning config, e.g. ``optimizer.lr``), once per seed in ``seeds``; the report
-    compares each policy at its best combination, averaged over the seeds.
+    Every policy is fine-tuned on every target variant (``variants``: name to
+    overrides of ``finetune``, e.g. ``{data: {shift: invert}}``), at every combination
+    of ``grid`` (dotted keys of the fine-tuning config, e.g. ``optimizer.lr``), once per
+    seed in ``seeds``; the report compares each policy at its best combination within
+    each variant, averaged over the seeds. Unless ``finetune`` sets
+    ``forgetting.source``, the pretraining data is the source task that forgetting is
+    measured on.
     """
 
     name: str = "transfer-study"
@@ -77,6 +99,7 @@ class StudyConfig(ConfigModel):
     policies: list[dict[str, Any]] = Field(min_length=1)
     seeds: list[int] = Field(default=[0], min_length=1)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
+    variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
     register_best_as: str | None = Field(default=None, min_length=1)
 
     @field_validator("seeds")
@@ -96,7 +119,19 @@ class StudyConfig(ConfigModel):
                 raise ValueError(f"grid key {key!r} has no values")
         return grid
 
+    @field_validator("variants")
+    @classmethod
+    def _variant_names(cls, variants: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name in variants:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+                raise ValueError(
+                    f"variant name {name!r}: letters, digits, '_', '.' and '-' only "
+                    "(it is part of run names)"
+                )
+        return variants
 
+
+STUDY_TAG = "freezelab.study"  # the study's id, on each of its runs
 # What a study sets per run: a grid over them would be overwritten.
 GRID_FORBIDDEN = ("name", "seed", "policy")
 
@@ -131,28 +166,39 @@ def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 
 
 def finetune_configs(study: StudyConfig, tag: str) -> list[TrainConfig]:
-    """One config per (policy, grid point, seed), validated before anything trains."""
+    """One config per (variant, policy, grid point, seed), validated before anything
+    trains."""
     configs = []
-    for policy in study.policies:
-        for point in grid_points(study.grid):
-            stage = copy.deepcopy(study.finetune)
-            for key, value in point.items():
-                apply_override(stage, f"{key}={json.dumps(value)}")
-            suffix = "".join(f"-{k.rsplit('.', 1)[-1]}{v}" for k, v in point.items())
-            for seed in study.seeds:
-                name = f"{tag}-{from_dict(policy).slug()}{suffix}"
-                if len(study.seeds) > 1:
-                    name += f"-seed{seed}"
-                configs.append(
-                    stage_config(
-                        study,
-                        stage,
-                        re.sub(r"[^A-Za-z0-9_.=-]", "_", name),
-                        policy=policy,
-                        seed=seed,
-                        model={"weights": "PENDING"},
+    source = deep_merge(study.base, study.pretrain).get("data")
+    for variant, overrides in (study.variants or {"": {}}).items():
+        for policy in study.policies:
+            for point in grid_points(study.grid):
+                stage = deep_merge(study.finetune, overrides)
+                for key, value in point.items():
+                    apply_override(stage, f"{key}={json.dumps(value)}")
+                if source is not None and "source" not in stage.get("forgetting", {}):
+                    stage = deep_merge(stage, {"forgetting": {"source": source}})
+                tags = {STUDY_TAG: tag, **({VARIANT_TAG: variant} if variant else {})}
+                stage = deep_merge(stage, {"mlflow": {"tags": tags}})
+                suffix = "".join(f"-{k.rsplit('.', 1)[-1]}{v}" for k, v in point.items())
+                for seed in study.seeds:
+                    name = f"{tag}-{variant + '-' if variant else ''}{from_dict(policy).slug()}"
+                    name += suffix + (f"-seed{seed}" if len(study.seeds) > 1 else "")
+                    # What the MLflow UI shows: the policy first, the study in a tag.
+                    shown = [from_dict(policy).label(), variant]
+                    shown += [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in point.items()]
+                    shown += [f"seed={seed}"] if len(study.seeds) > 1 else []
+                    configs.append(
+                        stage_config(
+                            study,
+                            stage,
+                            re.sub(r"[^A-Za-z0-9_.=-]", "_", name),
+                            policy=policy,
+                            seed=seed,
+                            model={"weights": "PENDING"},
+                            mlflow={"run_name": " ".join(filter(None, shown))},
+                        )
                     )
-                )
     if study.register_best_as and not configs[0].mlflow.log_model:
         raise ConfigError(f"study {study.name!r}: register_best_as needs mlflow.log_model: true")
     return configs
@@ -169,20 +215,27 @@ def run_study(
     study = load_study(source, overrides)
     # A fresh name per invocation: reusing a name would resume the old runs.
     tag = f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
-    pretrain = stage_config(study, study.pretrain, f"{tag}-pretrain")
+    # Nested under the study, tagged as pretraining: compare and report leave it out.
+    pretrain = stage_config(
+        study,
+        study.pretrain,
+        f"{tag}-pretrain",
+        mlflow={"tags": {STAGE_TAG: PRETRAIN, STUDY_TAG: tag}, "run_name": "pretrain"},
+    )
     finetunes = finetune_configs(study, tag)
     varying = [k for k, values in study.grid.items() if len(values) > 1]
     print(
-        f"[freezelab] transfer study {tag}: {len(study.policies)} policies x "
+        f"[freezelab] transfer study {tag}: {len(study.variants or [''])} target variants x "
+        f"{len(study.policies)} policies x "
         f"{len(grid_points(study.grid))} grid points x {len(study.seeds)} seeds = "
         f"{len(finetunes)} fine-tuning runs; pretraining {pretrain.model.name} on the source task"
     )
-    source = train(pretrain, address=address).outcome
     parent = None
     if finetunes[0].mlflow.enabled:
         from freezelab.mlflow.sweep import start_group_run
 
         parent, _ = start_group_run(finetunes[0], tag, "study")
+    source = train(pretrain, address=address, parent_run_id=parent).outcome
     weights = source.weights_file
     print(
         f"[freezelab] source model val_acc {source.metrics.get('val_acc', float('nan')):.3f}; weights {weights}"
@@ -200,14 +253,13 @@ def run_study(
     if study.register_best_as and parent is not None:
         _register_best(finetunes[0], rows, groups, study.register_best_as)
     if parent is not None:
-        import mlflow
-
+        from freezelab.mlflow.sweep import finish_study_run
         from freezelab.mlflow.tracking import resolve_tracking_uri
         from freezelab.report import build_report
 
         uri = resolve_tracking_uri(finetunes[0].mlflow.tracking_uri)
         report = build_report(parent, out_dir=Path("freezelab_reports") / tag, tracking_uri=uri)
-        mlflow.MlflowClient(tracking_uri=uri).set_terminated(parent)
+        finish_study_run(finetunes[0], parent, groups[0], report.summary, rows)
         print(f"[freezelab] report of the study: {report.index}")
         print(f"[freezelab] compare the runs in the MLflow UI: mlflow ui --backend-store-uri {uri}")
     return rows
@@ -215,16 +267,20 @@ def run_study(
 
 def study_row(config: TrainConfig, tracked: Any, varying: list[str]) -> dict[str, Any]:
     """A fine-tuning run as the study's tables (and ``group_rows``) read it."""
+    from freezelab.report.consequences import history_from_epochs, run_measures
+    from freezelab.report.runs import head_groups_of
+
     m = tracked.outcome.metrics
     total = m["trainable_params"] + m["frozen_params"]
     data = config.to_dict()
     setting = ", ".join(f"{key}={_lookup(data, key)}" for key in varying)
     policy = config.policy.label()
+    variant = config.mlflow.tags.get(VARIANT_TAG, "")
     train_time = m.get("train_time_s", float("nan"))
     return {
         "policy": policy,
         "setting": setting,
-        "setting_key": json.dumps([config.policy.to_dict(), setting], sort_keys=True),
+        "setting_key": json.dumps([variant, config.policy.to_dict(), setting], sort_keys=True),
         "label": policy + (f" [{setting}]" if setting else ""),
         "seed": config.seed,
         "run_name": config.name,
@@ -239,6 +295,8 @@ def study_row(config: TrainConfig, tracked: Any, varying: list[str]) -> dict[str
         "trainable_share": m["trainable_params"] / total,
         "backbone_drift": _mean_backbone_drift(m),
         "cka": None,
+        "variant": variant,
+        **run_measures(history_from_epochs(tracked.outcome.history), head_groups_of(config)),
     }
 
 
@@ -277,21 +335,25 @@ STUDY_COLUMNS = (
 
 
 def format_study(tag: str, rows: list[dict[str, Any]], groups: list[dict[str, Any]]) -> str:
-    """Each run, then each setting with its interval, then the summary in words."""
-    from freezelab.report import format_settings, summarize
+    """For each target variant: each run, each setting with its interval, the summary
+    in words; then one paragraph per consequence of not freezing."""
+    from freezelab.report import format_settings
+    from freezelab.report.build import by_variant, summarize_variants
 
-    return "\n".join(
-        [
-            f"transfer study {tag}: fine-tuning on the target task",
-            format_table(rows, STUDY_COLUMNS),
+    lines = []
+    for variant, members in by_variant(groups).items():
+        target = f"the target '{variant}'" if variant else "the target task"
+        lines += [
+            f"transfer study {tag}: fine-tuning on {target}",
+            format_table([r for r in rows if r.get("variant", "") == variant], STUDY_COLUMNS),
             "drift: mean relative L2 change of the backbone's groups from the pretrained weights",
             "",
             "each setting over its seeds (val_acc: the last epoch's, the handed-over model's):",
-            format_settings(groups),
+            format_settings(members),
             "",
-            textwrap.fill(summarize(groups), width=100),
         ]
-    )
+    paragraphs = summarize_variants(groups).split("\n\n")
+    return "\n".join(lines + ["\n\n".join(textwrap.fill(p, width=100) for p in paragraphs)])
 
 
 def _mean_backbone_drift(metrics: dict[str, Any]) -> float:

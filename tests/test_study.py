@@ -20,20 +20,86 @@ SMALL = [
 ]
 
 
-def test_study_pretrains_then_compares_policies_and_writes_a_report(tmp_path, capsys):
+def test_study_pretrains_then_compares_policies_on_each_variant_and_writes_a_report(
+    tmp_path, capsys
+):
     rows = run_study(None, overrides=SMALL)
     out = capsys.readouterr().out
-    assert [r["policy"] for r in rows] == ["full", "head_only"]
+    # the built-in study's two target variants, each policy on each
+    assert [(r["variant"], r["policy"]) for r in rows] == [
+        ("new-digits", "full"),
+        ("new-digits", "head_only"),
+        ("new-digits-inverted", "full"),
+        ("new-digits-inverted", "head_only"),
+    ]
     head_only = rows[1]
     assert head_only["backbone_drift"] == 0.0 and head_only["trainable_share"] < 0.01
     assert rows[0]["backbone_drift"] > 0.0 and rows[0]["trainable_share"] == 1.0
-    assert "transfer study" in out and "head_only" in out
-    assert "no interval with a single run" in out
+    # the four consequences, measured on every run
+    for row in rows:
+        assert set(row["evaluations"]) == {
+            "rotate:30",
+            "gaussian_noise:0.3",
+            "blur:1",
+            "contrast:0.3",
+        }
+        assert row["train_flops"] > 0 and 0.0 <= row["source_probe_acc"] <= 1.0
+    assert head_only["forgetting"] == 0.0 and math.isnan(head_only["backbone_grad_early"])
+    assert rows[0]["backbone_grad_early"] > 0.0
+    assert "fine-tuning on the target 'new-digits-inverted'" in out
+    text = " ".join(out.split())  # the summary is wrapped
+    assert "no interval with a single run" in text
+    for opening in ("(1) Compute.", "(2) Data that differs", "(3) Forgetting", "(4) The new head"):
+        assert opening in text
+    assert "The gain of not freezing over freezing the backbone" in text
     reports = list(Path("freezelab_reports").glob("*/index.html"))
     assert len(reports) == 1
     assert "report of the study:" in out and reports[0].name in out
-    assert "report: study &#x27;transfer-study-" in reports[0].read_text()
-    assert Path("mlflow.db").is_file()
+    page = reports[0].read_text()
+    assert "report: study &#x27;transfer-study-" in page
+    assert "(4) The new head" in page and 'alt="forgetting"' in page
+    # ... and in MLflow, where the report read them
+    uri = f"sqlite:///{Path.cwd()}/mlflow.db"
+    logged = mlflow.MlflowClient(uri).get_run(rows[2]["run_id"]).data
+    assert logged.tags["freezelab.variant"] == "new-digits-inverted"
+    assert logged.metrics["val_acc/rotate:30"] == rows[2]["evaluations"]["rotate:30"]
+    assert logged.metrics["forgetting"] == rows[2]["forgetting"]
+    assert {"source_probe_acc", "source_probe_acc_start", "early/grad_norm/layer1"} <= set(
+        logged.metrics
+    )
+    # The study in the MLflow UI: every run nested under its parent, named by its policy,
+    # the pretraining tagged as such; the parent says what won.
+    client = mlflow.MlflowClient(uri)
+    parent_id = client.get_run(rows[0]["run_id"]).data.tags["mlflow.parentRunId"]
+    children = client.search_runs(
+        [client.get_run(parent_id).info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
+    )
+    names = sorted(run.info.run_name for run in children)
+    assert names == sorted(
+        [
+            "pretrain",
+            "full new-digits",
+            "head_only new-digits",
+            "full new-digits-inverted",
+            "head_only new-digits-inverted",
+        ]
+    )
+    stages = {run.info.run_name: run.data.tags["freezelab.stage"] for run in children}
+    assert stages.pop("pretrain") == "pretrain" and set(stages.values()) == {"finetune"}
+    parent = client.get_run(parent_id)
+    best = max(r["val_acc"] for r in rows)
+    assert parent.data.metrics["best_val_acc"] == best
+    assert parent.data.tags["freezelab.best.policy"] in {
+        r["policy"] for r in rows if r["val_acc"] == best
+    }
+    assert parent.data.tags["mlflow.note.content"].startswith("On the target 'new-digits'")
+    assert parent.info.status == "FINISHED"
+    # the pretraining is another task: compare leaves it out unless asked
+    from freezelab.mlflow.compare import compare_rows
+
+    assert len(compare_rows("freezelab", uri)) == 4
+    assert len(compare_rows("freezelab", uri, with_pretraining=True)) == 5
 
 
 def test_study_repeats_seeds_over_a_grid_and_registers_the_best_run(tmp_path, capsys):
@@ -42,6 +108,7 @@ def test_study_repeats_seeds_over_a_grid_and_registers_the_best_run(tmp_path, ca
         overrides=[
             *SMALL,
             "finetune.epochs=1",
+            "variants={}",
             "seeds=[0, 1]",
             "grid={optimizer.lr: [0.001, 0.1]}",
             "register_best_as=study-best",
@@ -84,6 +151,10 @@ def test_study_grid_and_seeds_are_checked_before_anything_runs(tmp_path):
         load_study(None, [*SMALL, "grid={seed: [1, 2]}"])
     with pytest.raises(ConfigError, match="optimizer.lr"):
         finetune_configs(load_study(None, [*SMALL, "grid={optimizer.lr: [-1]}"]), "t")
+    with pytest.raises(ConfigError, match="variant name 'a b': letters, digits"):
+        load_study(None, [*SMALL, "variants={a b: {}}"])
+    with pytest.raises(ConfigError, match="unknown shift 'flip'"):
+        finetune_configs(load_study(None, [*SMALL, "variants={x: {data: {shift: flip}}}"]), "t")
     with pytest.raises(ConfigError, match="register_best_as needs mlflow.log_model"):
         finetune_configs(
             load_study(None, [*SMALL, "register_best_as=x", "base.mlflow.log_model=false"]), "t"

@@ -24,8 +24,7 @@ from ray.train import UserCallback
 
 from freezelab.mlflow.tracking import ensure_reachable
 from freezelab.redact import redact_text, redact_uri
-
-NUMERIC = (int, float)
+from freezelab.trainers.reporting import metric_points
 
 
 class MlflowMetricsCallback(UserCallback):
@@ -98,30 +97,51 @@ class MlflowMetricsCallback(UserCallback):
         self._warned = True
 
 
+# Health checks and bookkeeping: run-level tags in MLflow, not charts of a constant.
+AS_TAGS = ("nodes", "replicas_in_sync", "feature_cache")
+
+
 def epoch_metrics(report: dict[str, Any]) -> list[Any]:
     """The MLflow metrics of one epoch's report: its numbers at ``step=epoch``, and the
-    early steps' gradient norms (``early_steps``, JSON) at their global steps."""
+    early steps' gradient norms (``early_steps``, JSON) at their global steps.
+
+    The LRs of the groups are one ``lr`` when they are all equal (``lr/<group>`` when
+    they differ); ``AS_TAGS`` are tags (``epoch_tags``), except a replica check that
+    failed, which is charted too so that the epoch shows.
+    """
     from mlflow.entities import Metric
 
-    epoch, now = int(report["epoch"]), int(time.time() * 1000)
-    metrics = [
-        Metric(key, float(value), now, epoch)
-        for key, value in report.items()
-        if isinstance(value, NUMERIC) and not isinstance(value, bool) and key != "epoch"
-    ]
-    for row in json.loads(report.get("early_steps") or "[]"):
-        step = int(row["step"])
-        metrics += [
-            Metric(f"early/{k}", float(v), now, step) for k, v in row.items() if k != "step"
-        ]
+    now = int(time.time() * 1000)
+    points = metric_points(report)
+    rates = {value for key, value, _ in points if key.startswith("lr/")}
+    metrics = []
+    for key, value, step in points:
+        if key in AS_TAGS and not (key == "replicas_in_sync" and value == 0):
+            continue
+        if key.startswith("lr/") and len(rates) == 1:
+            continue
+        metrics.append(Metric(key, value, now, step))
+    if len(rates) == 1:
+        metrics.append(Metric("lr", rates.pop(), now, int(report["epoch"])))
     return metrics
+
+
+def epoch_tags(report: dict[str, Any]) -> dict[str, str]:
+    """``AS_TAGS`` of one epoch's report as ``freezelab.<key>`` tags (the last epoch's
+    value stays; a failed replica check also stays a metric)."""
+    return {f"freezelab.{k}": str(int(report[k])) for k in AS_TAGS if k in report}
 
 
 def log_epoch(client, run_id: str, report: dict[str, Any]) -> None:
     """Log one epoch's report; its ``epoch`` metric last, as the mark that it is in."""
+    from mlflow.entities import RunTag
+
     batch = epoch_metrics(report)
+    tags = [RunTag(k, v) for k, v in epoch_tags(report).items()]
     for start in range(0, len(batch), 1000):  # log_batch takes at most 1000 per call
-        client.log_batch(run_id, metrics=batch[start : start + 1000])
+        client.log_batch(
+            run_id, metrics=batch[start : start + 1000], tags=tags if start == 0 else []
+        )
     epoch = int(report["epoch"])
     client.log_metric(run_id, "epoch", epoch, timestamp=int(time.time() * 1000), step=epoch)
 

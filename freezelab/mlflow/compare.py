@@ -34,9 +34,11 @@ DEFAULT_SORT = "val_acc"
 
 
 def compare_rows(
-    experiment: str, tracking_uri: str, sort: str = DEFAULT_SORT
+    experiment: str, tracking_uri: str, sort: str = DEFAULT_SORT, *, with_pretraining: bool = False
 ) -> list[dict[str, Any]]:
-    from freezelab.mlflow.tracking import open_store
+    """The experiment's runs, pretraining runs (tag ``freezelab.stage=pretrain``) aside
+    unless ``with_pretraining``."""
+    from freezelab.mlflow.tracking import PRETRAIN, STAGE_TAG, open_store
 
     client = open_store(tracking_uri)
     found = client.get_experiment_by_name(experiment)
@@ -50,6 +52,8 @@ def compare_rows(
         metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
         if tags.get("freezelab.kind") == "sweep":
             continue  # a sweep's parent run: its trials are the rows
+        if tags.get(STAGE_TAG) == PRETRAIN and not with_pretraining:
+            continue  # another task: its accuracy is not comparable
         trainable = metrics.get("trainable_params")
         frozen = metrics.get("frozen_params")
         total = (trainable or 0) + (frozen or 0)

@@ -102,6 +102,31 @@ def finish_sweep_run(sweep: Any, base: Any, outcome: Any) -> None:
     client.set_terminated(run_id)
 
 
+def finish_study_run(
+    base: Any, run_id: str, best: dict[str, Any], summary: str, rows: list[dict[str, Any]]
+) -> None:
+    """Close a study's parent run with what it found: the best setting (tags
+    ``freezelab.best.*``, metric ``best_val_acc``: its mean last-epoch val_acc), the
+    summary as the run's description, and every fine-tuning run's row as an artifact."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(base.mlflow.tracking_uri))
+    client.log_metric(run_id, "best_val_acc", float(best["val_acc"]))
+    tags = {
+        "freezelab.best.policy": best["policy"],
+        "freezelab.best.setting": best["setting"] or "-",
+        "freezelab.best.variant": best["variant"] or "-",
+        "mlflow.note.content": summary,  # the run page's description
+    }
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "results.json"
+        path.write_text(json.dumps(rows, indent=2, default=str))
+        client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id)
+
+
 def fail_group_run(base: Any, run_id: str) -> None:
     """Close a sweep's (or a study's) parent run as FAILED: no trial finished."""
     import mlflow

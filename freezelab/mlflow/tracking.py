@@ -106,6 +106,10 @@ def flatten_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+STAGE_TAG = "freezelab.stage"
+PRETRAIN = "pretrain"
+
+
 def run_tags(config: Any) -> dict[str, str]:
     """Tags that make runs searchable: policy, model, dataset, job id, commit, version."""
     from freezelab import __version__
@@ -116,6 +120,8 @@ def run_tags(config: Any) -> dict[str, str]:
         "freezelab.dataset": config.data.kind,
         "freezelab.version": __version__,
         "freezelab.run_name": config.name,
+        # pretrain, finetune or trial: `compare` and `report` leave pretraining out.
+        STAGE_TAG: "finetune",
     }
     node_id = ray_node_id()
     if node_id:

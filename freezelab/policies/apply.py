@@ -12,13 +12,17 @@ False
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 
+import torch
 import torch.nn as nn
 
 from freezelab.policies.base import FreezePlan
 from freezelab.policies.groups import group_of_module
 
 _STAT_NORMS = (nn.modules.batchnorm._NormBase,)
+# Plan modes whose norm layers keep fixed statistics while the phase trains.
+FIXED_STATISTICS = ("eval", "adapt")
 
 
 def apply(model: nn.Module, plan: FreezePlan) -> None:
@@ -41,9 +45,46 @@ def apply(model: nn.Module, plan: FreezePlan) -> None:
         if not isinstance(module, _STAT_NORMS):
             continue
         group = group_of_module(plan.groups, module_name)
-        pinned = group is not None and plan.bn[group.name] == "eval"
+        pinned = group is not None and plan.bn[group.name] in FIXED_STATISTICS
         _pin_eval(module, pinned)
     model.train(model.training)
+
+
+@torch.no_grad()
+def adapt_norm_statistics(
+    model: nn.Module, plan: FreezePlan, batches: Iterable[torch.Tensor]
+) -> int:
+    """AdaBN: the norm layers of the plan's ``adapt`` groups re-estimate their running
+    statistics from ``batches`` (inputs of the target's training data), as a cumulative
+    average over all of them; nothing else changes (no parameter, no other layer's
+    statistics). Returns how many layers were adapted; they stay pinned in eval mode.
+    """
+    adapted = [
+        module
+        for module_name, module in model.named_modules()
+        if isinstance(module, _STAT_NORMS)
+        and (group := group_of_module(plan.groups, module_name)) is not None
+        and plan.bn[group.name] == "adapt"
+        and module.track_running_stats
+    ]
+    if not adapted:
+        return 0
+    was_training = model.training
+    model.eval()  # every other layer as at inference: dropout off, other statistics fixed
+    momenta = [module.momentum for module in adapted]
+    for module in adapted:
+        module.reset_running_stats()
+        module.momentum = None  # a cumulative average over every batch
+        nn.Module.train(module, True)
+    try:
+        for inputs in batches:
+            model(inputs)
+    finally:
+        for module, momentum in zip(adapted, momenta, strict=True):
+            module.momentum = momentum
+            nn.Module.train(module, False)
+        model.train(was_training)
+    return len(adapted)
 
 
 def is_pinned_eval(module: nn.Module) -> bool:

@@ -26,7 +26,7 @@ from freezelab.config_io import ConfigModel
 from freezelab.errors import FreezelabError, describe_validation_error, quote
 from freezelab.policies.groups import LayerGroup, Unit, layer_groups
 
-BNMode = Literal["frozen", "train", "eval"]
+BNMode = Literal["frozen", "train", "eval", "adapt"]
 
 
 class PolicyError(FreezelabError, ValueError):
@@ -87,7 +87,11 @@ class FreezePolicy(ConfigModel):
     - ``head_lr_mult``: multiplier of the head's LR.
     - ``bn``: ``frozen`` (default) keeps norm layers of frozen groups in eval mode with
       fixed statistics, also across ``model.train()``; ``train`` lets their running
-      statistics update; ``eval`` keeps every norm layer of the model in eval mode.
+      statistics update; ``eval`` keeps every norm layer of the model in eval mode;
+      ``adapt`` is ``frozen`` after the norm layers of frozen groups re-estimate their
+      running statistics on the target's training data at the start of each phase
+      (AdaBN, Li et al. 2016: a train-mode pass without gradients, the affine weights
+      untouched).
     """
 
     type: str
@@ -151,6 +155,8 @@ class FreezePolicy(ConfigModel):
             trains = any(n in trainable for n in group.param_names)
             if self.bn == "eval" or (self.bn == "frozen" and not trains):
                 bn[group.name] = "eval"
+            elif self.bn == "adapt" and not trains:
+                bn[group.name] = "adapt"
             else:
                 bn[group.name] = "train"
         return FreezePlan(
@@ -243,6 +249,8 @@ def from_dict(data: dict[str, Any] | FreezePolicy) -> FreezePolicy:
 def _short(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
+    if isinstance(value, list) and all(isinstance(v, str) and v.isidentifier() for v in value):
+        return "[" + ",".join(value) + "]"  # group names: surgical(groups=[stem,layer1])
     if isinstance(value, (list, dict)):
         return json.dumps(value, separators=(",", ":"))
     return str(value)

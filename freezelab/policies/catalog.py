@@ -79,6 +79,68 @@ class LastN(FreezePolicy):
         return [g.name for g in backbone[len(backbone) - self.n :]] + head_group_names(groups)
 
 
+@register_policy("surgical")
+class Surgical(FreezePolicy):
+    """Surgical fine-tuning (Lee et al., ICLR 2023): one contiguous range of backbone
+    groups trains, plus the head. Name the groups (``groups: [stem, layer1]``) or give
+    their positions among the backbone groups (``first: 0, last: 1``; ``last``
+    defaults to ``first``), which a sweep can search over. Lee et al. found the first
+    block best for input-level shifts (image corruptions), the last layers for
+    label-level shifts."""
+
+    type: Literal["surgical"] = "surgical"
+    groups: tuple[str, ...] | None = Field(None, min_length=1)
+    first: int | None = Field(None, ge=0)
+    last: int | None = Field(None, ge=0)
+    description = "one contiguous range of backbone groups plus the head train"
+
+    @model_validator(mode="after")
+    def _one_range(self) -> Surgical:
+        if (self.groups is None) == (self.first is None):
+            raise ValueError("set either groups or first (and optionally last), not both")
+        if self.groups is not None and self.last is not None:
+            raise ValueError("last goes with first, not with groups")
+        if self.first is not None and self.last is not None and self.last < self.first:
+            raise ValueError(f"last={self.last} is before first={self.first}")
+        return self
+
+    def _range(self, groups: Sequence[LayerGroup]) -> tuple[int, int]:
+        backbone = [g.name for g in backbone_groups(groups)]
+        if self.first is not None:
+            last = self.first if self.last is None else self.last
+            if last >= len(backbone):
+                raise PolicyError(
+                    f"surgical: index {last} is past the model's {len(backbone)} backbone groups "
+                    f"at unit {self.unit!r} (0..{len(backbone) - 1}: {', '.join(backbone)})"
+                )
+            return self.first, last
+        assert self.groups is not None
+        unknown = [name for name in self.groups if name not in backbone]
+        if unknown:
+            raise PolicyError(
+                f"surgical: {', '.join(map(repr, unknown))} is not a backbone group of the "
+                f"model at unit {self.unit!r}; groups: {', '.join(backbone)}"
+            )
+        positions = sorted(backbone.index(name) for name in self.groups)
+        if positions != list(range(positions[0], positions[-1] + 1)):
+            missing = [
+                backbone[i] for i in range(positions[0], positions[-1]) if i not in positions
+            ]
+            raise PolicyError(
+                f"surgical: groups {list(self.groups)} are not one contiguous range "
+                f"({', '.join(missing)} between them is missing)"
+            )
+        return positions[0], positions[-1]
+
+    def validate_for(self, groups: Sequence[LayerGroup]) -> None:
+        self._range(groups)
+
+    def trainable_groups(self, groups: Sequence[LayerGroup], epoch: int) -> list[str]:
+        first, last = self._range(groups)
+        backbone = backbone_groups(groups)
+        return [g.name for g in backbone[first : last + 1]] + head_group_names(groups)
+
+
 @register_policy("patterns")
 class Patterns(FreezePolicy):
     """Freeze or train the parameters whose names match ``include`` and not ``exclude``.

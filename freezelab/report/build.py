@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from freezelab.report.cka import backbone_cka
+from freezelab.report.consequences import consequences, group_measures, run_measures
 from freezelab.report.runs import (
     ReportError,
     RunRecord,
@@ -55,6 +56,7 @@ def build_report(
     *,
     cka: bool = True,
     cka_samples: int = 64,
+    with_pretraining: bool = False,
 ) -> Report:
     """Write ``index.html`` and its figures for ``target`` (a sweep parent run's name
     or id, or an experiment name) and log them on the sweep's parent run."""
@@ -63,7 +65,7 @@ def build_report(
 
     uri = resolve_tracking_uri(tracking_uri)
     client = open_store(uri)
-    found = resolve_target(client, target)
+    found = resolve_target(client, target, with_pretraining=with_pretraining)
     notes = list(found.notes)
     records = []
     for run in found.runs:
@@ -78,7 +80,16 @@ def build_report(
     directory.mkdir(parents=True, exist_ok=True)
 
     similarity = _similarities(client, records, uri, cka_samples) if cka else {}
-    settings = settings_of({r.run_id: r.params for r in records})
+    # Settings within each target variant: what defines a variant labels no setting.
+    settings = {}
+    for variant in dict.fromkeys(r.variant for r in records):
+        found_settings = settings_of({r.run_id: r.params for r in records if r.variant == variant})
+        settings.update(
+            {
+                run_id: (json.dumps([variant, key]), label)
+                for run_id, (key, label) in found_settings.items()
+            }
+        )
     rows = sorted(
         (
             table_row(r, *similarity.get(r.run_id, (None, "CKA not computed")), settings[r.run_id])
@@ -99,7 +110,7 @@ def build_report(
     if len(rows) > MAX_DRIFT_PANELS:
         notes.append(f"the drift figure shows the best {MAX_DRIFT_PANELS} of {len(rows)} runs")
     figures = draw_figures(directory, ordered, rows, groups)
-    summary = summarize(groups)
+    summary = summarize_variants(groups)
     index = directory / "index.html"
     index.write_text(html_page(found.description, rows, groups, figures, summary, notes))
     (directory / "report.json").write_text(
@@ -133,6 +144,8 @@ def table_row(
         "setting": label,
         "setting_key": key or record.policy,
         "label": record.policy + (f" [{label}]" if label else ""),
+        "variant": record.variant,
+        "started": record.start_time,
         "run_name": record.run_name,
         "run_id": record.run_id,
         "seed": record.params.get("seed"),
@@ -147,6 +160,7 @@ def table_row(
         "backbone_drift": record.backbone_drift,
         "cka": cka,
         "cka_source": cka_source,
+        **run_measures(record.history, record.head_groups),
     }
 
 
@@ -177,6 +191,11 @@ def group_rows(rows: list[dict[str, Any]], notes: list[str] | None = None) -> li
         elif not finished:
             notes.append("no run has FINISHED: the statistics use the runs as they stand")
     members: dict[str, list[dict[str, Any]]] = {}
+    # Variants in the order their runs started (the order of `rows` without start times).
+    first_row: dict[str, float] = {}
+    for index, row in enumerate(rows):
+        variant, started = row.get("variant", ""), row.get("started") or index
+        first_row[variant] = min(first_row.get(variant, math.inf), started)
     for row in counted:
         if not math.isnan(_number(row["val_acc"], math.nan)):
             members.setdefault(row["setting_key"], []).append(row)
@@ -185,6 +204,8 @@ def group_rows(rows: list[dict[str, Any]], notes: list[str] | None = None) -> li
         values = [r["val_acc"] for r in runs]
         stats = stats_summary(values)
         group = {
+            "variant": runs[0].get("variant", ""),
+            "first_row": first_row[runs[0].get("variant", "")],
             "policy": runs[0]["policy"],
             "setting": runs[0]["setting"],
             "label": runs[0]["label"],
@@ -199,14 +220,39 @@ def group_rows(rows: list[dict[str, Any]], notes: list[str] | None = None) -> li
         for key in AVERAGED:
             measured = [r[key] for r in runs if not math.isnan(_number(r[key], math.nan))]
             group[key] = sum(measured) / len(measured) if measured else None
+        group_measures(group, runs)
         groups.append(group)
     groups.sort(key=lambda g: (-g["val_acc"], _number(g["train_time_s"])))
     seen = set()
     for group in groups:
-        group["best_of_policy"] = group["policy"] not in seen
-        seen.add(group["policy"])
-        group["settings_of_policy"] = sum(g["policy"] == group["policy"] for g in groups)
+        # A target variant is another task, not a setting to choose: each policy's best
+        # setting is chosen within each variant.
+        key = (group["variant"], group["policy"])
+        group["best_of_policy"] = key not in seen
+        seen.add(key)
+        group["settings_of_policy"] = sum((g["variant"], g["policy"]) == key for g in groups)
     return groups
+
+
+def by_variant(groups: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The settings of each target variant, best first, the variants in the order of
+    their runs (a study's order: from the target closest to the source)."""
+    variants: dict[str, list[dict[str, Any]]] = {}
+    for group in sorted(groups, key=lambda g: g["first_row"]):
+        variants.setdefault(group["variant"], [])
+    for group in groups:
+        variants[group["variant"]].append(group)
+    return variants
+
+
+def summarize_variants(groups: list[dict[str, Any]]) -> str:
+    """:func:`summarize` of each target variant, then the four consequences."""
+    variants = by_variant(groups)
+    texts = [
+        (f"On the target '{name}': " if len(variants) > 1 else "") + summarize(members)
+        for name, members in variants.items()
+    ]
+    return "\n\n".join([*texts, *consequences(variants)])
 
 
 def _similarities(
@@ -367,7 +413,15 @@ def _kept(groups: list[dict[str, Any]]) -> str:
 
 # -- figures (matplotlib's Agg canvas, no pyplot state) --------------------------------
 
-FIGURES = ("accuracy_vs_time", "learning_curves", "drift", "cka")
+FIGURES = (
+    "accuracy_vs_time",
+    "learning_curves",
+    "drift",
+    "cka",
+    "gradient_shock",
+    "shift_accuracy",
+    "forgetting",
+)
 MAX_DRIFT_PANELS = 12
 
 
@@ -392,6 +446,9 @@ def draw_figures(
             "learning_curves": _learning_curves(records, rows, colors),
             "drift": _drift(records, [_run_label(row, rows) for row in rows]),
             "cka": _similarity(groups, [color_of[g["label"]] for g in groups]),
+            "gradient_shock": _gradient_shock(rows, colors),
+            "shift_accuracy": _shift_accuracy(groups, color_of),
+            "forgetting": _forgetting(groups, color_of),
         }
         for name, figure in figures.items():
             paths[name] = directory / f"{name}.png"
@@ -549,6 +606,103 @@ def _drift(records: list[RunRecord], labels: list[str]) -> Any:
     return figure
 
 
+def _gradient_shock(rows: list[dict[str, Any]], colors) -> Any:
+    """(4): the backbone's gradient norm over its first trained steps, one line per run."""
+    figure = _figure(7, 4.2)
+    ax = figure.add_subplot()
+    labelled = set()
+    for row, color in zip(rows, colors, strict=True):
+        steps = row.get("backbone_grad_steps") or []
+        if not steps:
+            continue
+        label = None if row["label"] in labelled else row["label"]
+        labelled.add(row["label"])
+        ax.plot(range(1, len(steps) + 1), steps, marker=".", color=color, label=label, alpha=0.8)
+    if labelled:
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+
+        ax.legend(fontsize=7, loc="best")
+        ax.set_yscale("log")
+        # Plain numbers: math text is off for the labels' sake.
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    else:
+        _no_data(ax, "no early gradient norms (metrics.gradients) or no policy trains the backbone")
+    ax.set_xlabel("step since the backbone started to train")
+    ax.set_ylabel("L2 norm of the backbone's gradient")
+    ax.set_title("Gradient shock: the backbone's first trained steps")
+    ax.grid(alpha=0.3)
+    return figure
+
+
+def _bars_with_intervals(ax: Any, groups: list[dict[str, Any]], key: str, color_of) -> bool:
+    shown = [g for g in groups if g["best_of_policy"] and g.get(key) is not None]
+    for position, group in enumerate(shown):
+        interval = group["ci95"].get(key)
+        error = (
+            None if interval is None else [[group[key] - interval[0]], [interval[1] - group[key]]]
+        )
+        ax.barh(position, group[key], xerr=error, color=color_of[group["label"]], capsize=3)
+    ax.set_yticks(range(len(shown)), [g["label"] for g in shown], fontsize=8)
+    ax.invert_yaxis()
+    return bool(shown)
+
+
+def _shift_accuracy(groups: list[dict[str, Any]], color_of) -> Any:
+    """(2): val_acc on the target and under each shift or extra set, per policy."""
+    evaluations = sorted({n for g in groups for n in g.get("evaluations", [])})
+    variants = by_variant(groups)
+    panels = [(v, None) for v in variants] + [(v, n) for v in variants for n in evaluations]
+    columns = min(3, len(panels))
+    lines = -(-len(panels) // columns)
+    figure = _figure(4.4 * columns, 0.5 + 0.35 * len(groups) * lines + 1.2 * lines)
+    figure.suptitle("Accuracy on the target and under each shift (best setting of each policy)")
+    axes = figure.subplots(lines, columns, squeeze=False).flatten()
+    for ax, (variant, name) in zip(axes, panels, strict=False):
+        members = variants[variant]
+        if name is None:
+            for g in members:
+                g["ci95"]["val_acc"] = (
+                    None if g["ci95_low"] is None else (g["ci95_low"], g["ci95_high"])
+                )
+            drawn = _bars_with_intervals(ax, members, "val_acc", color_of)
+            title = "val_acc"
+        else:
+            drawn = _bars_with_intervals(ax, members, f"eval/{name}", color_of)
+            title = f"val_acc/{name}"
+        ax.set_title(title + (f" (target {variant!r})" if variant else ""), fontsize=9)
+        ax.set_xlim(0, 1.0)
+        ax.grid(alpha=0.3, axis="x")
+        if not drawn:
+            _no_data(ax, "not measured")
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    return figure
+
+
+def _forgetting(groups: list[dict[str, Any]], color_of) -> Any:
+    """(3): forgetting of the source task per policy and target variant, with intervals."""
+    from matplotlib.ticker import MaxNLocator
+
+    variants = by_variant(groups)
+    figure = _figure(5.5 * len(variants), 1.0 + 0.45 * max(len(v) for v in variants.values()))
+    figure.suptitle("Forgetting of the source task, through the backbone's features")
+    axes = figure.subplots(1, len(variants), squeeze=False)[0]
+    for ax, (variant, members) in zip(axes, variants.items(), strict=True):
+        if not _bars_with_intervals(ax, members, "forgetting", color_of):
+            _no_data(ax, "not measured: give the runs forgetting.source")
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.xaxis.set_major_locator(MaxNLocator(5))
+        ax.set_xlabel("probe accuracy, start minus end (0: nothing lost)")
+        ax.set_title(f"target {variant!r}" if variant else "target", fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
+    return figure
+
+
+def _no_data(ax: Any, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=9)
+
+
 def _epoch_axis(ax: Any) -> None:
     from matplotlib.ticker import MaxNLocator
 
@@ -617,6 +771,12 @@ CAPTIONS = {
     "(dashed: the head).",
     "cka": "How much of the starting representation each setting kept: linear CKA of the "
     "classifier's input on a fixed validation batch, and the final backbone drift.",
+    "gradient_shock": "(4) The gradient the backbone receives in its first trained steps: "
+    "under full fine-tuning from a random head, under lp_ft after the probe.",
+    "shift_accuracy": "(2) Accuracy on the target's validation set and under each shift or "
+    "extra evaluation set (data.eval_shifts, data.eval_sets), with 95% intervals.",
+    "forgetting": "(3) Forgetting: a linear probe on the backbone's features of the source "
+    "task, its accuracy at the start minus at the end of each run, with 95% intervals.",
 }
 
 
@@ -641,6 +801,7 @@ def html_page(
         for name, path in figures.items()
     )
     noted = "".join(f"<li>{escape(note)}</li>" for note in notes) or "<li>none</li>"
+    paragraphs = "".join(f"<p>{escape(text)}</p>" for text in summary.split("\n\n"))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>freezelab report: {escape(title)}</title>
 <style>
@@ -651,7 +812,7 @@ td:first-child, th {{ text-align: left; }}
 img {{ max-width: 100%; }} figure {{ margin: 1.5em 0; }} figcaption {{ color: #555; }}
 </style></head><body>
 <h1>freezelab report: {escape(title)}</h1>
-<h2>Summary</h2><p id="summary">{escape(summary)}</p>
+<h2>Summary</h2><div id="summary">{paragraphs}</div>
 <h2>Policies and settings</h2>
 <p>One row per policy and setting (the values of the params that vary, the seed aside),
 best first. val_acc is the last epoch's, the accuracy of the model a run hands over; its

@@ -22,12 +22,14 @@ from typing import Any
 import yaml
 
 from freezelab.errors import FreezelabError
+from freezelab.mlflow.tracking import PRETRAIN, STAGE_TAG
 from freezelab.trainers import checkpoint as ckpt
 from freezelab.trainers.location import RunLocation, config_changes
 
 SWEEP_KIND_TAG = "freezelab.kind"
 PARENT_TAG = "mlflow.parentRunId"
 GROUP_TAG = "freezelab.group"
+VARIANT_TAG = "freezelab.variant"
 DRIFT_PREFIX = "drift/"
 HISTORY_KEYS = (
     "val_acc",
@@ -38,7 +40,14 @@ HISTORY_KEYS = (
     "train_images",
     "trainable_params",
     "frozen_params",
+    "train_flops",
+    "forgetting",
+    "source_probe_acc",
+    "source_probe_acc_start",
 )
+# Metric families read whole: evaluations under shifts and on extra sets, and the
+# gradient norms of the early steps (at their global step).
+HISTORY_PREFIXES = ("val_acc/", "early/grad_norm/")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -57,13 +66,26 @@ class Target:
     notes: list[str] = field(default_factory=list)
 
 
-def resolve_target(client: Any, target: str) -> Target:
-    """A sweep parent run (by id, then by name) or else an experiment (by name).
+def resolve_target(client: Any, target: str, *, with_pretraining: bool = False) -> Target:
+    """A sweep parent run (by id, then by name) or else an experiment (by name), its
+    pretraining runs left out (with a note) unless ``with_pretraining``.
 
     A sweep gives its child runs; an experiment gives all its runs except sweep
     parents. When a sweep and an experiment share the name, the sweep wins (its
     parent run is where the report is logged) and a note says so.
     """
+    found = _resolve_target(client, target)
+    if with_pretraining:
+        return found
+    kept = [r for r in found.runs if r.data.tags.get(STAGE_TAG) != PRETRAIN]
+    if len(kept) == len(found.runs):
+        return found
+    left_out = ", ".join(r.info.run_name for r in found.runs if r not in kept)
+    note = f"pretraining run(s) left out (another task; --with-pretraining shows them): {left_out}"
+    return Target(found.name, found.description, kept, found.parent_run_id, [*found.notes, note])
+
+
+def _resolve_target(client: Any, target: str) -> Target:
     if _RUN_ID.match(target):
         run = _get_run(client, target)
         if run is not None:
@@ -170,6 +192,8 @@ class RunRecord:
     head_groups: frozenset[str]
     notes: list[str] = field(default_factory=list)
     params: dict[str, str] = field(default_factory=dict)  # the run's MLflow params
+    variant: str = ""  # the study's target variant (tag freezelab.variant)
+    start_time: int = 0  # ms since the epoch
 
     def series(self, key: str) -> list[tuple[int, float]]:
         return sorted(self.history.get(key, {}).items())
@@ -234,7 +258,11 @@ class RunRecord:
 def load_record(client: Any, run: Any, tracking_uri: str) -> RunRecord:
     """Read a run's metric histories (one value per epoch) and its config."""
     notes: list[str] = []
-    keys = [k for k in run.data.metrics if k in HISTORY_KEYS or k.startswith(DRIFT_PREFIX)]
+    keys = [
+        k
+        for k in run.data.metrics
+        if k in HISTORY_KEYS or k.startswith((DRIFT_PREFIX, *HISTORY_PREFIXES))
+    ]
     history = {key: _history(client, run.info.run_id, key) for key in keys}
     config = _load_config(run.info.run_id, tracking_uri, notes)
     drifted = [k.removeprefix(DRIFT_PREFIX) for k in keys if k.startswith(DRIFT_PREFIX)]
@@ -252,6 +280,8 @@ def load_record(client: Any, run: Any, tracking_uri: str) -> RunRecord:
         head_groups=head,
         notes=notes,
         params=dict(run.data.params),
+        variant=run.data.tags.get(VARIANT_TAG, ""),
+        start_time=run.info.start_time or 0,
     )
 
 
@@ -300,6 +330,11 @@ def _layout(config: Any, notes: list[str]) -> tuple[list[str], frozenset[str]]:
             return [], frozenset({"head"})
         _LAYOUTS[key] = ([g.name for g in groups], frozenset(g.name for g in groups if g.is_head))
     return _LAYOUTS[key]
+
+
+def head_groups_of(config: Any) -> frozenset[str]:
+    """The names of the head's layer groups of ``config``'s model."""
+    return _layout(config, [])[1]
 
 
 def policy_label(config: Any | None, params: dict[str, str]) -> str:

@@ -205,12 +205,15 @@ def _trial(
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from freezelab.mlflow.run import train_tracked
+    from freezelab.mlflow.tracking import STAGE_TAG
 
     sweep = SweepConfig.model_validate(sweep_dict)
     choice = _choice(trial_config)
     config = sweep.trial_config(
         choice["policy"], choice["params"], trial_run_name(sweep.name, choice)
     )
+    tags = {**config.mlflow.tags, STAGE_TAG: "trial"}
+    config = config.model_copy(update={"mlflow": config.mlflow.model_copy(update={"tags": tags})})
     # The sweep checked the space and the cluster once, before its first trial.
     outcome = train_tracked(
         config, callbacks=[TuneReportCallback()], parent_run_id=parent_run_id

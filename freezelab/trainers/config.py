@@ -116,6 +116,20 @@ class MetricsSection(_Section):
     # per step for the first `early_steps` steps of the run and of every phase.
     gradients: bool = True
     early_steps: int = Field(20, ge=0)
+    # data.eval_shifts and data.eval_sets are evaluated every `eval_every` epochs and
+    # at the last one.
+    eval_every: int = Field(1, ge=1)
+
+
+class ForgettingSection(_Section):
+    """Representation forgetting (``trainers/forgetting.py``): a linear probe on the
+    backbone's features of the ``source`` task, fitted at the start of the run, at its
+    end, and every ``every`` epochs when set. ``source`` is a data section (the
+    pretraining task); its input size defaults to the run's ``data.input_size``."""
+
+    source: DataConfig | None = None
+    every: int | None = Field(None, ge=1)
+    max_iter: int = Field(500, ge=1)  # L-BFGS iterations of the probe
 
 
 class CheckpointSection(_Section):
@@ -157,6 +171,7 @@ class TrainConfig(_Section):
     performance: PerformanceSection = PerformanceSection()
     checkpoint: CheckpointSection = CheckpointSection()
     metrics: MetricsSection = MetricsSection()
+    forgetting: ForgettingSection = ForgettingSection()
     max_failures: int = Field(0, ge=-1)  # worker failures survived by restarting
     max_controller_failures: int = Field(3, ge=-1)  # e.g. worker groups that could not start
     storage_path: str = Field("freezelab_runs", validate_default=True)

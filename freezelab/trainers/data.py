@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from freezelab.config_io import ConfigModel
 from freezelab.errors import FreezelabError
+from freezelab.trainers.shifts import SHIFT_KINDS, ShiftedImages, parse_shift
 
 _ALL_DIGITS = tuple(range(10))
 # Fields that mean something for one kind only: set for another kind they are a mistake.
@@ -71,6 +73,40 @@ class DataConfig(ConfigModel):
     num_samples: int | None = Field(None, ge=2)
     num_classes: int | None = Field(None, ge=2)
     image_size: int | None = Field(None, ge=1)  # generated side, resized to the input size
+    # Input-level shifts (``freezelab.trainers.shifts``): ``shift`` changes the task's
+    # own images, train and val; each of ``eval_shifts`` is a shifted copy of the val
+    # set, reported as val_acc/<shift>; each of ``eval_sets`` (name: image folder with
+    # the same class folders) is reported as val_acc/<name>.
+    shift: str | None = None
+    eval_shifts: tuple[str, ...] = ()
+    eval_sets: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("shift")
+    @classmethod
+    def _valid_shift(cls, value: str | None) -> str | None:
+        return None if value is None else parse_shift(value).name
+
+    @field_validator("eval_shifts")
+    @classmethod
+    def _valid_shifts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        names = tuple(parse_shift(text).name for text in value)
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"eval_shifts repeat {repeated}")
+        return names
+
+    @field_validator("eval_sets")
+    @classmethod
+    def _valid_set_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+                raise ValueError(
+                    f"eval_sets name {name!r}: letters, digits, '_', '.' and '-' only "
+                    "(it names the metric val_acc/<name>)"
+                )
+            if name.partition(":")[0] in SHIFT_KINDS:
+                raise ValueError(f"eval_sets name {name!r} is the name of a shift")
+        return value
 
     @field_validator("classes")
     @classmethod
@@ -118,13 +154,21 @@ def num_classes_of(config: DataConfig) -> int:
 
 
 def check_data(config: DataConfig) -> None:
-    """What can be known about the data without reading it: an image folder has at
-    least two class folders, each with image files (in ``train/`` and ``val/`` too)."""
-    if config.kind != "image_folder":
-        return
+    """What can be known about the data without reading it: an image folder (and each
+    of ``eval_sets``) has at least two class folders, each with image files (in
+    ``train/`` and ``val/`` too)."""
+    directories = (
+        list(filter(None, _folder_layout(config))) if config.kind == "image_folder" else []
+    )
+    for name, root in config.eval_sets.items():
+        directory = Path(root).expanduser()
+        if not directory.is_dir():
+            problem = "is not a directory" if directory.exists() else "does not exist"
+            raise DataError(f"data.eval_sets.{name}: {str(directory)!r} {problem}")
+        directories.append(directory)
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
-    for directory in filter(None, _folder_layout(config)):
+    for directory in directories:
         names = _class_names(directory)
         if len(names) < 2:
             raise DataError(
@@ -181,7 +225,40 @@ def build_datasets(config: DataConfig, model: torch.nn.Module) -> tuple[Dataset,
         train, val = _digit_datasets(config, spec)
     else:
         train, val = _synthetic_datasets(config, spec)
+    if config.shift is not None:
+        train, val = (_shifted(dataset, config.shift, config, spec) for dataset in (train, val))
     return train, val, len(train.classes)
+
+
+def build_eval_sets(config: DataConfig, model: torch.nn.Module, val: Dataset) -> dict[str, Dataset]:
+    """The extra evaluation sets, by the name their metric takes (``val_acc/<name>``):
+    a shifted copy of ``val`` for each of ``eval_shifts``, then each of ``eval_sets``
+    (read as the val set is, with the same class names as the training data)."""
+    spec = _input_spec(config, model)
+    views: dict[str, Dataset] = {
+        name: _shifted(val, name, config, spec) for name in config.eval_shifts
+    }
+    for name, root in config.eval_sets.items():
+        images = _folder_images(Path(root).expanduser(), spec, is_training=False)
+        if images.classes != list(val.classes):
+            raise DataError(
+                f"data.eval_sets.{name}: {root!r} has the class folders {images.classes}, "
+                f"but the training data's classes are {list(val.classes)}"
+            )
+        views[name] = _Subset(images, range(len(images)), images.targets)
+    return views
+
+
+def _shifted(dataset: Dataset, shift: str, config: DataConfig, spec: _InputSpec) -> Dataset:
+    # Synthetic data is generated already centred: it has no pixel range to return to.
+    pixels = config.kind != "synthetic"
+    return ShiftedImages(
+        dataset,
+        parse_shift(shift),
+        config.seed,
+        spec.mean if pixels else None,
+        spec.std if pixels else None,
+    )
 
 
 def make_loader(
@@ -363,7 +440,8 @@ def _load_gray(path: str):
         return Image.open(file).convert("L")
 
 
-def _folder_datasets(config: DataConfig, spec: _InputSpec) -> tuple[Dataset, Dataset]:
+def _folder_images(directory: Path, spec: _InputSpec, is_training: bool) -> Dataset:
+    """The class folders under ``directory``, with timm's transform for ``spec``."""
     import timm.data
     from torchvision.datasets import ImageFolder, folder
 
@@ -377,31 +455,32 @@ def _folder_datasets(config: DataConfig, spec: _InputSpec) -> tuple[Dataset, Dat
             names = _class_names(Path(directory))
             return names, {name: i for i, name in enumerate(names)}
 
-    def images(directory: Path, is_training: bool) -> ImageFolder:
-        transform = timm.data.create_transform(
-            input_size=(spec.channels, *spec.size),
-            is_training=is_training,
-            interpolation=spec.interpolation,
-            mean=spec.mean,
-            std=spec.std,
-            crop_pct=spec.crop_pct,
-            crop_mode=spec.crop_mode,
-            color_jitter=None,  # augment means crop and flip, nothing else
-        )
-        loader = _load_gray if spec.channels == 1 else folder.default_loader
-        try:
-            return ClassFolder(str(directory), transform=transform, loader=loader)
-        except FileNotFoundError as err:  # a class folder without any image
-            raise DataError(f"data.root: {directory}: {err}") from None
+    transform = timm.data.create_transform(
+        input_size=(spec.channels, *spec.size),
+        is_training=is_training,
+        interpolation=spec.interpolation,
+        mean=spec.mean,
+        std=spec.std,
+        crop_pct=spec.crop_pct,
+        crop_mode=spec.crop_mode,
+        color_jitter=None,  # augment means crop and flip, nothing else
+    )
+    loader = _load_gray if spec.channels == 1 else folder.default_loader
+    try:
+        return ClassFolder(str(directory), transform=transform, loader=loader)
+    except FileNotFoundError as err:  # a class folder without any image
+        raise DataError(f"data.root: {directory}: {err}") from None
 
+
+def _folder_datasets(config: DataConfig, spec: _InputSpec) -> tuple[Dataset, Dataset]:
     train_dir, val_dir = _folder_layout(config)
-    train_images = images(train_dir, config.augment)
+    train_images = _folder_images(train_dir, spec, config.augment)
     if val_dir is None:
-        val_images = images(train_dir, False)
+        val_images = _folder_images(train_dir, spec, False)
         labels, names = train_images.targets, train_images.classes
         train_idx, val_idx = _split(labels, config.val_fraction, config.seed, names, "data.root")
     else:
-        val_images = images(val_dir, False)
+        val_images = _folder_images(val_dir, spec, False)
         if val_images.classes != train_images.classes:
             raise DataError(
                 f"data.root: train/ has classes {train_images.classes} "

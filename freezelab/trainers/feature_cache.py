@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from freezelab.policies import FreezePlan
+from freezelab.policies.apply import FIXED_STATISTICS
 
 
 def classifier_of(model: nn.Module) -> nn.Module:
@@ -36,7 +37,7 @@ def cache_blocker(model: nn.Module, plan: FreezePlan, deterministic_transform: b
     head_names = {n for g in plan.groups if g.is_head for n in g.param_names}
     if not plan.trainable_param_names <= head_names:
         return "parameters outside the head train"
-    if any(mode != "eval" for g, mode in plan.bn.items() if not _is_head(plan, g)):
+    if any(mode not in FIXED_STATISTICS for g, mode in plan.bn.items() if not _is_head(plan, g)):
         return "norm layers of the frozen backbone update their statistics (bn: train)"
     classifier = classifier_of(model)
     inside_head = {id(m) for m in classifier.modules()}

@@ -30,10 +30,16 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 from torch.utils.flop_counter import FlopCounterMode
 
 from freezelab.policies import FreezePlan, apply
+from freezelab.policies.apply import adapt_norm_statistics
 from freezelab.trainers import checkpoint as ckpt
 from freezelab.trainers.config import TrainConfig, validate_config
-from freezelab.trainers.data import build_datasets, train_transform_is_deterministic
+from freezelab.trainers.data import (
+    build_datasets,
+    build_eval_sets,
+    train_transform_is_deterministic,
+)
 from freezelab.trainers.feature_cache import FeatureCache, cache_blocker, classifier_of
+from freezelab.trainers.forgetting import SourceProbe, source_data
 from freezelab.trainers.gradients import GradientMeter
 from freezelab.trainers.models import build_for_config
 from freezelab.trainers.optim import (
@@ -67,6 +73,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = build_for_config(config)
     initial_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     train_set, val_set, _ = build_datasets(config.data, model)
+    eval_sets = build_eval_sets(config.data, model, val_set)
+    probe = _source_probe(config, model, device) if rank == 0 else None
     deterministic = train_transform_is_deterministic(config.data)
     model.to(device)
     if config.performance.channels_last:
@@ -90,9 +98,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         batch_size=config.batch_size,
         num_workers=config.data.num_workers,
     )
+    eval_loaders = {
+        name: DataLoader(
+            _Indexed(torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))),
+            batch_size=config.batch_size,
+            num_workers=config.data.num_workers,
+        )
+        for name, dataset in eval_sets.items()
+    }
 
     # -- resume ------------------------------------------------------------------
-    start_epoch, step, optimizer_state, best_val_acc = 0, 0, {}, None
+    start_epoch, step, optimizer_state, best_val_acc, probe_start = 0, 0, {}, None, None
     history: list[dict[str, Any]] = []  # every epoch's metrics, kept in each checkpoint
     with reporter.resume_from() as directory:
         resumed = directory is not None
@@ -107,8 +123,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state.get("best_val_acc"),
         )
         history = state.get("history", [])
+        probe_start = state.get("source_probe_acc_start")
         if rank == 0:
             print(f"[freezelab] resuming {config.name} at epoch {start_epoch} (step {step})")
+
+    if probe is not None and not resumed:
+        probe_start = probe.accuracy(model)  # what the backbone knows of the source task
 
     # -- the epoch loop ------------------------------------------------------------
     plan: FreezePlan | None = None
@@ -117,6 +137,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     trained: nn.Module = model
     cache: FeatureCache | None = None
     val_cache: FeatureCache | None = None
+    eval_caches: dict[str, FeatureCache | None] = {}
     scaler = torch.amp.GradScaler(device.type, enabled=config.performance.amp == "fp16")
     steps_per_epoch = -(-len(sampler) // config.batch_size)
     for epoch in range(start_epoch, config.epochs):
@@ -125,12 +146,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         epoch_plan = config.policy.plan(model, epoch)
         if plan is None or epoch_plan.signature() != plan.signature() or epoch_plan.bn != plan.bn:
             apply(model, epoch_plan)
+            starts = _phase_starts(config, model, epoch_plan, epoch)
+            if starts and "adapt" in epoch_plan.bn.values():
+                # AdaBN: frozen norm layers take the statistics of the target's data.
+                adapt_norm_statistics(
+                    model, epoch_plan, (batch[0].to(device) for batch in train_loader)
+                )
+                _average_buffers(model, world_size)
             optimizer = build_optimizer(model, epoch_plan, config.optimizer, previous=optimizer)
             load_state_by_name(optimizer, optimizer_state)
             optimizer_state = {}
             cache = _new_cache(config, model, epoch_plan, deterministic, len(train_set), rank)
-            meter = _gradient_meter(config, model, epoch_plan, epoch)
+            meter = _gradient_meter(config, model, epoch_plan, starts)
             val_cache = FeatureCache(len(val_shard)) if cache is not None else None
+            eval_caches = {
+                name: FeatureCache(len(loader.dataset)) if cache is not None else None
+                for name, loader in eval_loaders.items()
+            }
             # [2] prepare the model: DDP registers only what requires grad right now.
             target = classifier_of(model) if cache is not None else model
             trained = _wrap(target, world_size, device)
@@ -200,11 +232,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # that each rank updated on its own batches are averaged first.
         _average_buffers(model, world_size)
         val_loss, val_acc = _evaluate(model, val_loader, device, config, val_cache)
+        last = epoch == config.epochs - 1
+        extra: dict[str, float] = {}
+        if last or (epoch + 1) % config.metrics.eval_every == 0:
+            for name, loader in eval_loaders.items():
+                _, extra[f"val_acc/{name}"] = _evaluate(
+                    model, loader, device, config, eval_caches[name]
+                )
+        every = config.forgetting.every
+        if probe is not None and (last or (every and (epoch + 1) % every == 0)):
+            extra["source_probe_acc"] = probe.accuracy(model)
+            if probe_start is not None:  # None: resumed from a checkpoint without it
+                extra["source_probe_acc_start"] = probe_start
+                extra["forgetting"] = probe_start - extra["source_probe_acc"]
         totals = _all_reduce(totals)
         so_far = history[-1] if history else {}
         metrics = {
             "epoch": epoch,
             "phase": plan.phase,
+            # The phase as a number, for charts: 0, then +1 at every change of phase.
+            "phase_index": so_far.get("phase_index", 0)
+            + int(bool(so_far) and so_far.get("phase") != plan.phase),
             "train_loss": float(totals[0] / totals[2]),
             "train_acc": float(totals[1] / totals[2]),
             "val_loss": val_loss,
@@ -227,6 +275,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 f"drift/{name}": value
                 for name, value in _drift(model, initial_weights, plan).items()
             },
+            **extra,
         }
         if meter is not None:
             metrics.update(meter.epoch_metrics())
@@ -246,6 +295,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "epoch": epoch,
             "step": step,
             "best_val_acc": best_val_acc,
+            "source_probe_acc_start": probe_start,
             "config": config.safe_dict(),
             "policy": config.policy.to_dict(),
             "metrics": metrics,
@@ -299,15 +349,33 @@ def _new_cache(
     return FeatureCache(size)
 
 
+def _phase_starts(config: TrainConfig, model: nn.Module, plan: FreezePlan, epoch: int) -> bool:
+    """True when ``epoch`` is the first of its phase (not when a run resumes inside one)."""
+    if epoch == 0:
+        return True
+    before = config.policy.plan(model, epoch - 1)
+    return before.signature() != plan.signature() or before.bn != plan.bn
+
+
 def _gradient_meter(
-    config: TrainConfig, model: nn.Module, plan: FreezePlan, epoch: int
+    config: TrainConfig, model: nn.Module, plan: FreezePlan, starts: bool
 ) -> GradientMeter | None:
-    """A meter for the phase that starts at ``epoch``. Its early steps are the phase's
-    first ones: a run resumed in the middle of a phase records none."""
+    """A meter for a phase. Its early steps are the phase's first ones: a run resumed
+    in the middle of a phase records none."""
     if not config.metrics.gradients:
         return None
-    starts = epoch == 0 or config.policy.plan(model, epoch - 1).signature() != plan.signature()
     return GradientMeter(model, plan, config.metrics.early_steps if starts else 0)
+
+
+def _source_probe(
+    config: TrainConfig, model: nn.Module, device: torch.device
+) -> SourceProbe | None:
+    source = config.forgetting.source
+    if source is None:
+        return None
+    return SourceProbe(
+        source_data(source, config.data), model, device, max_iter=config.forgetting.max_iter
+    )
 
 
 def _wrap(module: nn.Module, world_size: int, device: torch.device) -> nn.Module:

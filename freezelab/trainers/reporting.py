@@ -17,9 +17,10 @@ The loop calls one reporter, chosen by the caller:
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Protocol
@@ -100,3 +101,26 @@ class LocalReporter:
         )
         for old in found[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def history_from_epochs(epochs: Iterable[dict[str, Any]]) -> dict[str, dict[int, float]]:
+    """The loop's per-epoch metrics as MLflow holds them: ``key -> {step: value}``, the
+    numbers at ``step=epoch``, the early steps' gradient norms at their global step."""
+    history: dict[str, dict[int, float]] = {}
+    for key, value, step in (point for epoch in epochs for point in metric_points(epoch)):
+        history.setdefault(key, {})[step] = value
+    return history
+
+
+def metric_points(report: dict[str, Any]) -> list[tuple[str, float, int]]:
+    """``(key, value, step)`` of one epoch's report, as MLflow logs them."""
+    epoch = int(report["epoch"])
+    points = [
+        (key, float(value), epoch)
+        for key, value in report.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch"
+    ]
+    for row in json.loads(report.get("early_steps") or "[]"):
+        step = int(row["step"])
+        points += [(f"early/{k}", float(v), step) for k, v in row.items() if k != "step"]
+    return points

@@ -95,7 +95,7 @@ def test_two_workers_spread_over_two_nodes_stay_in_sync_and_checkpoint_to_shared
         [client.get_experiment_by_name("freezelab").experiment_id],
         "tags.`freezelab.run_name` = 'spread'",
     )[0]
-    assert run.info.status == "FINISHED" and run.data.metrics["nodes"] == 2
+    assert run.info.status == "FINISHED" and run.data.tags["freezelab.nodes"] == "2"
 
 
 @contextmanager

@@ -236,7 +236,11 @@ def test_the_demo(capsys):
     assert in_process(demo, *TINY_STUDY, "--set", "finetune.epochs=4") == 0
     out = capsys.readouterr().out
     assert "transfer study" in out and "val_acc (mean ± ci95)" in out
-    assert out.count("fine-tuning run ") == 6  # the six policies the README names
+    # the six policies the README names, on each of the two target variants
+    assert out.count("fine-tuning run ") == 12
+    text = " ".join(out.split())
+    for opening in ("(1) Compute.", "(2) Data that differs", "(3) Forgetting", "(4) The new head"):
+        assert opening in text
     assert len(list(Path("freezelab_reports").glob("*/index.html"))) == 1
 
 
@@ -246,7 +250,15 @@ def test_the_study_with_repeats(capsys):
     command = next(c for c in RUN if RUN[c] == "test_the_study_with_repeats")
     one_policy = "policies=[{type: last_n, n: 1}]"
     code = in_process(
-        command, *TINY_STUDY, "--set", "seeds=[0, 1]", "--set", one_policy, **LOCAL_PATHS
+        command,
+        *TINY_STUDY,
+        "--set",
+        "seeds=[0, 1]",
+        "--set",
+        one_policy,
+        "--set",
+        "variants={}",
+        **LOCAL_PATHS,
     )
     assert code == 0
     out = " ".join(capsys.readouterr().out.split())

@@ -52,10 +52,17 @@ def test_run_logs_params_metrics_artifacts_and_model(tiny_config, sqlite_uri):
     assert run.data.params["model.name"] == "test_resnet"
     assert run.data.tags["freezelab.policy"] == "gradual"
     assert run.data.tags["freezelab.dataset"] == "digits"
-    for key in ("val_acc", "train_loss", "drift/head", "lr/head", "epoch_time_s"):
+    for key in ("val_acc", "train_loss", "drift/head", "lr", "phase_index", "epoch_time_s"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1, 2], key
     history = client.get_metric_history(run.info.run_id, "val_acc")
     assert [m.value for m in history] == [h["val_acc"] for h in outcome.history]
+    # gradual(every=1) changes phase every epoch; every group has the same LR (one `lr`)
+    phases = client.get_metric_history(run.info.run_id, "phase_index")
+    assert [m.value for m in sorted(phases, key=lambda m: m.step)] == [0, 1, 2]
+    assert not any(key.startswith("lr/") for key in run.data.metrics)
+    # health checks are tags, not charts of a constant
+    assert run.data.tags["freezelab.replicas_in_sync"] == "1"
+    assert "nodes" not in run.data.metrics and "feature_cache" not in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "policy.json", "phases"} <= artifacts
     phases = {a.path for a in client.list_artifacts(run.info.run_id, "phases")}

@@ -16,6 +16,7 @@ MODULES = [
     "freezelab.policies.io",
     "freezelab.policies.summary",
     "freezelab.trainers.models",
+    "freezelab.trainers.shifts",
 ]
 
 

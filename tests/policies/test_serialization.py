@@ -35,7 +35,7 @@ common = {
     "unit": st.sampled_from(["stage", "layer"]),
     "lr_decay": st.floats(min_value=1e-6, max_value=1.0, allow_nan=False),
     "head_lr_mult": positive,
-    "bn": st.sampled_from(["frozen", "train", "eval"]),
+    "bn": st.sampled_from(["frozen", "train", "eval", "adapt"]),
 }
 epochs = st.integers(min_value=0, max_value=10_000)
 positive_int = st.integers(min_value=1, max_value=10_000)
@@ -55,9 +55,20 @@ SPECIFIC = {
     "lp_ft": {"probe_epochs": positive_int, "ft_lr_factor": positive},
     "bitfit": {"include_norm": st.booleans()},
     "progressive_freeze": {"start": epochs, "every": positive_int, "keep": epochs},
+    "surgical": {"first": epochs},
 }
 # Variants the field-by-field strategies above do not reach.
 EXTRA = [
+    st.fixed_dictionaries(
+        {
+            "type": st.just("surgical"),
+            "groups": st.lists(st.sampled_from(GROUP_NAMES), min_size=1, max_size=3),
+        },
+        optional=common,
+    ),
+    st.fixed_dictionaries(
+        {"type": st.just("surgical"), "first": st.just(0), "last": epochs}, optional=common
+    ),
     st.fixed_dictionaries(
         {
             "type": st.just("gradual"),

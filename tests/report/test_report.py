@@ -215,7 +215,11 @@ def test_summary_names_the_winning_policy(sweep):
     )
     assert "no interval with a single run" in sweep.report.summary
     assert "head_only intact" in sweep.report.summary
-    assert html.escape(sweep.report.summary) in sweep.report.index.read_text()
+    page = sweep.report.index.read_text()
+    paragraphs = sweep.report.summary.split("\n\n")
+    assert len(paragraphs) == 5 and paragraphs[1].startswith("(1) Compute.")
+    for paragraph in paragraphs:  # one <p> each
+        assert f"<p>{html.escape(paragraph)}</p>" in page
 
 
 def test_report_is_logged_on_the_sweep_parent_run(sweep):
@@ -244,7 +248,9 @@ def test_pareto_front():
     assert pareto_front([(1.0, 0.6), (1.0, 0.6)]) == [0]
 
 
-@pytest.mark.parametrize("name", ["freezelab.report.build", "freezelab.report.cka"])
+@pytest.mark.parametrize(
+    "name", ["freezelab.report.build", "freezelab.report.cka", "freezelab.report.consequences"]
+)
 def test_docstring_examples(name):
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
@@ -363,3 +369,101 @@ def test_report_command_prints_the_settings_and_the_summary(sweep, tmp_path, cap
     assert all(label in out for label in POLICIES)
     assert " ".join(out.split()).count("Ranked on val_acc at the last epoch") == 1
     assert (tmp_path / "index.html").is_file()
+
+
+def _measured_row(
+    policy, seed, val_acc, *, variant="", flops=100.0, forgetting=0.0, grad=None, shifts=None
+):
+    row = _row(policy, 0.1, seed, val_acc)
+    row.update(
+        variant=variant,
+        setting_key=f"{variant}|{policy}",
+        train_flops=flops,
+        forgetting=forgetting,
+        source_probe_acc=0.9 - forgetting,
+        backbone_grad_early=math.nan if grad is None else grad,
+        backbone_grad_steps=[] if grad is None else [grad, grad / 2],
+        evaluations=shifts or {},
+    )
+    return row
+
+
+def test_consequence_paragraphs_cite_the_measured_numbers():
+    from freezelab.report.build import by_variant, group_rows
+    from freezelab.report.consequences import consequences
+
+    rows = []
+    for seed in range(3):
+        for variant, gain in (("plain", 0.05), ("inverted", 0.30)):
+            rows += [
+                _measured_row(
+                    "full",
+                    seed,
+                    0.6 + gain + 0.01 * seed,
+                    variant=variant,
+                    flops=200e9,
+                    forgetting=0.10 + 0.01 * seed,
+                    grad=2.0 + seed,
+                    shifts={"invert": 0.5 + 0.01 * seed},
+                ),
+                _measured_row(
+                    "head_only",
+                    seed,
+                    0.6 + 0.01 * seed,
+                    variant=variant,
+                    flops=20e9,
+                    forgetting=0.0,
+                    shifts={"invert": 0.2 + 0.01 * seed},
+                ),
+                _measured_row(
+                    "lp_ft(probe_epochs=1)",
+                    seed,
+                    0.6,
+                    variant=variant,
+                    flops=110e9,
+                    forgetting=0.02,
+                    grad=1.0 + seed,
+                ),
+            ]
+    groups = group_rows(rows)
+    compute, shift, forgetting, gradients = (
+        " ".join(p.split()) for p in consequences(by_variant(groups))
+    )
+    assert (
+        "(full [optimizer.lr=0.1]) cost 200.0 GFLOP" in compute
+        and "head_only [optimizer.lr=0.1] 10.0% of its FLOPs" in compute
+    )
+    assert "lp_ft(probe_epochs=1) [optimizer.lr=0.1] 55.0% of its FLOPs" in compute
+    # full against head_only: +0.05 on the plain target, +0.30 on the inverted one, each with
+    # Welch's interval; the variants in the order of their runs
+    assert shift.index("On the target 'plain'") < shift.index("On the target 'inverted'")
+    assert (
+        "(head_only [optimizer.lr=0.1]): +0.0500, 95% interval [+0.0273, +0.0727], a real difference"
+        in shift
+    )
+    assert "+0.0500 on 'plain', +0.3000 on 'inverted'; it was largest on 'inverted'" in shift
+    assert "Under invert, full [optimizer.lr=0.1] kept the most (0.5100 ± 0.0248)" in shift
+    assert forgetting.index("head_only [optimizer.lr=0.1] 0.0000") < forgetting.index(
+        "full [optimizer.lr=0.1] 0.1100 ± 0.0248"
+    )
+    assert "Under full [optimizer.lr=0.1] the backbone received 1.5x the gradient" in gradients
+    assert "head_only" not in gradients  # its backbone never trains: nothing to measure
+
+
+def test_consequences_say_what_was_not_measured():
+    from freezelab.report.build import by_variant, group_rows
+    from freezelab.report.consequences import consequences
+
+    rows = [_row("full", 0.1, 0, 0.8), _row("head_only", 0.1, 0, 0.7)]
+    for row in rows:
+        row.update(
+            variant="",
+            train_flops=math.nan,
+            forgetting=math.nan,
+            source_probe_acc=math.nan,
+            backbone_grad_early=math.nan,
+            evaluations={},
+        )
+    text = " ".join(consequences(by_variant(group_rows(rows))))
+    assert "Not measured: give the fine-tuning runs forgetting.source" in text
+    assert "Not measured: the runs logged no early gradient norms" in text

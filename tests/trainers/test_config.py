@@ -48,7 +48,8 @@ def test_example_study_file_is_the_builtin_study_with_repeats_and_an_lr_grid():
     assert len(repeats["seeds"]) == 3 and len(repeats["grid"]["optimizer.lr"]) > 1
     study = load_study(EXAMPLES / "transfer_study.yaml")
     configs = finetune_configs(study, "t")
-    assert len(configs) == len(study.policies) * len(repeats["grid"]["optimizer.lr"]) * 3
+    runs_per_variant = len(study.policies) * len(repeats["grid"]["optimizer.lr"]) * 3
+    assert len(configs) == len(study.variants) * runs_per_variant
     assert len({c.name for c in configs}) == len(configs)
 
 
