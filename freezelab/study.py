@@ -59,7 +59,7 @@ DEFAULT_STUDY: dict[str, Any] = {
             "eval_shifts": ["rotate:30", "gaussian_noise:0.3", "blur:1", "contrast:0.3"],
         },
         "optimizer": {"lr": 0.02},
-        # One process per fine-tuning run (Ray Train's local mode): the pretraining
+        # One process per fine-tuning run (num_workers: 0, no Ray Train): the pretraining
         # shows data-parallel training; twelve short runs would spend most of their
         # time starting worker groups.
         "scaling": {"num_workers": 0},

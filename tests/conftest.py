@@ -1,8 +1,8 @@
 """Shared fixtures: tiny train configs, and one Ray session for the tests that need it.
 
 Starting Ray costs about 15 s on a 2-core machine, so every test that needs a cluster
-shares the session-scoped ``ray_session``; loop logic runs in Ray Train's in-process
-local mode (``scaling.num_workers: 0``) instead.
+shares the session-scoped ``ray_session``; loop logic runs in one process without Ray
+(``scaling.num_workers: 0``) instead.
 """
 
 from __future__ import annotations

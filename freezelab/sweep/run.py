@@ -67,18 +67,21 @@ def run_sweep(
     init_ray(address)
 
     pin_to = _check_cluster(base)
-    trial_resources, concurrent, per_worker = trial_resources_for(sweep, base)
-    sweep = sweep.model_copy(
-        update={
-            "overrides": [
-                *sweep.overrides,
-                f"scaling.resources_per_worker={json.dumps(per_worker)}",
-                # Trials run in processes of their own: the driver's network settings
-                # (GLOO_SOCKET_IFNAME, ...) reach their workers through the config.
-                f"scaling.env_vars={json.dumps(worker_env_vars(base))}",
-            ]
-        }
-    )
+    # On a cluster whose MLflow file pins trials to one node, workers go anywhere.
+    local = in_process(base) and pin_to is None
+    trial_resources, concurrent, per_worker = trial_resources_for(sweep, base, local)
+    if local:
+        # One CPU worker: the trial's own process trains (num_workers: 0), with no Train
+        # controller and worker group to start per trial.
+        overrides = ["scaling.num_workers=0"]
+    else:
+        overrides = [
+            f"scaling.resources_per_worker={json.dumps(per_worker)}",
+            # Trials run in processes of their own: the driver's network settings
+            # (GLOO_SOCKET_IFNAME, ...) reach their workers through the config.
+            f"scaling.env_vars={json.dumps(worker_env_vars(base))}",
+        ]
+    sweep = sweep.model_copy(update={"overrides": [*sweep.overrides, *overrides]})
     parent = _start_parent(sweep, base)
     trainable = tune.with_resources(
         tune.with_parameters(
@@ -120,9 +123,14 @@ def run_sweep(
         if isinstance(grid, dict) and "grid_search" in grid
         else num_samples
     )
+    each = (
+        f"each trial {trial_resources}, training in its own process"
+        if local
+        else f"each trial {trial_resources} + {base.scaling.num_workers} worker(s) x {per_worker}"
+    )
     print(
-        f"[freezelab] sweep {sweep.name!r}: {sweep.algorithm}, {trials} trial(s), up to {concurrent} "
-        f"at once, each trial {trial_resources} + {base.scaling.num_workers} worker(s) x {per_worker}"
+        f"[freezelab] sweep {sweep.name!r}: {sweep.algorithm}, {trials} trial(s), up to "
+        f"{concurrent} at once, {each}"
     )
     grid = tuner.fit()
     rows = result_rows(grid, sweep, base.epochs)
@@ -234,18 +242,44 @@ def _choice(trial_config: dict[str, Any]) -> dict[str, Any]:
 TRIAL_CPU = 0.01
 
 
-def trial_resources_for(sweep: SweepConfig, base) -> tuple[dict[str, float], int, dict[str, float]]:
+def in_process(base) -> bool:
+    """True when each trial trains in its own process (``num_workers: 0``): one CPU
+    worker (or none), no explicit worker resources, and local storage for its
+    checkpoints. Multi-worker and GPU trials keep a Ray Train worker group."""
+    from freezelab.trainers.location import is_remote
+
+    scaling = base.scaling
+    return (
+        scaling.num_workers <= 1
+        and not scaling.use_gpu
+        and scaling.resources_per_worker is None
+        and not is_remote(base.storage_path)
+    )
+
+
+def trial_resources_for(
+    sweep: SweepConfig, base, local: bool = False
+) -> tuple[dict[str, float], int, dict[str, float]]:
     """Resources of one trial's Tune function, how many trials run at once, and the
     resources of each Train worker.
 
-    The trial only drives a TorchTrainer: it takes a sliver of a CPU and no GPU, and
-    its workers hold the real resources. Unless ``resources_per_worker`` is set, a CPU
-    worker gets what is left of its trial's share, so trials and workers never wait on
-    each other (the quiet deadlock of 1 CPU per trial plus 1 per worker on 2 CPUs).
+    A trial that trains in its own process (``local``, see ``in_process``) takes a
+    share of the CPUs.
+    Otherwise the trial only drives a TorchTrainer: it takes a sliver of a CPU and no
+    GPU, and its workers hold the real resources. Unless ``resources_per_worker`` is
+    set, a CPU worker gets what is left of its trial's share, so trials and workers
+    never wait on each other (the quiet deadlock of 1 CPU per trial plus 1 per worker on
+    2 CPUs).
     """
     import ray
 
     totals = ray.cluster_resources()
+    if local:
+        cpus = totals.get("CPU", 1.0)
+        concurrent = max(1, int(cpus))
+        if sweep.max_concurrent_trials:
+            concurrent = min(concurrent, sweep.max_concurrent_trials)
+        return {"CPU": round(cpus / concurrent, 3)}, concurrent, {}
     workers = base.scaling.num_workers
     if base.scaling.resources_per_worker is None and not base.scaling.use_gpu:
         cpus = totals.get("CPU", 1.0)

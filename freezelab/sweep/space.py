@@ -262,7 +262,7 @@ def resolved_on_driver(sweep: SweepConfig) -> SweepConfig:
             probe.mlflow.tracking_uri
         )
     if probe.scaling.num_workers == 0:
-        # Ray Train's local mode cannot run inside a Tune trial: one worker instead.
+        # One worker: `run_sweep` trains such trials in the trial's own process.
         base.setdefault("scaling", {})["num_workers"] = 1
     return SweepConfig.model_validate(
         {**sweep.model_dump(mode="json"), "base": base, "overrides": []}

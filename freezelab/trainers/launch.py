@@ -48,8 +48,8 @@ def run_training(
 ) -> TrainOutcome:
     """Fit ``config`` with a ``TorchTrainer``; return its last metrics and checkpoint.
 
-    ``num_workers: 0`` runs in-process (Ray Train's local mode, no Ray cluster); with
-    workers, Ray must be up (``init_ray``). Running the same config and name again
+    ``num_workers: 0`` runs the loop in this process (no Ray cluster, no Train
+    controller); with workers, Ray must be up (``init_ray``). Running the same config and name again
     resumes from its latest checkpoint. ``callbacks`` are ``ray.train.UserCallback``s
     (in local mode the loop's reporter calls them); ``reporter`` replaces the loop's
     default reporter (tests use it to inject faults).
@@ -75,26 +75,18 @@ def run_training(
             already_complete=True,
             history=state.get("history", []),
         )
-    local = config.scaling.num_workers == 0
-    if local:
-        if where.is_remote:
-            raise ConfigError("storage_path: local mode (num_workers: 0) needs a local path")
-        reporter = reporter or LocalReporter(
-            where.local_checkpoint_dir, config.checkpoint.keep, callbacks
-        )
-        scaling = ScalingConfig(num_workers=0)
-    else:
-        scaling = ScalingConfig(
-            num_workers=config.scaling.num_workers,
-            use_gpu=config.scaling.use_gpu,
-            resources_per_worker=worker_resources(config),
-            placement_strategy=config.scaling.placement_strategy,
-        )
+    if config.scaling.num_workers == 0:
+        return _run_in_process(config, where, callbacks, reporter)
     env_vars = worker_env_vars(config, env_vars)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "reporter": reporter},
-        scaling_config=scaling,
+        scaling_config=ScalingConfig(
+            num_workers=config.scaling.num_workers,
+            use_gpu=config.scaling.use_gpu,
+            resources_per_worker=worker_resources(config),
+            placement_strategy=config.scaling.placement_strategy,
+        ),
         # gloo on CPU, NCCL on GPU: TorchConfig's default picks by device.
         torch_config=TorchConfig(),
         run_config=RunConfig(
@@ -107,19 +99,36 @@ def run_training(
                 controller_failure_limit=config.max_controller_failures,
             ),
             checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep),
-            callbacks=None if local else list(callbacks) or None,
+            callbacks=list(callbacks) or None,
             # Env vars for the workers of this run (e.g. GLOO_SOCKET_IFNAME), also when
             # joining a Ray that is already up.
             worker_runtime_env={"env_vars": dict(env_vars)} if env_vars else None,
         ),
     )
     result = trainer.fit()
-    if result.checkpoint is not None and not local:
-        directory = result.checkpoint.path
-    else:
-        latest = where.latest_checkpoint()
-        directory = str(latest) if latest else None
+    directory = result.checkpoint.path if result.checkpoint is not None else None
     state = ckpt.read_state(directory) if directory else {"metrics": dict(result.metrics or {})}
+    return TrainOutcome(config.name, state["metrics"], directory, history=state.get("history", []))
+
+
+def _run_in_process(
+    config: TrainConfig, where: RunLocation, callbacks: Sequence[Any], reporter: Reporter | None
+) -> TrainOutcome:
+    """``num_workers: 0``: the loop runs in this process, as rank 0 of 1, with no Ray
+    Train controller or worker group (so it also runs inside a Ray Tune trial, whose
+    process is a Tune session). The reporter keeps the checkpoints where a rerun finds
+    them and calls the callbacks."""
+    from freezelab.trainers.loop import train_loop_per_worker
+
+    if where.is_remote:
+        raise ConfigError("storage_path: local mode (num_workers: 0) needs a local path")
+    reporter = reporter or LocalReporter(
+        where.local_checkpoint_dir, config.checkpoint.keep, callbacks
+    )
+    train_loop_per_worker({"config": config.to_dict(), "reporter": reporter, "in_process": True})
+    latest = where.latest_checkpoint()
+    directory = str(latest) if latest else None
+    state = ckpt.read_state(directory) if directory else {"metrics": {}}
     return TrainOutcome(config.name, state["metrics"], directory, history=state.get("history", []))
 
 

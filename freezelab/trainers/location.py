@@ -135,7 +135,7 @@ class RunLocation:
 
     @property
     def local_checkpoint_dir(self) -> Path:
-        """Where Ray Train's in-process local mode (``num_workers: 0``) keeps checkpoints."""
+        """Where a run in one process (``num_workers: 0``) keeps its checkpoints."""
         return self.path / LOCAL_CHECKPOINTS
 
     @property

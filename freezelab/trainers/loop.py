@@ -53,14 +53,18 @@ from freezelab.trainers.reporting import RayTrainReporter, Reporter
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """One rank's training. ``loop_config``: ``config`` (a TrainConfig's dict),
+    ``reporter`` (default: Ray Train's), and ``in_process: True`` for a single process
+    outside any Ray Train worker group (local mode: rank 0 of 1)."""
     import ray.train
     import ray.train.torch
 
     config = validate_config(loop_config["config"])
     reporter: Reporter = loop_config.get("reporter") or RayTrainReporter()
-    context = ray.train.get_context()
+    in_process = bool(loop_config.get("in_process"))
+    context = _SingleProcess() if in_process else ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    device = _local_device(config) if in_process else ray.train.torch.get_device()
     workers = _placement(context, device)
     if rank == 0 and world_size > 1:
         nodes = sorted({str(w["node_id"])[:12] for w in workers})
@@ -84,14 +88,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     sampler = DistributedSampler(
         train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=config.seed
     )
-    train_loader = ray.train.torch.prepare_data_loader(
-        DataLoader(
-            _Indexed(train_set),
-            batch_size=config.batch_size,
-            sampler=sampler,
-            num_workers=config.data.num_workers,
-        )
+    train_loader = DataLoader(
+        _Indexed(train_set),
+        batch_size=config.batch_size,
+        sampler=sampler,
+        num_workers=config.data.num_workers,
     )
+    if not in_process:
+        train_loader = ray.train.torch.prepare_data_loader(train_loader)
     val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world_size))
     val_loader = DataLoader(
         _Indexed(val_shard),
@@ -304,6 +308,28 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         }
         write = partial(_write_checkpoint, model, optimizer, state) if save and rank == 0 else None
         reporter.report(metrics, write)
+
+
+class _SingleProcess:
+    """The Train context of a run in one process: rank 0 of 1."""
+
+    def get_world_rank(self) -> int:
+        return 0
+
+    def get_world_size(self) -> int:
+        return 1
+
+    def get_local_rank(self) -> int:
+        return 0
+
+    def get_node_rank(self) -> int:
+        return 0
+
+
+def _local_device(config: TrainConfig) -> torch.device:
+    if config.scaling.use_gpu and torch.cuda.is_available():
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
 
 
 class _Indexed(Dataset):

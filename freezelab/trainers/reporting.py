@@ -4,9 +4,9 @@ The loop calls one reporter, chosen by the caller:
 
 - :class:`RayTrainReporter` in a Ray Train run: ``ray.train.report`` with a checkpoint
   that Ray Train stores and registers, and ``ray.train.get_checkpoint`` on resume.
-- :class:`LocalReporter` in Ray Train's in-process local mode (``num_workers: 0``),
-  which keeps no checkpoints and calls no callbacks: it writes the checkpoints where a
-  rerun finds them and calls the run's callbacks itself, so MLflow logging and resume
+- :class:`LocalReporter` for a run in one process (``num_workers: 0``), where no Ray
+  Train controller keeps checkpoints or calls callbacks: it writes the checkpoints where
+  a rerun finds them and calls the run's callbacks itself, so MLflow logging and resume
   work the same in both modes.
 
 ``report`` is a barrier in a Ray Train run: every rank calls it once per epoch.
@@ -66,6 +66,7 @@ class LocalReporter:
         self.directory = Path(directory)
         self.keep = keep
         self.callbacks = list(callbacks)
+        self.last_metrics: dict[str, Any] = {}
 
     def resume_from(self) -> AbstractContextManager[str | None]:
         latest = self.latest()
@@ -89,7 +90,7 @@ class LocalReporter:
             partial.rename(directory)  # a checkpoint is complete or absent, never half-written
             self._prune()
             checkpoint = ray.train.Checkpoint.from_directory(str(directory))
-        ray.train.report(metrics)
+        self.last_metrics = metrics
         for callback in self.callbacks:
             callback.after_report(run_context=None, metrics=[metrics], checkpoint=checkpoint)
 

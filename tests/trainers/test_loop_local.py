@@ -1,4 +1,4 @@
-"""The training loop in Ray Train's local mode (in-process): policies, metrics,
+"""The training loop in one process (num_workers: 0, no Ray Train): policies, metrics,
 checkpoints, resume, and the frozen-feature cache."""
 
 from pathlib import Path
