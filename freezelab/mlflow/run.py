@@ -76,11 +76,15 @@ def train_tracked(
     RunLocation.of(config).claim(config, overwrite=overwrite)
     tracked = TrackedRun.start(config, parent_run_id=parent_run_id) if tracking else None
     if tracked is not None:
-        callbacks = [*callbacks, tracked.callback()]
+        # MLflow first: a callback after it may end the run (Tune stopping a trial).
+        callbacks = [tracked.callback(), *callbacks]
     try:
         outcome = run_training(config, callbacks=callbacks, env_vars=env_vars, reporter=reporter)
-    except BaseException:
-        if tracked is not None:
+    except BaseException as err:
+        # SystemExit is Tune stopping a trial that trains in its own process (ASHA, or
+        # max_t): not a failure. The run stays open, as when Tune kills a trial's
+        # process, and the sweep closes it from its checkpoint.
+        if tracked is not None and not isinstance(err, SystemExit):
             try:
                 tracked.finish(config, None, status="FAILED")
             except Exception as err:  # the training error is the one to raise

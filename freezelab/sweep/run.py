@@ -222,16 +222,28 @@ def _trial(
     )
     tags = {**config.mlflow.tags, STAGE_TAG: "trial"}
     config = config.model_copy(update={"mlflow": config.mlflow.model_copy(update={"tags": tags})})
+    # In the trial's own process the loop reports to Tune from this thread, each report
+    # taken before the next epoch; Ray's callback would queue them for the session, and
+    # a report queued last could be lost when the function returns.
+    forward = _TuneReport() if config.scaling.num_workers == 0 else TuneReportCallback()
     # The sweep checked the space and the cluster once, before its first trial.
-    outcome = train_tracked(
-        config, callbacks=[TuneReportCallback()], parent_run_id=parent_run_id
-    ).outcome
+    outcome = train_tracked(config, callbacks=[forward], parent_run_id=parent_run_id).outcome
     if outcome.already_complete:
         # A retried or resumed trial whose Train run had finished: replay its epochs.
         from ray import tune
 
         for metrics in outcome.history:
             tune.report(metrics)
+
+
+class _TuneReport:
+    """Each epoch's report to Tune, from a trial that trains in its own process (the
+    loop's reporter calls it after every report, as Ray Train calls its callbacks)."""
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any):
+        from ray import tune
+
+        tune.report(dict(metrics[0]))
 
 
 def _choice(trial_config: dict[str, Any]) -> dict[str, Any]:

@@ -198,3 +198,17 @@ def test_a_sweep_with_seeds_runs_each_setting_per_seed(ray_session, tmp_path):
         for kind in ("head_only", "bitfit")
     }
     assert outcome.best_policy["type"] == max(means, key=means.get)
+
+
+def test_trials_in_their_own_process_report_every_epoch_to_tune(ray_session, tmp_path, capsys):
+    # MLflow off: nothing runs after a trial's last report, so a report still in flight
+    # when the trial's function returns would be lost (the benchmark caught one).
+    sweep = _sweep(
+        tmp_path,
+        name="every-epoch",
+        space={"policies": [{"type": "head_only"}, {"type": "bitfit"}, {"type": "full"}]},
+        overrides=["mlflow.enabled=false"],
+    )
+    outcome = run_sweep(sweep)
+    assert "training in its own process" in capsys.readouterr().out
+    assert [(r["epochs"], r["stopped_early"]) for r in outcome.rows] == [(3, False)] * 3
