@@ -221,6 +221,9 @@ def group_rows(rows: list[dict[str, Any]], notes: list[str] | None = None) -> li
             measured = [r[key] for r in runs if not math.isnan(_number(r[key], math.nan))]
             group[key] = sum(measured) / len(measured) if measured else None
         group_measures(group, runs)
+        group["ci95"]["val_acc"] = (
+            None if stats.ci95_low is None else (stats.ci95_low, stats.ci95_high)
+        )
         groups.append(group)
     groups.sort(key=lambda g: (-g["val_acc"], _number(g["train_time_s"])))
     seen = set()
@@ -661,10 +664,6 @@ def _shift_accuracy(groups: list[dict[str, Any]], color_of) -> Any:
     for ax, (variant, name) in zip(axes, panels, strict=False):
         members = variants[variant]
         if name is None:
-            for g in members:
-                g["ci95"]["val_acc"] = (
-                    None if g["ci95_low"] is None else (g["ci95_low"], g["ci95_high"])
-                )
             drawn = _bars_with_intervals(ax, members, "val_acc", color_of)
             title = "val_acc"
         else:

@@ -283,15 +283,11 @@ def _versus(a: list[float], b: list[float], digits: int = 4) -> str:
 
 
 def _mean_ci(group: dict[str, Any], key: str) -> str:
-    mean = group.get(key) if key != "val_acc" else group["val_acc"]
+    mean = group.get(key)
     if mean is None:
         return "not measured"
-    interval = (
-        (group["ci95_low"], group["ci95_high"])
-        if key == "val_acc"
-        else group.get("ci95", {}).get(key)
-    )
-    if interval is None or interval[0] is None:
+    interval = group["ci95"].get(key)
+    if interval is None:
         return f"{mean:.4f}"
     return f"{mean:.4f} ± {(interval[1] - interval[0]) / 2:.4f}"
 
