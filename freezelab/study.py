@@ -77,6 +77,8 @@ DEFAULT_STUDY: dict[str, Any] = {
         {"type": "gradual", "every": 2},
         {"type": "lp_ft", "probe_epochs": 3, "ft_lr_factor": 0.5},
     ],
+    # The model the study hands over, as models:/transfer-study-best@champion.
+    "register_best_as": "transfer-study-best",
 }
 
 
@@ -261,7 +263,7 @@ def run_study(
         report = build_report(parent, out_dir=Path("freezelab_reports") / tag, tracking_uri=uri)
         finish_study_run(finetunes[0], parent, groups[0], report.summary, rows)
         print(f"[freezelab] report of the study: {report.index}")
-        print(f"[freezelab] compare the runs in the MLflow UI: mlflow ui --backend-store-uri {uri}")
+        print(f"[freezelab] compare the runs in the MLflow UI: {study_page(uri, parent)}")
     return rows
 
 
@@ -304,6 +306,19 @@ def _lookup(data: dict[str, Any], dotted: str) -> Any:
     for part in dotted.split("."):
         data = data[part]
     return data
+
+
+def study_page(uri: str, parent_run_id: str) -> str:
+    """Where to read a study in the MLflow UI (with the command that serves a local store)."""
+    import mlflow
+
+    from freezelab.mlflow.tracking import ui_page
+
+    experiment_id = mlflow.MlflowClient(tracking_uri=uri).get_run(parent_run_id).info.experiment_id
+    page = ui_page(uri, experiment_id)
+    if uri.startswith(("http://", "https://")):
+        return page
+    return f"run `mlflow ui --backend-store-uri {uri}`, then open {page}"
 
 
 def _register_best(base: TrainConfig, rows: list[dict[str, Any]], groups, name: str) -> None:

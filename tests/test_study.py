@@ -5,19 +5,13 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from conftest import SMALL_STUDY
 
 from freezelab.errors import ConfigError
 from freezelab.report.build import group_rows
 from freezelab.study import finetune_configs, format_study, load_study, run_study
 
-SMALL = [
-    "base.model.name=test_resnet",
-    "base.scaling.num_workers=0",
-    "base.batch_size=32",
-    "pretrain.epochs=1",
-    "finetune.epochs=2",
-    "policies=[{type: full}, {type: head_only}]",
-]
+SMALL = SMALL_STUDY
 
 
 def test_study_pretrains_then_compares_policies_on_each_variant_and_writes_a_report(
@@ -95,6 +89,13 @@ def test_study_pretrains_then_compares_policies_on_each_variant_and_writes_a_rep
     }
     assert parent.data.tags["mlflow.note.content"].startswith("On the target 'new-digits'")
     assert parent.info.status == "FINISHED"
+    assert parent.data.tags["freezelab.stage"] == "study"
+    # the model the study hands over: registered, and a module its users can fine-tune
+    registry = mlflow.MlflowClient(uri, registry_uri=uri)
+    champion = registry.get_model_version_by_alias("transfer-study-best", "champion")
+    assert champion.run_id in {r["run_id"] for r in rows if r["val_acc"] == best}
+    assert f"compare the runs in the MLflow UI: run `mlflow ui --backend-store-uri {uri}`" in out
+    assert "?workflowType=machine_learning" in out
     # the pretraining is another task: compare leaves it out unless asked
     from freezelab.mlflow.compare import compare_rows
 

@@ -123,7 +123,12 @@ def epoch_metrics(report: dict[str, Any]) -> list[Any]:
         metrics.append(Metric(key, value, now, step))
     if len(rates) == 1:
         metrics.append(Metric("lr", rates.pop(), now, int(report["epoch"])))
-    return metrics
+    # Logged first, so MLflow's compare view picks val_acc as its default metric.
+    return sorted(metrics, key=lambda m: m.key not in LEAD)
+
+
+# The metrics a user compares runs by first.
+LEAD = ("val_acc", "train_time_s")
 
 
 def epoch_tags(report: dict[str, Any]) -> dict[str, str]:

@@ -116,7 +116,8 @@ def settings_of(params_of: dict[str, dict[str, str]]) -> dict[str, tuple[str, st
     varying = sorted(
         key
         for key in {k for params in params_of.values() for k in params}
-        if not key.startswith("policy.")
+        if key != "policy"  # the policy's label: its fields are the policy.* params
+        and not key.startswith("policy.")
         and not any(key == n or key.startswith(n + ".") for n in NOT_A_SETTING)
         and len({params.get(key) for params in params_of.values()}) > 1
     )

@@ -12,7 +12,9 @@ same MLflow run, as it resumes training. ``train_tracked`` does all three:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import re
 import tempfile
 import time
@@ -25,10 +27,12 @@ import yaml
 
 from freezelab.mlflow.callback import MlflowMetricsCallback
 from freezelab.mlflow.tracking import (
+    EXPERIMENT_KIND,
     TrackingUnavailable,
+    dataset_inputs,
     ensure_reachable,
-    flatten_params,
     resolve_tracking_uri,
+    run_params,
     run_tags,
     tracking_uri_set,
 )
@@ -61,6 +65,7 @@ def train_tracked(
     overwrite: bool = False,
     tracking: bool | None = None,
     started: float | None = None,
+    swept: tuple[str, ...] = (),
 ) -> TrackedOutcome:
     """Start the tracked run, train with its callback, finish it with the outcome.
 
@@ -68,13 +73,16 @@ def train_tracked(
     is the answer of an earlier ``tracking_available``), then a name that holds a run
     of another config (``overwrite`` moves that run aside): both before anything is
     created. A run that fails is closed as FAILED. ``started`` (``time.perf_counter()``)
-    is when the caller began the run: ``wall_time_s`` counts from there.
+    is when the caller began the run: ``wall_time_s`` counts from there. ``swept``
+    names the config keys a sweep varies: they are logged as params too.
     """
     started = time.perf_counter() if started is None else started
     if tracking is None:
         tracking = tracking_available(config)
     RunLocation.of(config).claim(config, overwrite=overwrite)
-    tracked = TrackedRun.start(config, parent_run_id=parent_run_id) if tracking else None
+    tracked = (
+        TrackedRun.start(config, parent_run_id=parent_run_id, swept=swept) if tracking else None
+    )
     if tracked is not None:
         # MLflow first: a callback after it may end the run (Tune stopping a trial).
         callbacks = [tracked.callback(), *callbacks]
@@ -182,7 +190,9 @@ class TrackedRun:
     fallback_file: str
 
     @classmethod
-    def start(cls, config: Any, parent_run_id: str | None = None) -> TrackedRun:
+    def start(
+        cls, config: Any, parent_run_id: str | None = None, swept: tuple[str, ...] = ()
+    ) -> TrackedRun:
         """Open (or reopen) the run of ``config`` (check ``tracking_available`` first)."""
         import mlflow
 
@@ -205,12 +215,13 @@ class TrackedRun:
                 experiment_id, run_name=section.run_name or config.name, tags=tags
             )
             run_id = run.info.run_id
-            params = flatten_params({k: v for k, v in config.safe_dict().items() if k != "mlflow"})
+            params = run_params(config, swept)
             from mlflow.entities import Param
 
             items = [Param(k, v) for k, v in params.items()]
             for start in range(0, len(items), 100):
                 client.log_batch(run_id, params=items[start : start + 100])
+            client.log_inputs(run_id, datasets=dataset_inputs(config))
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / "config.yaml").write_text(
                     yaml.safe_dump(config.safe_dict(), sort_keys=False)
@@ -312,37 +323,72 @@ def log_checkpoint_model(
     tracking_uri: str, run_id: str, config: Any, checkpoint_dir: str, step: int = 0
 ) -> str:
     """Log the checkpoint's model as an MLflow model (a LoggedModel) with a signature
-    and an input example; its safetensors weights ride along for safe reloading.
+    and an input example, in freezelab's model format (``trainers/model_file.py``):
+    ``mlflow.pytorch.load_model`` returns the ``nn.Module``, the weights are stored once,
+    and no reader runs code from the file.
 
     ``step`` is the checkpoint's epoch: MLflow links the run's metrics of that step to
     the model, so the Models tab shows the handed-over model's val_acc, not epoch 0's."""
     import mlflow
     import numpy as np
+    import timm
     import torch
 
+    from freezelab import __version__
     from freezelab.trainers import checkpoint as ckpt
-    from freezelab.trainers.data import input_size_of
+    from freezelab.trainers import model_file
+    from freezelab.trainers.data import input_size_of, num_classes_of
 
     model = build_for_config(config, with_weights=False)
     ckpt.load_model_weights(checkpoint_dir, model)
-    model.eval()
-    # Two rows: torch.export (MLflow 3's default format) specializes a batch of one.
+    head = config.model.head.model_dump() if config.model.head else None
+    spec = model_file.spec_of(
+        config.model.name,
+        num_classes_of(config.data),
+        head=head,
+        in_chans=config.model.in_chans,
+        image_size=config.data.input_size,
+    )
+    model_file.attach_spec(model.eval(), spec)
     example = np.zeros((2, *input_size_of(config.data, model)), dtype=np.float32)
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
     signature = mlflow.models.infer_signature(example, output)
-    with tracking_uri_set(tracking_uri), mlflow.start_run(run_id=run_id):
+    # MLflow warns against pickled models: this one's pickle loads nothing but tensors
+    # and freezelab's rebuild (model_file.py), so the warning would mislead at every run.
+    with (
+        tracking_uri_set(tracking_uri),
+        mlflow.start_run(run_id=run_id),
+        _quiet("mlflow.pytorch"),
+    ):
         info = mlflow.pytorch.log_model(
             model,
-            name="model",
+            # Named as its run, so the Models tab tells the policies apart.
+            name=re.sub(r"[/:.%\"']", "_", config.mlflow.run_name or config.name),
             signature=signature,
             input_example=example,
-            extra_files=[str(Path(checkpoint_dir) / ckpt.MODEL_FILE)],
+            serialization_format="pickle",
+            pickle_module=model_file,
             step=step,
             tags={"freezelab.policy": config.policy.label(), "freezelab.epoch": str(step)},
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm"],
+            pip_requirements=[
+                f"torch=={torch.__version__.split('+')[0]}",
+                f"timm=={timm.__version__}",
+                f"freezelab=={__version__}",
+            ],
         )
     return info.model_uri
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def logged_model_uri(client: Any, experiment_id: str, run_id: str, step: int) -> str | None:
@@ -388,12 +434,17 @@ def register(tracking_uri: str, model_uri: str, name: str, alias: str) -> str:
 def experiment_id_for(client: Any, name: str) -> str:
     """The id of experiment ``name``, created when missing.
 
+    The experiment is marked as model training (MLflow's ``mlflow.experimentKind``),
+    so the UI opens it on its runs, not on the GenAI overview.
+
     With a sqlite store, a new experiment keeps its artifacts in ``mlruns/`` next to
     the database file. MLflow's default is ``./mlruns`` in the current directory, which
     for a Ray job is its temporary working directory: the logged models would be lost.
     """
     experiment = client.get_experiment_by_name(name)
     if experiment:
+        if EXPERIMENT_KIND[0] not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
         return experiment.experiment_id
     uri = client.tracking_uri
     location = None
@@ -402,7 +453,18 @@ def experiment_id_for(client: Any, name: str) -> str:
         # The experiment's name as a folder name, never a path out of mlruns/ ("..").
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).lstrip(".") or "_"
         location = (database.parent / "mlruns" / slug).as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(
+            name, artifact_location=location, tags=dict([EXPERIMENT_KIND])
+        )
+    except MlflowException as err:
+        # Two runs that start at once (two Ray jobs) both found it missing.
+        experiment = client.get_experiment_by_name(name)
+        if err.error_code != "RESOURCE_ALREADY_EXISTS" or experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 def find_run_by_key(client: Any, experiment_id: str, key: str) -> str | None:

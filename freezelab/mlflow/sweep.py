@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from freezelab.mlflow.run import RUN_KEY_TAG, experiment_id_for, find_run_by_key, register
-from freezelab.mlflow.tracking import ensure_reachable, resolve_tracking_uri, run_tags
+from freezelab.mlflow.tracking import STAGE_TAG, ensure_reachable, resolve_tracking_uri, run_tags
 from freezelab.redact import redact_config, redact_text
 from freezelab.trainers.location import RunLocation
 
@@ -39,7 +39,9 @@ def start_group_run(base: Any, name: str, kind: str) -> tuple[str, bool]:
         if k not in ("freezelab.policy", "freezelab.run_name")
     }
     # Reports and `freezelab compare` treat every group run alike: kind "sweep".
-    tags.update({RUN_KEY_TAG: key, "freezelab.kind": "sweep", "freezelab.group": kind})
+    tags.update(
+        {RUN_KEY_TAG: key, "freezelab.kind": "sweep", "freezelab.group": kind, STAGE_TAG: kind}
+    )
     run = client.create_run(experiment_id, run_name=name, tags=tags)
     print(
         f"[freezelab] MLflow: {kind} run {run.info.run_id} in experiment {base.mlflow.experiment!r}"

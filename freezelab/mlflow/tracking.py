@@ -9,6 +9,8 @@ The tracking URI is always explicit: the config's ``mlflow.tracking_uri``, else
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -93,6 +95,26 @@ def open_store(uri: str, timeout_s: float = 5.0) -> Any:
     return mlflow.MlflowClient(tracking_uri=uri)
 
 
+# Where `mlflow ui` serves a local store unless told otherwise.
+LOCAL_UI = "http://127.0.0.1:5000"
+
+
+def ui_page(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI's page of an experiment's runs (or of one run) for a store: the
+    server itself, or ``mlflow ui``'s default address for a local file. The page opens
+    in the UI's model-training view (MLflow 3's UI otherwise opens on GenAI pages).
+
+    >>> ui_page("http://bob:pw@mlflow:5000/", "3", "abc")
+    'http://mlflow:5000/#/experiments/3/runs/abc?workflowType=machine_learning'
+    """
+    if tracking_uri.startswith(("http://", "https://")):
+        base = strip_credentials(tracking_uri)[0].rstrip("/")
+    else:
+        base = LOCAL_UI
+    page = f"{base}/#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    return page + "?workflowType=machine_learning"
+
+
 def flatten_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested config to MLflow params: ``{"policy": {"n": 3}}`` -> ``{"policy.n": "3"}``."""
     flat: dict[str, str] = {}
@@ -106,6 +128,90 @@ def flatten_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+# The experiment tag MLflow's UI reads to open an experiment on its runs ("Machine
+# learning"), rather than on traces and the GenAI overview.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+# What a user filters or plots runs by; the whole config is the run's config.yaml.
+PARAM_KEYS = (
+    "model.name",
+    "model.pretrained",
+    "data.kind",
+    "data.classes",
+    "data.shift",
+    "data.train_per_class",
+    "epochs",
+    "batch_size",
+    "seed",
+    "optimizer.name",
+    "optimizer.lr",
+)
+
+
+def run_params(config: Any, swept: tuple[str, ...] = ()) -> dict[str, str]:
+    """A run's MLflow params: its policy as one label and as fields, the config keys
+    of ``PARAM_KEYS`` that are set, and the ``swept`` keys (a sweep's dimensions).
+
+    >>> from freezelab.trainers.config import validate_config
+    >>> config = validate_config({"name": "x", "model": {"name": "resnet18"}, "epochs": 3,
+    ...     "data": {"kind": "digits"}, "policy": {"type": "last_n", "n": 2}})
+    >>> run_params(config)["policy"], run_params(config)["policy.n"]
+    ('last_n(n=2)', '2')
+    """
+    flat = flatten_params({k: v for k, v in config.safe_dict().items() if k != "mlflow"})
+    policy = {k: v for k, v in flat.items() if k.startswith("policy.") and v != "None"}
+    chosen = {k: flat[k] for k in (*PARAM_KEYS, *swept) if k in flat and flat[k] != "None"}
+    return {"policy": config.policy.label(), **policy, **chosen}
+
+
+def dataset_inputs(config: Any) -> list[Any]:
+    """The run's datasets as MLflow inputs (the run page's and the runs table's Datasets):
+    its training and validation splits, and each extra evaluation folder.
+
+    A dataset is named by what it holds (``digits[5,6,7,8,9]``, a folder's name, plus
+    its shift) and its digest changes with anything that changes its images: the data
+    config and, for a local folder, its files' names and sizes.
+    """
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    data = config.data
+    if data.kind == "image_folder":
+        name, source_type, source = Path(data.root).name, "local", data.root
+    elif data.kind == "digits":
+        name, source_type, source = "digits", "code", "sklearn.datasets.load_digits"
+    else:
+        name, source_type, source = "synthetic", "code", "freezelab synthetic tensors"
+    if data.classes is not None:
+        name += "[" + ",".join(map(str, data.classes)) + "]"
+    if data.shift:
+        name += f"+{data.shift}"
+    described = {k: v for k, v in data.model_dump(mode="json").items() if k != "num_workers"}
+    found = []
+    splits = [("train", "training", source), ("val", "validation", source)]
+    splits += [(n, "evaluation", path) for n, path in sorted(data.eval_sets.items())]
+    for split, context, where in splits:
+        digest = _digest(
+            {"data": described, "split": split}, where if source_type == "local" else None
+        )
+        dataset = Dataset(
+            name=f"{name}/{split}",
+            digest=digest,
+            source_type=source_type,
+            source=json.dumps({"uri": redact_uri(str(where))}),
+        )
+        found.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)]))
+    return found
+
+
+def _digest(described: dict[str, Any], folder: str | None) -> str:
+    hasher = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
+    if folder and "://" not in folder and Path(folder).is_dir():
+        for path in sorted(Path(folder).rglob("*")):
+            if path.is_file():
+                hasher.update(f"{path.relative_to(folder)}:{path.stat().st_size}".encode())
+    return hasher.hexdigest()[:12]
+
+
 STAGE_TAG = "freezelab.stage"
 PRETRAIN = "pretrain"
 
@@ -115,6 +221,7 @@ def run_tags(config: Any) -> dict[str, str]:
     from freezelab import __version__
 
     tags = {
+        **source_tags(),
         "freezelab.policy": config.policy.type,
         "freezelab.model": config.model.name,
         "freezelab.dataset": config.data.kind,
@@ -133,6 +240,28 @@ def run_tags(config: Any) -> dict[str, str]:
     if commit:
         tags["mlflow.source.git.commit"] = commit
     tags.update(config.mlflow.tags)
+    return tags
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's own user and source tags (what its fluent API sets, and the client API
+    does not): the user, ``freezelab <command>`` or the script that trained, and
+    whether it ran as a Ray job. A Ray worker process (a sweep's trial) has no command
+    of its own: its driver passes these tags down."""
+    import getpass
+    import sys
+
+    tags = {"mlflow.source.type": "JOB" if job_submission_id() else "LOCAL"}
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        pass
+    path = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    program = "" if path is None else path.parent.name if path.name == "__main__.py" else path.name
+    if program == "freezelab" and len(sys.argv) > 1:
+        tags["mlflow.source.name"] = f"freezelab {sys.argv[1]}"
+    elif program and program != "default_worker.py":
+        tags["mlflow.source.name"] = program
     return tags
 
 

@@ -61,7 +61,7 @@ def build_report(
     """Write ``index.html`` and its figures for ``target`` (a sweep parent run's name
     or id, or an experiment name) and log them on the sweep's parent run."""
     from freezelab.mlflow.compare import settings_of
-    from freezelab.mlflow.tracking import open_store, resolve_tracking_uri
+    from freezelab.mlflow.tracking import open_store, resolve_tracking_uri, ui_page
 
     uri = resolve_tracking_uri(tracking_uri)
     client = open_store(uri)
@@ -109,6 +109,8 @@ def build_report(
     ]
     if len(rows) > MAX_DRIFT_PANELS:
         notes.append(f"the drift figure shows the best {MAX_DRIFT_PANELS} of {len(rows)} runs")
+    for row in rows:
+        row["mlflow_url"] = ui_page(uri, by_id[row["run_id"]].experiment_id, row["run_id"])
     figures = draw_figures(directory, ordered, rows, groups)
     summary = summarize_variants(groups)
     index = directory / "index.html"
@@ -792,6 +794,8 @@ def html_page(
     import base64
     from html import escape
 
+    from freezelab.mlflow.tracking import LOCAL_UI
+
     shown = [{**g, "mean_ci95": _with_interval(g)} for g in groups]
     images = "".join(
         f'<figure><img src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}"'
@@ -819,6 +823,8 @@ best first. val_acc is the last epoch's, the accuracy of the model a run hands o
 {_table("settings", SETTING_COLUMNS, shown)}
 <h2>Runs</h2>
 {_table("runs", COLUMNS, rows)}
+<p>Each MLflow run links to its page in the MLflow UI: the tracking server's, or for a local
+store the address of <code>mlflow ui</code> ({escape(LOCAL_UI)}).</p>
 <p>Training time is <code>train_time_s</code>, the sum of the training passes; the trainable
 share is that of the last epoch; backbone drift is the mean over the non-head layer groups of
 their relative L2 drift at the last epoch.</p>
@@ -832,11 +838,17 @@ def _table(name: str, columns: tuple, rows: list[dict[str, Any]]) -> str:
     from html import escape
 
     head = "".join(f"<th>{escape(header)}</th>" for _, header, _ in columns)
+
+    def cell(row: dict[str, Any], key: str, fmt: Any) -> str:
+        text = escape(_format(row.get(key), fmt))
+        if key == "run_id" and row.get("mlflow_url"):
+            # The run's page in the MLflow UI (a new tab: MLflow shows this page framed).
+            url = escape(row["mlflow_url"])
+            return f'<td><a href="{url}" target="_blank" rel="noopener">{text}</a></td>'
+        return f"<td>{text}</td>"
+
     body = "".join(
-        "<tr>"
-        + "".join(f"<td>{escape(_format(row.get(key), fmt))}</td>" for key, _, fmt in columns)
-        + "</tr>\n"
-        for row in rows
+        "<tr>" + "".join(cell(row, key, fmt) for key, _, fmt in columns) + "</tr>\n" for row in rows
     )
     return f'<table id="{name}"><thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table>'
 

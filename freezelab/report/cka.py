@@ -59,10 +59,9 @@ def backbone_cka(
     images. ``cache`` keeps starting features across runs that share them.
     """
     import torch
-    from safetensors.torch import load_file
 
     from freezelab.trainers.feature_cache import classifier_inputs
-    from freezelab.trainers.models import build_for_config
+    from freezelab.trainers.models import build_for_config, read_state_dict
 
     key = json.dumps(
         [
@@ -80,7 +79,7 @@ def backbone_cka(
             cache[key] = (images, classifier_inputs(start, images))
     images, start_features = cache[key]
     tuned = build_for_config(config, with_weights=False)
-    tuned.load_state_dict(load_file(str(weights_file)), strict=True)
+    tuned.load_state_dict(read_state_dict(weights_file), strict=True)
     tuned.eval()
     with torch.no_grad():
         tuned_features = classifier_inputs(tuned, images)

@@ -385,7 +385,7 @@ def _written_by(directory: Path, config: Any) -> bool:
 def _logged_weights(
     client: Any, record: RunRecord, tracking_uri: str, scratch: Path
 ) -> Path | None:
-    import mlflow
+    from freezelab.trainers.artifacts import download_weights
 
     models = client.search_logged_models(
         experiment_ids=[record.experiment_id],
@@ -394,13 +394,7 @@ def _logged_weights(
     )
     if not models:
         return None
-    # The weights ride along as an extra file (freezelab.mlflow.run.log_checkpoint_model):
-    # loading them needs no unpickling of the logged model.
-    uri = models[0].artifact_location.rstrip("/") + f"/extra_files/{ckpt.MODEL_FILE}"
+    # Read later with weights_only=True: the logged model is never unpickled as code.
     destination = scratch / record.run_id
     destination.mkdir(parents=True, exist_ok=True)
-    return Path(
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=uri, dst_path=str(destination), tracking_uri=tracking_uri
-        )
-    )
+    return Path(download_weights(models[0].model_uri, tracking_uri, dst_path=destination))

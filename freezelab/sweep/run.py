@@ -83,9 +83,14 @@ def run_sweep(
         ]
     sweep = sweep.model_copy(update={"overrides": [*sweep.overrides, *overrides]})
     parent = _start_parent(sweep, base)
+    from freezelab.mlflow.tracking import source_tags
+
     trainable = tune.with_resources(
         tune.with_parameters(
-            _trial, sweep_dict=sweep.model_dump(mode="json"), parent_run_id=parent
+            _trial,
+            sweep_dict=sweep.model_dump(mode="json"),
+            parent_run_id=parent,
+            source=source_tags(),
         ),
         _on_node(trial_resources, pin_to) if pin_to else trial_resources,
     )
@@ -183,7 +188,7 @@ def _finish_stopped_trials(rows: list[dict[str, Any]], sweep: SweepConfig) -> No
     for row in rows:
         if row["error"] is not None:
             continue
-        config = sweep.trial_config(row["policy"], row["params"], row["run_name"])
+        config = tracked_trial_config(sweep, {"policy": row["policy"], "params": row["params"]})
         try:
             finish_from_checkpoint(
                 config,
@@ -207,27 +212,51 @@ def trial_run_name(sweep_name: str, choice: dict[str, Any]) -> str:
     return f"{sweep_name}-{choice['policy']['type']}-{digest}"
 
 
+def trial_label(choice: dict[str, Any]) -> str:
+    """A trial's MLflow run name: its policy's label and its params' values, as in
+    ``lp_ft(probe_epochs=3) lr=0.01``."""
+    label = from_dict(choice["policy"]).label()
+    values = " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in sorted(choice["params"].items()))
+    return f"{label} {values}".strip()
+
+
+def tracked_trial_config(
+    sweep: SweepConfig, choice: dict[str, Any], source: dict[str, str] | None = None
+) -> Any:
+    """A trial's train config as tracked: its MLflow run named by its policy and params,
+    tagged as a trial, with the driver's user and command (``source``: a trial's
+    process is a Ray worker, which has none of its own)."""
+    from freezelab.mlflow.tracking import STAGE_TAG
+
+    config = sweep.trial_config(
+        choice["policy"], choice["params"], trial_run_name(sweep.name, choice)
+    )
+    tags = {**(source or {}), **config.mlflow.tags, STAGE_TAG: "trial"}
+    section = {"tags": tags, "run_name": config.mlflow.run_name or trial_label(choice)}
+    return config.model_copy(update={"mlflow": config.mlflow.model_copy(update=section)})
+
+
 def _trial(
-    trial_config: dict[str, Any], sweep_dict: dict[str, Any], parent_run_id: str | None
+    trial_config: dict[str, Any],
+    sweep_dict: dict[str, Any],
+    parent_run_id: str | None,
+    source: dict[str, str] | None = None,
 ) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from freezelab.mlflow.run import train_tracked
-    from freezelab.mlflow.tracking import STAGE_TAG
 
     sweep = SweepConfig.model_validate(sweep_dict)
     choice = _choice(trial_config)
-    config = sweep.trial_config(
-        choice["policy"], choice["params"], trial_run_name(sweep.name, choice)
-    )
-    tags = {**config.mlflow.tags, STAGE_TAG: "trial"}
-    config = config.model_copy(update={"mlflow": config.mlflow.model_copy(update={"tags": tags})})
+    config = tracked_trial_config(sweep, choice, source)
     # In the trial's own process the loop reports to Tune from this thread, each report
     # taken before the next epoch; Ray's callback would queue them for the session, and
     # a report queued last could be lost when the function returns.
     forward = _TuneReport() if config.scaling.num_workers == 0 else TuneReportCallback()
     # The sweep checked the space and the cluster once, before its first trial.
-    outcome = train_tracked(config, callbacks=[forward], parent_run_id=parent_run_id).outcome
+    outcome = train_tracked(
+        config, callbacks=[forward], parent_run_id=parent_run_id, swept=tuple(choice["params"])
+    ).outcome
     if outcome.already_complete:
         # A retried or resumed trial whose Train run had finished: replay its epochs.
         from ray import tune

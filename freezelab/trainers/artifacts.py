@@ -20,7 +20,7 @@ from pathlib import Path
 from freezelab.env import resolve_result_path
 from freezelab.errors import ConfigError
 from freezelab.redact import strip_credentials
-from freezelab.trainers.checkpoint import MODEL_FILE
+from freezelab.trainers.checkpoint import LOGGED_MODEL_FILE, LOGGED_MODEL_REBUILD, MODEL_FILE
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 MODEL_URI_SCHEMES = ("models:/", "runs:/")
@@ -45,26 +45,46 @@ def is_model_uri(weights: str | None) -> bool:
     return bool(weights) and weights.startswith(MODEL_URI_SCHEMES)
 
 
-def download_weights(model_uri: str, tracking_uri: str | None = None) -> str:
-    """A local safetensors file for ``models:/NAME@ALIAS`` or ``runs:/RUN_ID/...``:
-    the weights that freezelab logged beside the model (never an unpickled model)."""
+def download_weights(
+    model_uri: str, tracking_uri: str | None = None, dst_path: str | Path | None = None
+) -> str:
+    """A local weights file for ``models:/NAME@ALIAS`` or ``runs:/RUN_ID/...``: the
+    model file freezelab logged (read later with ``weights_only=True``, see
+    ``model_file``), or the safetensors file that older versions logged beside it."""
     import mlflow
 
     uri = resolve_tracking_uri(tracking_uri)
     try:
         with tracking_uri_set(uri):
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+            local = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=model_uri, dst_path=None if dst_path is None else str(dst_path)
+                )
+            )
     except Exception as err:  # MlflowException, OSError: the URI names nothing here
         raise ConfigError(
             f"model.weights {model_uri!r}: cannot download it from {uri}: {err}"
         ) from None
-    found = sorted(local.rglob(MODEL_FILE)) if local.is_dir() else [local]
-    if not found or found[0].suffix != ".safetensors":
-        raise ConfigError(
-            f"model.weights {model_uri!r} holds no {MODEL_FILE}: only models logged by "
-            "freezelab can seed a run"
-        )
-    return str(found[0])
+    if not local.is_dir():
+        return str(local)
+    for pattern in (f"data/{LOGGED_MODEL_FILE}", f"**/{MODEL_FILE}"):
+        found = sorted(local.glob(pattern))
+        if found and (local / "MLmodel").is_file() and _pickled_by_freezelab(local, found[0]):
+            return str(found[0])
+    raise ConfigError(
+        f"model.weights {model_uri!r} is not a model that freezelab logged: only those can "
+        "seed a run"
+    )
+
+
+def _pickled_by_freezelab(model_dir: Path, weights: Path) -> bool:
+    """Whether ``weights`` is freezelab's: a safetensors file, or a model file whose
+    recorded pickle module is freezelab's (never a pickle that would run other code)."""
+    if weights.suffix == ".safetensors":
+        return True
+    info = model_dir / "data" / "pickle_module_info.txt"
+    module = LOGGED_MODEL_REBUILD.rsplit(".", 1)[0]
+    return info.is_file() and info.read_text().strip() == module
 
 
 @contextlib.contextmanager

@@ -23,6 +23,10 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 MODEL_FILE = "model.safetensors"
+# A model that freezelab logged to MLflow (``model_file.py``): its pickle, under data/,
+# and the one global in it besides tensors.
+LOGGED_MODEL_FILE = "model.pth"
+LOGGED_MODEL_REBUILD = "freezelab.trainers.model_file.rebuild"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
 
@@ -69,3 +73,15 @@ def _to_cpu(state: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         name: {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
         for name, entry in state.items()
     }
+
+
+def load_weights_only(path: str | Path) -> Any:
+    """``torch.load(path, weights_only=True)``, which also reads a logged model's file
+    (``model_file.py``) as its state dict: no model is built and no code but torch's
+    tensor rebuilding runs."""
+    with torch.serialization.safe_globals([(_state_only, LOGGED_MODEL_REBUILD)]):
+        return torch.load(Path(path), map_location="cpu", weights_only=True)
+
+
+def _state_only(spec: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> dict:
+    return state_dict

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from freezelab.trainers.checkpoint import load_weights_only
 from freezelab.trainers.config import HeadConfig, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's note on pickle protocols
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_weights_only(path)
     except Exception as err:  # not a zip or pickle, or a pickle that would run code
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if reason.startswith("Weights only load failed"):

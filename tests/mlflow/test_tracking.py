@@ -50,6 +50,21 @@ def test_run_logs_params_metrics_artifacts_and_model(tiny_config, sqlite_uri):
     assert run.data.params["policy.every"] == "1"
     assert run.data.params["optimizer.lr"] == "0.05"
     assert run.data.params["model.name"] == "test_resnet"
+    # Only what a user filters or plots by: the whole config is config.yaml.
+    assert run.data.params["policy"] == "gradual(every=1)"
+    assert len(run.data.params) <= 20 and "name" not in run.data.params
+    assert "None" not in run.data.params.values()
+    assert not any(k.startswith(("checkpoint.", "storage_path")) for k in run.data.params)
+    # MLflow's own surfaces: user, source, datasets with their context, experiment kind.
+    assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.type"] == "LOCAL"
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    contexts = {
+        n: {t.key: t.value for t in d.tags}["mlflow.data.context"] for n, d in inputs.items()
+    }
+    assert contexts == {"digits[0,1,2]/train": "training", "digits[0,1,2]/val": "validation"}
+    assert len({d.dataset.digest for d in inputs.values()}) == 2
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert run.data.tags["freezelab.policy"] == "gradual"
     assert run.data.tags["freezelab.dataset"] == "digits"
     for key in ("val_acc", "train_loss", "drift/head", "lr", "phase_index", "epoch_time_s"):
@@ -91,10 +106,29 @@ def test_run_logs_params_metrics_artifacts_and_model(tiny_config, sqlite_uri):
     reference = build_for_config(config)
     ckpt.load_model_weights(outcome.checkpoint_dir, reference)
     x = torch.randn(4, 3, 32, 32)
-    reference.eval()  # the logged model was exported in eval mode
+    reference.eval()
+    # The module itself, not an exported graph: it switches modes and trains further.
+    assert type(loaded) is type(reference) and not loaded.training
+    loaded.train()
+    loaded.eval()
     with torch.no_grad():
         assert torch.equal(loaded(x), reference(x))
     assert np.allclose(pyfunc.predict(x.numpy()), reference(x).detach().numpy(), atol=1e-5)
+    # The weights are stored once, and the requirements pin what rebuilds the model.
+    with tracking_uri_set(sqlite_uri):
+        local = Path(mlflow.artifacts.download_artifacts(tracked.model_uri))
+    model_files = [p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()]
+    weights = sum(t.numel() * t.element_size() for t in reference.state_dict().values())
+    stored = sum((local / p).stat().st_size for p in model_files)
+    assert weights < stored < 1.5 * weights + 200_000, model_files
+    assert not any(p.endswith((".safetensors", ".pt2")) for p in model_files)
+    requirements = (local / "requirements.txt").read_text().splitlines()
+    import timm
+
+    from freezelab import __version__
+
+    assert f"timm=={timm.__version__}" in requirements
+    assert f"freezelab=={__version__}" in requirements
 
 
 def test_registry_alias_and_chained_fine_tuning(tiny_config, sqlite_uri):
@@ -286,7 +320,7 @@ def test_secrets_reach_the_workers_and_nothing_else(
     ]
     out, err = capfd.readouterr()
     texts += [out, err]
-    assert run.data.params["scaling.env_vars.AWS_SECRET_ACCESS_KEY"] == "***"
+    assert not any(k.startswith("scaling.env_vars") for k in run.data.params)
     for text in texts:
         assert secret not in text and password not in text
 

@@ -157,7 +157,7 @@ def test_drift_is_zero_for_frozen_groups_and_positive_for_trained_ones(sweep):
 
 def test_cka_of_an_untouched_backbone_is_one(sweep):
     head_only, full = sweep.rows["head_only"], sweep.rows["full"]
-    assert head_only["cka"] == pytest.approx(1.0, abs=1e-6)
+    assert head_only["cka"] == pytest.approx(1.0, abs=1e-6), head_only["cka_source"]
     assert head_only["cka_source"] == "the run's logged MLflow model"
     assert full["cka_source"].startswith("checkpoint ")
     assert 0 < full["cka"] < 1 - 1e-6

@@ -67,8 +67,16 @@ def test_grid_sweep_with_asha_and_nested_mlflow_runs(ray_session, tmp_path):
     # before the trial's own end runs: the sweep closes those runs from their checkpoints.
     stopped = {r["run_name"]: r["stopped_early"] for r in outcome.rows}
     client = mlflow.MlflowClient(uri)
+    # In the MLflow UI each trial is named by its policy, and tagged as a trial.
+    assert sorted(c.info.run_name for c in children) == [
+        "full",
+        "head_only",
+        "last_n(n=1)",
+        "last_n(n=2)",
+    ]
     for child in children:
-        expected = "KILLED" if stopped[child.info.run_name] else "FINISHED"
+        assert child.data.tags["freezelab.stage"] == "trial"
+        expected = "KILLED" if stopped[child.data.tags["freezelab.run_name"]] else "FINISHED"
         assert child.info.status == expected, child.info.run_name
         models = client.search_logged_models(
             experiment_ids=[child.info.experiment_id],

@@ -43,7 +43,7 @@ def test_example_study_file_is_the_builtin_study_with_repeats_and_an_lr_grid():
     from freezelab.study import finetune_configs, load_study
 
     data = yaml.safe_load((EXAMPLES / "transfer_study.yaml").read_text())
-    repeats = {key: data.pop(key) for key in ("seeds", "grid", "register_best_as")}
+    repeats = {key: data.pop(key) for key in ("seeds", "grid")}
     assert data == DEFAULT_STUDY
     assert len(repeats["seeds"]) == 3 and len(repeats["grid"]["optimizer.lr"]) > 1
     study = load_study(EXAMPLES / "transfer_study.yaml")
