@@ -40,16 +40,6 @@ TINY: dict[str, Any] = {
 
 merge = deep_merge
 
-# The built-in transfer study shrunk to seconds (local mode, two policies).
-SMALL_STUDY = [
-    "base.model.name=test_resnet",
-    "base.scaling.num_workers=0",
-    "base.batch_size=32",
-    "pretrain.epochs=1",
-    "finetune.epochs=2",
-    "policies=[{type: full}, {type: head_only}]",
-]
-
 
 @pytest.fixture(autouse=True)
 def _work_in_tmp(tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import SMALL_STUDY
+from small_study import SMALL_STUDY
 
 from freezelab.errors import ConfigError
 from freezelab.report.build import group_rows

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import SMALL_STUDY
 from servers import Server
+from small_study import SMALL_STUDY
 
 from freezelab.mlflow.tracking import ui_page
 from freezelab.study import run_study

@@ -1,0 +1,11 @@
+"""Overrides that shrink the built-in transfer study to seconds, for the tests that run it."""
+
+# Local mode (no Ray), a tiny model, 1 + 2 epochs, two policies.
+SMALL_STUDY = [
+    "base.model.name=test_resnet",
+    "base.scaling.num_workers=0",
+    "base.batch_size=32",
+    "pretrain.epochs=1",
+    "finetune.epochs=2",
+    "policies=[{type: full}, {type: head_only}]",
+]
