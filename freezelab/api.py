@@ -71,10 +71,12 @@ def summarize(config: TrainConfig, tracked: TrackedOutcome) -> str:
     if outcome.checkpoint_dir:
         lines.append(f"  checkpoint: {outcome.checkpoint_dir}")
     if tracked.run_id:
-        from freezelab.mlflow.tracking import resolve_tracking_uri
+        from freezelab.mlflow.tracking import resolve_tracking_uri, ui_page
 
         uri = resolve_tracking_uri(config.mlflow.tracking_uri)
         lines.append(f"  MLflow run: {tracked.run_id} at {redact_uri(uri)}")
+        if tracked.experiment_id:
+            lines.append(f"  MLflow UI: {ui_page(uri, tracked.experiment_id, tracked.run_id)}")
     if tracked.model_uri:
         lines.append(f"  model: {tracked.model_uri}")
     return "\n".join(lines)

@@ -25,6 +25,7 @@ import sys
 import textwrap
 from collections.abc import Sequence
 
+from freezelab.env import LOG_LEVEL_ENV, log_level
 from freezelab.errors import FreezelabError, one_line
 from freezelab.redact import redact_text
 
@@ -34,7 +35,9 @@ PRETRAINING_HELP = "also show pretraining runs (tag freezelab.stage=pretrain), l
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose:
+        os.environ[LOG_LEVEL_ENV] = "INFO"  # read by the runs this process starts
+    logging.basicConfig(level=log_level(), format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)
     except FreezelabError as err:
@@ -59,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         default=bool(os.environ.get("FREEZELAB_DEBUG")),
         help="show the traceback of a user error too (also FREEZELAB_DEBUG=1)",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show the INFO logs of Ray Train (a line per report and per checkpoint) and "
+        "of the other libraries (also FREEZELAB_LOG_LEVEL=INFO)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 

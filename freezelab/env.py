@@ -18,6 +18,22 @@ import os
 from pathlib import Path
 
 HOME_ENV = "FREEZELAB_HOME"
+LOG_LEVEL_ENV = "FREEZELAB_LOG_LEVEL"
+
+
+def log_level() -> str:
+    """How much of the libraries' own logging reaches the console: ``FREEZELAB_LOG_LEVEL``
+    (set by ``freezelab -v``), else ``WARNING``. At the default, Ray Train's line per
+    report and per checkpoint stay in Ray's log files; freezelab's own lines always show.
+
+    >>> os.environ.pop("FREEZELAB_LOG_LEVEL", None) and None
+    >>> log_level()
+    'WARNING'
+    """
+    import logging
+
+    level = (os.environ.get(LOG_LEVEL_ENV) or "WARNING").upper()
+    return level if isinstance(logging.getLevelName(level), int) else "WARNING"
 
 
 def job_submission_id() -> str | None:

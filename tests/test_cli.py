@@ -210,3 +210,16 @@ def test_python_dash_m_freezelab(tmp_path):
     report = json.loads(ok.stdout)  # stdout is clean JSON: logs go to stderr
     assert [g["name"] for g in report["groups"] if g["trainable"]] == ["head"]
     assert report["trainable_params"] == 96 * 2 + 2
+
+
+def test_verbose_shows_the_libraries_info_logs_to_the_runs_it_starts(monkeypatch, capsys):
+    from freezelab.env import LOG_LEVEL_ENV, log_level
+
+    # setenv, not delenv: it records the variable's absence, which teardown restores
+    # after main() has set it.
+    monkeypatch.setenv(LOG_LEVEL_ENV, "")
+    assert log_level() == "WARNING"  # Ray Train's line per report stays in its log files
+    assert main(["-v", "policies"]) == 0
+    assert log_level() == "INFO"  # what launch gives Ray Train and the workers
+    monkeypatch.setenv(LOG_LEVEL_ENV, "not-a-level")
+    assert log_level() == "WARNING"

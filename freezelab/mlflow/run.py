@@ -53,6 +53,7 @@ class TrackedOutcome:
     run_id: str | None = None
     model_uri: str | None = None
     wall_time_s: float | None = None  # the run's wall clock, start-up included
+    experiment_id: str | None = None
 
 
 def train_tracked(
@@ -102,7 +103,7 @@ def train_tracked(
     if tracked is None:
         return TrackedOutcome(outcome, wall_time_s=wall_time_s)
     model_uri = finish_or_defer(tracked, config, outcome, wall_time_s)
-    return TrackedOutcome(outcome, tracked.run_id, model_uri, wall_time_s)
+    return TrackedOutcome(outcome, tracked.run_id, model_uri, wall_time_s, tracked.experiment_id)
 
 
 SYNC_FILE = "mlflow_sync.json"

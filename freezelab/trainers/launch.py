@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from freezelab.env import LOG_LEVEL_ENV, log_level
 from freezelab.errors import ConfigError
 from freezelab.trainers import checkpoint as ckpt
 from freezelab.trainers.config import TrainConfig
@@ -54,7 +55,13 @@ def run_training(
     (in local mode the loop's reporter calls them); ``reporter`` replaces the loop's
     default reporter (tests use it to inject faults).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from freezelab.trainers.loop import train_loop_per_worker
@@ -77,7 +84,13 @@ def run_training(
         )
     if config.scaling.num_workers == 0:
         return _run_in_process(config, where, callbacks, reporter)
-    env_vars = worker_env_vars(config, env_vars)
+    env_vars = {
+        **worker_env_vars(config, env_vars),
+        # Ray Train would log each print of a worker as well as print it: twice on the
+        # console. The workers' log level follows the driver's (-v).
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        LOG_LEVEL_ENV: log_level(),
+    }
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "reporter": reporter},
@@ -99,6 +112,8 @@ def run_training(
                 controller_failure_limit=config.max_controller_failures,
             ),
             checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep),
+            # Ray Train's INFO lines (each report, each checkpoint) only with -v.
+            logging_config=LoggingConfig(log_level=log_level()),
             callbacks=list(callbacks) or None,
             # Env vars for the workers of this run (e.g. GLOO_SOCKET_IFNAME), also when
             # joining a Ray that is already up.

@@ -13,6 +13,7 @@ the reporter that the caller chose (``reporting.py``); the rest is plain PyTorch
 from __future__ import annotations
 
 import json
+import logging
 import random
 import resource
 import time
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 from torch.utils.flop_counter import FlopCounterMode
 
+from freezelab.env import log_level
 from freezelab.policies import FreezePlan, apply
 from freezelab.policies.apply import adapt_norm_statistics
 from freezelab.trainers import checkpoint as ckpt
@@ -63,6 +65,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     reporter: Reporter = loop_config.get("reporter") or RayTrainReporter()
     in_process = bool(loop_config.get("in_process"))
     context = _SingleProcess() if in_process else ray.train.get_context()
+    if not in_process:
+        # Ray Train sets a worker's root logger to INFO, with a line per report
+        # ("Reporting training result ..."): shown only with -v.
+        logging.getLogger().setLevel(log_level())
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = _local_device(config) if in_process else ray.train.torch.get_device()
     workers = _placement(context, device)
@@ -139,6 +145,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     meter: GradientMeter | None = None
     optimizer: torch.optim.Optimizer | None = None
     trained: nn.Module = model
+    eager: nn.Module = model
     cache: FeatureCache | None = None
     val_cache: FeatureCache | None = None
     eval_caches: dict[str, FeatureCache | None] = {}
@@ -169,7 +176,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             }
             # [2] prepare the model: DDP registers only what requires grad right now.
             target = classifier_of(model) if cache is not None else model
-            trained = _wrap(target, world_size, device)
+            eager = _wrap(target, world_size, device)
+            trained = _compiled(eager, config)
             if rank == 0 and plan is not None:
                 print(f"[freezelab] epoch {epoch}: plan changes to phase {epoch_plan.phase!r}")
         plan = epoch_plan
@@ -205,7 +213,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         images = images.contiguous(memory_format=torch.channels_last)
                     inputs = cache.features_for(model, images, labels, indices) if cache else images
                 with _autocast(config, device):
-                    logits = trained(inputs)
+                    # The counted step runs eager: FLOPs of the ops, not of compiled kernels.
+                    logits = (eager if index == 0 else trained)(inputs)
                     loss = F.cross_entropy(
                         logits, labels, label_smoothing=config.optimizer.label_smoothing
                     )
@@ -411,6 +420,17 @@ def _wrap(module: nn.Module, world_size: int, device: torch.device) -> nn.Module
     # Every trainable parameter of every policy takes part in the forward pass, so
     # DDP's slow unused-parameter search stays off.
     return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+
+
+def _compiled(trained: nn.Module, config: TrainConfig) -> nn.Module:
+    """``performance.compile``: the training step's module through ``torch.compile``,
+    anew at every change of phase (what requires grad changed, and the graphs of the
+    phase before are dropped rather than kept against dynamo's recompile limit).
+    Evaluation stays eager; the weights are the same tensors either way."""
+    if not config.performance.compile:
+        return trained
+    torch.compiler.reset()
+    return torch.compile(trained)
 
 
 def _autocast(config: TrainConfig, device: torch.device):

@@ -13,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = {
     "freeze_compute": "freeze_compute: ",
+    "compile_step": "compile_step: ",
     "feature_cache": "feature_cache: ",
     "overhead": "overhead: ",
     "ddp_traffic": "ddp_traffic: ",

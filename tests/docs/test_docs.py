@@ -288,6 +288,10 @@ def test_the_tiny_train_config(capsys):
     assert in_process(command, *overrides, **LOCAL_PATHS) == 0
     out = capsys.readouterr().out
     assert "checkpoint: " in out and "MLflow run: " in out
+    # a local store: the page `mlflow ui` serves, opening on model training
+    assert re.search(
+        r"MLflow UI: http://127.0.0.1:5000/#/experiments/\d+/runs/\w+\?workflowType", out
+    )
     assert list(
         Path("freezelab_runs").glob("tiny-gradual-every1-*/*/checkpoint_*/model.safetensors")
     )
@@ -548,7 +552,12 @@ def test_ray_job_submit_and_compare(cluster, capsys):
         command
     )
     result = _run(argv(command, **_head(cluster)))
-    assert "succeeded" in (result.stdout + result.stderr).lower()
+    output = result.stdout + result.stderr
+    assert "succeeded" in output.lower()
+    # Quiet by default: each epoch's line once (rank 0's), none of Ray Train's own lines
+    for epoch in (1, 2):
+        assert len(re.findall(rf"\] tiny-\S+ epoch {epoch}/2 phase", output)) == 1, output
+    assert "TrainingReport(" not in output and "Reporting training result" not in output
     home = Path(cluster["home"])
     compare = "freezelab compare freezelab --tracking-uri sqlite:///$HOME/freezelab/mlflow.db"
     assert in_process(compare, "--format", "json", **{"$HOME/freezelab": str(home)}) == 0
