@@ -37,6 +37,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.verbose:
         os.environ[LOG_LEVEL_ENV] = "INFO"  # read by the runs this process starts
+    else:
+        # MLflow's progress bar for each artifact it downloads (a report reads every
+        # run's config.yaml): a dozen bars that say nothing.
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.basicConfig(level=log_level(), format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)
