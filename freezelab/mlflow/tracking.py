@@ -187,16 +187,18 @@ def dataset_inputs(config: Any) -> list[Any]:
         name += f"+{data.shift}"
     described = {k: v for k, v in data.model_dump(mode="json").items() if k != "num_workers"}
     found = []
-    splits = [("train", "training", source), ("val", "validation", source)]
-    splits += [(n, "evaluation", path) for n, path in sorted(data.eval_sets.items())]
-    for split, context, where in splits:
-        digest = _digest(
-            {"data": described, "split": split}, where if source_type == "local" else None
-        )
+    splits = [
+        ("train", "training", source_type, source),
+        ("val", "validation", source_type, source),
+    ]
+    # An extra evaluation set is always an image folder.
+    splits += [(n, "evaluation", "local", path) for n, path in sorted(data.eval_sets.items())]
+    for split, context, kind, where in splits:
+        digest = _digest({"data": described, "split": split}, where if kind == "local" else None)
         dataset = Dataset(
             name=f"{name}/{split}",
             digest=digest,
-            source_type=source_type,
+            source_type=kind,
             source=json.dumps({"uri": redact_uri(str(where))}),
         )
         found.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)]))

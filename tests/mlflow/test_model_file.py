@@ -23,7 +23,8 @@ def test_a_model_file_loads_as_the_module_with_its_weights(tmp_path, head):
     path = tmp_path / LOGGED_MODEL_FILE
     torch.save(model, path, pickle_module=model_file)
 
-    loaded = torch.load(path, pickle_module=model_file)  # what mlflow.pytorch does
+    # What mlflow.pytorch does: a full unpickle, restricted by freezelab's Unpickler.
+    loaded = torch.load(path, pickle_module=model_file, weights_only=False)
     assert type(loaded) is type(model) and not loaded.training
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
@@ -44,7 +45,7 @@ def test_a_file_that_would_run_code_is_refused_by_both_readers(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"weight": torch.zeros(1), "x": _Payload()}, path)
     with pytest.raises(pickle.UnpicklingError, match="not to posix.system"):
-        torch.load(path, pickle_module=model_file)
+        torch.load(path, pickle_module=model_file, weights_only=False)
     with pytest.raises(ValueError, match="would need running its code"):
         read_state_dict(path)
 

@@ -358,3 +358,31 @@ def test_compare_groups_repeats_with_their_interval(tiny_config, sqlite_uri, cap
     assert values == sorted(values, reverse=True)
     assert main(["compare", "tests", "--tracking-uri", sqlite_uri]) == 0
     assert "mean ± ci95" in capsys.readouterr().out
+
+
+def test_dataset_inputs_name_each_split_and_change_digest_with_the_data(tiny_config, tmp_path):
+    from freezelab.mlflow.tracking import dataset_inputs
+
+    folder = tmp_path / "night" / "cls0"
+    folder.mkdir(parents=True)
+    (folder / "a.png").write_bytes(b"one")
+    config = tiny_config(data={"eval_sets": {"night": str(tmp_path / "night")}})
+
+    def described(cfg):
+        return {
+            i.dataset.name: (i.dataset.source_type, i.dataset.digest, i.tags[0].value)
+            for i in dataset_inputs(cfg)
+        }
+
+    before = described(config)
+    assert {n: (s, c) for n, (s, _, c) in before.items()} == {
+        "digits[0,1,2]/train": ("code", "training"),
+        "digits[0,1,2]/val": ("code", "validation"),
+        "digits[0,1,2]/night": ("local", "evaluation"),
+    }
+    (folder / "b.png").write_bytes(b"two")  # the folder changed: only its digest moves
+    after = described(config)
+    assert after["digits[0,1,2]/night"] != before["digits[0,1,2]/night"]
+    assert after["digits[0,1,2]/train"] == before["digits[0,1,2]/train"]
+    shifted = described(tiny_config(data={"shift": "invert"}))
+    assert set(shifted) == {"digits[0,1,2]+invert/train", "digits[0,1,2]+invert/val"}
