@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import random
 import re
 import tempfile
 import time
@@ -43,6 +44,8 @@ from freezelab.trainers.models import build_for_config
 from freezelab.trainers.reporting import Reporter
 
 RUN_KEY_TAG = "freezelab.run_key"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -222,7 +225,7 @@ class TrackedRun:
             items = [Param(k, v) for k, v in params.items()]
             for start in range(0, len(items), 100):
                 client.log_batch(run_id, params=items[start : start + 100])
-            client.log_inputs(run_id, datasets=dataset_inputs(config))
+            log_datasets(client, run_id, dataset_inputs(config))
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / "config.yaml").write_text(
                     yaml.safe_dump(config.safe_dict(), sort_keys=False)
@@ -466,6 +469,32 @@ def experiment_id_for(client: Any, name: str) -> str:
         if err.error_code != "RESOURCE_ALREADY_EXISTS" or experiment is None:
             raise
         return experiment.experiment_id
+
+
+def log_datasets(client: Any, run_id: str, datasets: list[Any], attempts: int = 5) -> None:
+    """Record ``datasets`` as the run's inputs.
+
+    MLflow's store looks a dataset up by experiment, name and digest, then inserts it
+    when missing. Sweep trials start together and log the same datasets, so two of them
+    can both find it missing and the second insert fails on the key. Retried, the
+    lookup finds the row the other trial wrote. Inputs describe the run; if the store
+    keeps refusing them, the run goes on without them, with a warning.
+    """
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(1, attempts + 1):
+        try:
+            client.log_inputs(run_id, datasets=datasets)
+            return
+        except MlflowException as err:
+            if attempt == attempts:
+                log.warning(
+                    "MLflow refused the datasets of run %s (%s); the run goes on without them",
+                    run_id,
+                    str(err).splitlines()[0][:200],
+                )
+                return
+            time.sleep(0.05 * attempt + random.random() * 0.1)
 
 
 def find_run_by_key(client: Any, experiment_id: str, key: str) -> str | None:

@@ -386,3 +386,39 @@ def test_dataset_inputs_name_each_split_and_change_digest_with_the_data(tiny_con
     assert after["digits[0,1,2]/train"] == before["digits[0,1,2]/train"]
     shifted = described(tiny_config(data={"shift": "invert"}))
     assert set(shifted) == {"digits[0,1,2]+invert/train", "digits[0,1,2]+invert/val"}
+
+
+def test_runs_that_start_at_once_each_record_the_shared_datasets(tiny_config, sqlite_uri, tmp_path):
+    """Sweep trials start together and log the same datasets into one experiment.
+    MLflow's store looks a dataset up and then inserts it, so two at once collide on
+    its key; each run must still open, with its datasets recorded."""
+    import threading
+
+    from freezelab.mlflow.run import TrackedRun
+
+    runs, errors = {}, []
+    barrier = threading.Barrier(6)
+
+    def start(i, round_):
+        # A new data config each round: datasets the experiment has not seen yet.
+        data = {**tiny_config().data.model_dump(), "train_per_class": 20 + round_}
+        config = _tracked(tiny_config, sqlite_uri, name=f"trial-{round_}-{i}", data=data)
+        barrier.wait()
+        try:
+            runs[i] = TrackedRun.start(config).run_id
+        except Exception as err:  # noqa: BLE001 - collected and asserted below
+            errors.append(err)
+
+    # The experiment exists already: the race is on the datasets, not on it.
+    TrackedRun.start(_tracked(tiny_config, sqlite_uri, name="first"))
+    for round_ in range(3):
+        threads = [threading.Thread(target=start, args=(i, round_)) for i in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+    client = mlflow.MlflowClient(tracking_uri=sqlite_uri)
+    for run_id in runs.values():
+        names = {d.dataset.name for d in client.get_run(run_id).inputs.dataset_inputs}
+        assert names == {"digits[0,1,2]/train", "digits[0,1,2]/val"}

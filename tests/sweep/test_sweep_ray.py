@@ -193,6 +193,7 @@ def test_a_sweep_with_seeds_runs_each_setting_per_seed(ray_session, tmp_path):
         overrides=["epochs=1"],
     )
     outcome = run_sweep(sweep)
+    assert outcome.failed == 0, [r["error"] for r in outcome.rows]
     assert sorted((r["policy"]["type"], r["params"]["seed"]) for r in outcome.rows) == [
         ("bitfit", 0),
         ("bitfit", 1),
