@@ -70,6 +70,7 @@ def train_tracked(
     tracking: bool | None = None,
     started: float | None = None,
     swept: tuple[str, ...] = (),
+    progress: bool = True,
 ) -> TrackedOutcome:
     """Start the tracked run, train with its callback, finish it with the outcome.
 
@@ -78,7 +79,8 @@ def train_tracked(
     of another config (``overwrite`` moves that run aside): both before anything is
     created. A run that fails is closed as FAILED. ``started`` (``time.perf_counter()``)
     is when the caller began the run: ``wall_time_s`` counts from there. ``swept``
-    names the config keys a sweep varies: they are logged as params too.
+    names the config keys a sweep varies: they are logged as params too. ``progress``
+    shows the epochs on this console (``run_training``).
     """
     started = time.perf_counter() if started is None else started
     if tracking is None:
@@ -91,7 +93,9 @@ def train_tracked(
         # MLflow first: a callback after it may end the run (Tune stopping a trial).
         callbacks = [tracked.callback(), *callbacks]
     try:
-        outcome = run_training(config, callbacks=callbacks, env_vars=env_vars, reporter=reporter)
+        outcome = run_training(
+            config, callbacks=callbacks, env_vars=env_vars, reporter=reporter, progress=progress
+        )
     except BaseException as err:
         # SystemExit is Tune stopping a trial that trains in its own process (ASHA, or
         # max_t): not a failure. The run stays open, as when Tune kills a trial's

@@ -8,11 +8,15 @@ trainer is passed to the Tuner).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import math
+import os
 import random
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,7 @@ from typing import Any
 import yaml
 
 from freezelab.console import Column, format_table
+from freezelab.env import log_level
 from freezelab.errors import ConfigError, FreezelabError
 from freezelab.policies import from_dict
 from freezelab.redact import redact_text
@@ -53,6 +58,8 @@ def run_sweep(
     sweep: SweepConfig, *, resume: bool = False, address: str | None = None
 ) -> SweepOutcome:
     from ray import tune
+
+    from freezelab.sweep.progress import TrialProgress
 
     validate_space(sweep)  # every policy the space can produce, before any trial starts
     base = sweep.trial_config(sweep.space.extreme_policies()[0], {}, f"{sweep.name}-base")
@@ -103,6 +110,12 @@ def run_sweep(
             grace_period=sweep.asha.grace_period,
             reduction_factor=sweep.asha.reduction_factor,
         )
+    grid = param_space.get("trial", {})
+    trials = (
+        len(grid["grid_search"])
+        if isinstance(grid, dict) and "grid_search" in grid
+        else num_samples
+    )
     if resume:
         print(f"[freezelab] resuming sweep {sweep.name!r} from {directory}")
         tuner = tune.Tuner.restore(
@@ -120,14 +133,16 @@ def run_sweep(
                 num_samples=num_samples,
                 max_concurrent_trials=concurrent,
             ),
-            run_config=tune.RunConfig(name=sweep.name, storage_path=base.storage_path),
+            run_config=tune.RunConfig(
+                name=sweep.name,
+                storage_path=base.storage_path,
+                # freezelab's display of the trials; Tune's own tables with -v.
+                callbacks=[
+                    TrialProgress(sweep.name, trials, base.epochs, _trial_label, _error_line)
+                ],
+                verbose=1 if log_level() in ("INFO", "DEBUG") else 0,
+            ),
         )
-    grid = param_space.get("trial", {})
-    trials = (
-        len(grid["grid_search"])
-        if isinstance(grid, dict) and "grid_search" in grid
-        else num_samples
-    )
     each = (
         f"each trial {trial_resources}, training in its own process"
         if local
@@ -137,7 +152,8 @@ def run_sweep(
         f"[freezelab] sweep {sweep.name!r}: {sweep.algorithm}, {trials} trial(s), up to "
         f"{concurrent} at once, {each}"
     )
-    grid = tuner.fit()
+    with _quiet_tune():
+        grid = tuner.fit()
     rows = result_rows(grid, sweep, base.epochs)
     print(format_results(rows, sweep))
     if parent is not None:
@@ -162,7 +178,7 @@ def run_sweep(
     _finish_parent(sweep, base, outcome)
     if failed:
         print(
-            f"[freezelab] warning: {len(failed)} of {len(rows)} trial(s) failed (ERROR above); "
+            f"[freezelab] warning: {len(failed)} of {len(rows)} trial(s) failed (their errors above); "
             "the best policy comes from the trials that finished"
         )
     print(
@@ -170,6 +186,29 @@ def run_sweep(
     )
     print(yaml.safe_dump({"policy": outcome.best_policy}, sort_keys=False).rstrip())
     return outcome
+
+
+@contextlib.contextmanager
+def _quiet_tune() -> Iterator[None]:
+    """Tune's own console output only with -v: its trial tables and its experiment header
+    (printed by its newer console output at any verbosity, so the older one is chosen,
+    which is silent at verbosity 0) and its INFO lines."""
+    if log_level() in ("INFO", "DEBUG"):
+        yield
+        return
+    saved = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    tune_logger = logging.getLogger("ray.tune")
+    level = tune_logger.level
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    tune_logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        tune_logger.setLevel(level)
+        if saved is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = saved
 
 
 class SweepFailed(FreezelabError):
@@ -220,6 +259,10 @@ def trial_label(choice: dict[str, Any]) -> str:
     return f"{label} {values}".strip()
 
 
+def _trial_label(trial_config: dict[str, Any]) -> str:
+    return trial_label(_choice(trial_config))
+
+
 def tracked_trial_config(
     sweep: SweepConfig, choice: dict[str, Any], source: dict[str, str] | None = None
 ) -> Any:
@@ -254,8 +297,13 @@ def _trial(
     # a report queued last could be lost when the function returns.
     forward = _TuneReport() if config.scaling.num_workers == 0 else TuneReportCallback()
     # The sweep checked the space and the cluster once, before its first trial.
+    # The sweep's driver shows the trials' progress, from what Tune receives.
     outcome = train_tracked(
-        config, callbacks=[forward], parent_run_id=parent_run_id, swept=tuple(choice["params"])
+        config,
+        callbacks=[forward],
+        parent_run_id=parent_run_id,
+        swept=tuple(choice["params"]),
+        progress=False,
     ).outcome
     if outcome.already_complete:
         # A retried or resumed trial whose Train run had finished: replay its epochs.
@@ -493,12 +541,13 @@ def _best_row(finished: list[dict[str, Any]], sweep: SweepConfig) -> dict[str, A
     return max(best, key=lambda r: sign * r["metric"])
 
 
-def _error_line(error: BaseException) -> str:
+def _error_line(error: BaseException | str) -> str:
     """The line that says what went wrong: Ray wraps a trial's exception in lines about
     the actor and the traceback, and the exception itself comes last."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     named = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b", line)]
-    return redact_text(named[-1] if named else lines[-1] if lines else type(error).__name__)[:200]
+    fallback = (error or "error") if isinstance(error, str) else type(error).__name__
+    return redact_text(named[-1] if named else lines[-1] if lines else fallback)[:200]
 
 
 def format_results(rows: list[dict[str, Any]], sweep: SweepConfig) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 
 from freezelab.env import LOG_LEVEL_ENV, log_level
 from freezelab.errors import ConfigError
+from freezelab.progress import followed
 from freezelab.trainers import checkpoint as ckpt
 from freezelab.trainers.config import TrainConfig
 from freezelab.trainers.location import RunLocation
@@ -46,6 +47,7 @@ def run_training(
     callbacks: Sequence[Any] = (),
     env_vars: dict[str, str] | None = None,
     reporter: Reporter | None = None,
+    progress: bool = True,
 ) -> TrainOutcome:
     """Fit ``config`` with a ``TorchTrainer``; return its last metrics and checkpoint.
 
@@ -53,19 +55,10 @@ def run_training(
     controller); with workers, Ray must be up (``init_ray``). Running the same config and name again
     resumes from its latest checkpoint. ``callbacks`` are ``ray.train.UserCallback``s
     (in local mode the loop's reporter calls them); ``reporter`` replaces the loop's
-    default reporter (tests use it to inject faults).
+    default reporter (tests use it to inject faults). ``progress`` shows each epoch on
+    this process's console as the run reports it (a sweep's trials leave it to the
+    sweep's display).
     """
-    from ray.train import (
-        CheckpointConfig,
-        FailureConfig,
-        LoggingConfig,
-        RunConfig,
-        ScalingConfig,
-    )
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from freezelab.trainers.loop import train_loop_per_worker
-
     where = RunLocation.of(config)
     where.claim(config)  # the same run again, or a new one: never another config's
     finished = where.completed_checkpoint(config.epochs)
@@ -82,6 +75,31 @@ def run_training(
             already_complete=True,
             history=state.get("history", []),
         )
+    if not progress:
+        return _fit(config, where, callbacks, env_vars, reporter)
+    in_process = config.scaling.num_workers == 0
+    with followed(config.name, config.epochs, ray_train=not in_process) as feed:
+        return _fit(config, where, [*callbacks, feed], env_vars, reporter)
+
+
+def _fit(
+    config: TrainConfig,
+    where: RunLocation,
+    callbacks: Sequence[Any],
+    env_vars: dict[str, str] | None,
+    reporter: Reporter | None,
+) -> TrainOutcome:
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from freezelab.trainers.loop import train_loop_per_worker
+
     if config.scaling.num_workers == 0:
         return _run_in_process(config, where, callbacks, reporter)
     env_vars = {
@@ -213,4 +231,5 @@ def init_ray(address: str | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     # With "local", the dashboard still starts: it serves the state API that Ray Train's
     # placement-group cleaner needs, without which finished runs can leave resources held.
-    ray.init(address=address or "local")
+    # Ray's INFO lines on start (its dashboard's address among them) only with -v.
+    ray.init(address=address or "local", logging_level=log_level())

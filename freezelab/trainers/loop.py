@@ -53,6 +53,8 @@ from freezelab.trainers.optim import (
 )
 from freezelab.trainers.reporting import RayTrainReporter, Reporter
 
+log = logging.getLogger(__name__)
+
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """One rank's training. ``loop_config``: ``config`` (a TrainConfig's dict),
@@ -179,7 +181,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             eager = _wrap(target, world_size, device)
             trained = _compiled(eager, config)
             if rank == 0 and plan is not None:
-                print(f"[freezelab] epoch {epoch}: plan changes to phase {epoch_plan.phase!r}")
+                # Each epoch's line names its phase; this says when, with -v.
+                log.info(
+                    "epoch %d/%d: the plan changes to phase %r",
+                    epoch + 1,
+                    config.epochs,
+                    epoch_plan.phase,
+                )
         plan = epoch_plan
         assert optimizer is not None
 
@@ -299,8 +307,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         best_val_acc = val_acc if best_val_acc is None else max(best_val_acc, val_acc)
         metrics["best_val_acc"] = best_val_acc
         history.append(metrics)
-        if rank == 0:
-            _print_epoch(config, metrics)
 
         # -- [3] report (a barrier: every rank calls it once per epoch) ------------
         save = (epoch + 1) % config.checkpoint.every == 0 or epoch == config.epochs - 1
@@ -566,17 +572,6 @@ def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _print_epoch(config: TrainConfig, m: dict[str, Any]) -> None:
-    print(
-        f"[freezelab] {config.name} epoch {m['epoch'] + 1}/{config.epochs} phase {m['phase']}: "
-        f"train_loss {m['train_loss']:.4f} train_acc {m['train_acc']:.3f} "
-        f"val_loss {m['val_loss']:.4f} val_acc {m['val_acc']:.3f} "
-        f"({m['epoch_time_s']:.1f}s, {m['images_per_s']:.0f} img/s"
-        f"{', cached features' if m['feature_cache'] else ''})",
-        flush=True,
-    )
 
 
 def _write_checkpoint(

@@ -1,6 +1,7 @@
 """Real sweeps on the shared 2-CPU Ray session: grid, ASHA, MLflow nesting, resume."""
 
 import json
+import re
 
 import mlflow
 import pytest
@@ -30,7 +31,7 @@ def _sweep(tmp_path, **update):
     return resolved_on_driver(SweepConfig.model_validate({"name": "grid", "base": base, **update}))
 
 
-def test_grid_sweep_with_asha_and_nested_mlflow_runs(ray_session, tmp_path):
+def test_grid_sweep_with_asha_and_nested_mlflow_runs(ray_session, tmp_path, capsys):
     # One trial at a time, the strong policy first: ASHA must stop the weak ones at
     # their first rung (their val_acc is below the median of what it has seen).
     sweep = _sweep(
@@ -51,6 +52,15 @@ def test_grid_sweep_with_asha_and_nested_mlflow_runs(ray_session, tmp_path):
     assert any(r["stopped_early"] for r in outcome.rows)
     full = next(r for r in outcome.rows if r["policy"] == {"type": "full"})
     assert full["epochs"] == 3 and not full["stopped_early"]
+    # The console: one line per trial epoch, how each stopped trial ended, the count of
+    # finished trials, and none of Tune's own tables (those come with -v).
+    out = capsys.readouterr().out
+    for epoch in (1, 2, 3):
+        assert len(re.findall(rf"^\[freezelab\] full epoch {epoch}/3 phase", out, re.M)) == 1
+    stopped = [r for r in outcome.rows if r["stopped_early"]]
+    assert out.count(": stopped after 1 of 3 epoch(s)") == len(stopped)
+    assert "[freezelab] trials finished: 4/4" in out
+    assert "Trial status" not in out and "Configuration for experiment" not in out
     assert json.loads((tmp_path / "runs" / "grid" / "best_policy.json").read_text()) == {
         "type": "full"
     }

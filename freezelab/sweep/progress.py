@@ -1,0 +1,70 @@
+"""A sweep's progress on the driver, from the results that Tune already receives: a
+bar per running trial and the count of finished ones on a terminal, a line per trial
+epoch elsewhere. Tune's own trial tables come back with ``-v``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ray import tune
+
+from freezelab.progress import Progress
+
+
+class TrialProgress(tune.Callback):
+    """A Tune callback (it runs on the driver) that shows each trial's epochs.
+
+    Tune saves its callbacks with the sweep's state, so the display itself is made on
+    first use and never pickled: a resumed sweep shows its trials the same way.
+    """
+
+    def __init__(
+        self,
+        sweep_name: str,
+        trials: int | None,
+        epochs: int,
+        label: Callable[[dict[str, Any]], str],
+        error_line: Callable[[str], str],
+    ):
+        """``label`` names a trial from its config, ``error_line`` says in one line what
+        went wrong in an error's text."""
+        self.sweep_name = sweep_name
+        self.trials = trials
+        self.epochs = epochs
+        self.label = label
+        self.error_line = error_line
+        self._progress: Progress | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_progress": None}
+
+    @property
+    def progress(self) -> Progress:
+        if self._progress is None:
+            self._progress = Progress()
+            self._progress.expect(f"sweep {self.sweep_name!r}", self.trials)
+        return self._progress
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.progress.start(trial.trial_id, self.label(trial.config), self.epochs)
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
+        if trial.trial_id not in self.progress:  # a trial restored mid-way
+            self.on_trial_start(iteration, trials, trial)
+        self.progress.update(trial.trial_id, result)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        ran = int(trial.last_result.get("training_iteration") or 0)
+        stopped = f"stopped after {ran} of {self.epochs} epoch(s)" if ran < self.epochs else None
+        self.progress.finish(trial.trial_id, stopped)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        error = trial.get_error() or "no error text saved"
+        self.progress.finish(trial.trial_id, f"failed: {self.error_line(error)}")
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if self._progress is not None:
+            self._progress.close()
