@@ -120,6 +120,11 @@ def main() -> None:
                         "stopped_early": sum(bool(r["stopped_early"]) for r in outcome.rows),
                         "best_policy": json.dumps(outcome.best_policy, sort_keys=True),
                         "best_val_acc": best["best_val_acc"],
+                        # What a trial costs besides its training passes: Tune's time
+                        # for the trial (from its function's start) minus train_time_s.
+                        "fixed_per_trial_s": statistics.median(
+                            r["time_s"] - r["train_time_s"] for r in outcome.rows
+                        ),
                     }
                 )
                 print(
@@ -143,6 +148,7 @@ def main() -> None:
                 "stopped_early": statistics.median(r["stopped_early"] for r in runs),
                 "best_policies": " / ".join(r["best_policy"] for r in runs),
                 "best_val_acc": statistics.median(r["best_val_acc"] for r in runs),
+                "fixed_per_trial_s": statistics.median(r["fixed_per_trial_s"] for r in runs),
             }
         )
         if args.device == "cuda":

@@ -5,3 +5,7 @@ fine-tuning (:mod:`freezelab.trainers`); MLflow tracks it (:mod:`freezelab.mlflo
 """
 
 __version__ = "0.1.0"
+
+from freezelab.logs import configure as _configure_logging  # noqa: E402
+
+_configure_logging()

@@ -11,6 +11,7 @@ the run. Each step belongs to a lower layer; this module only puts them in order
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -20,6 +21,8 @@ from freezelab.redact import redact_uri
 from freezelab.trainers.config import TrainConfig
 from freezelab.trainers.launch import init_ray, worker_resources
 from freezelab.trainers.preflight import check_run
+
+log = logging.getLogger(__name__)
 
 
 def train(
@@ -37,8 +40,8 @@ def train(
     if job_submission_id():
         from freezelab.mlflow.tracking import resolve_tracking_uri
 
-        print(
-            f"[freezelab] Ray job {job_submission_id()}: runs in {redact_uri(config.storage_path)}, MLflow "
+        log.info(
+            f"Ray job {job_submission_id()}: runs in {redact_uri(config.storage_path)}, MLflow "
             f"at {redact_uri(resolve_tracking_uri(config.mlflow.tracking_uri))} (inside a job, relative "
             f"paths resolve under {freezelab_home()}, not in the job's temporary folder)"
         )

@@ -27,7 +27,10 @@ from collections.abc import Sequence
 
 from freezelab.env import LOG_LEVEL_ENV, log_level
 from freezelab.errors import FreezelabError, one_line
+from freezelab.logs import configure as configure_logging
 from freezelab.redact import redact_text
+
+log = logging.getLogger(__name__)
 
 PRETRAINING_HELP = "also show pretraining runs (tag freezelab.stage=pretrain), left out by default"
 
@@ -41,7 +44,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # MLflow's progress bar for each artifact it downloads (a report reads every
         # run's config.yaml): a dozen bars that say nothing.
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        # MLflow's INFO lines (creating a store's tables, a link per finished run).
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # Other libraries' logging at their level (-v: INFO); freezelab's own lines always,
+    # its debug lines with -v (logs.py).
     logging.basicConfig(level=log_level(), format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     try:
         return args.run(args)
     except FreezelabError as err:
@@ -268,22 +276,21 @@ def _submit(args: argparse.Namespace) -> int:
     )
     print_warnings(job)
     submission_id = submit_job(job, address)
-    print(f"[freezelab] submitted {job.kind} {job.name!r} as job {submission_id}")
-    print(f"[freezelab]   entrypoint: {job.entrypoint}")
+    log.info(f"submitted {job.kind} {job.name!r} as job {submission_id}")
+    log.info(f"  entrypoint: {job.entrypoint}")
     if not args.follow:
-        print(f"[freezelab]   logs: ray job logs --address {address} --follow {submission_id}")
-        print(f"[freezelab]   stop: ray job stop --address {address} {submission_id}")
+        log.info(f"  logs: ray job logs --address {address} --follow {submission_id}")
+        log.info(f"  stop: ray job stop --address {address} {submission_id}")
         return 0
     try:
         status = follow_job(address, submission_id)
     except KeyboardInterrupt:
-        print(
-            f"\n[freezelab] stopped following; job {submission_id} keeps running "
-            f"(ray job stop --address {address} {submission_id})",
-            file=sys.stderr,
+        log.info(
+            f"stopped following; job {submission_id} keeps running "
+            f"(ray job stop --address {address} {submission_id})"
         )
         return 130
-    print(f"[freezelab] job {submission_id}: {status}")
+    log.info(f"job {submission_id}: {status}")
     return 0 if status == "SUCCEEDED" else 1
 
 

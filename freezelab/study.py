@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import logging
 import re
 import textwrap
 import time
@@ -34,6 +35,8 @@ from freezelab.mlflow.tracking import PRETRAIN, STAGE_TAG
 from freezelab.policies import from_dict
 from freezelab.report.runs import VARIANT_TAG
 from freezelab.trainers.config import TrainConfig, apply_override, deep_merge, validate_config
+
+log = logging.getLogger(__name__)
 
 DEFAULT_STUDY: dict[str, Any] = {
     "name": "transfer-study",
@@ -226,8 +229,8 @@ def run_study(
     )
     finetunes = finetune_configs(study, tag)
     varying = [k for k, values in study.grid.items() if len(values) > 1]
-    print(
-        f"[freezelab] transfer study {tag}: {len(study.variants or [''])} target variants x "
+    log.info(
+        f"transfer study {tag}: {len(study.variants or [''])} target variants x "
         f"{len(study.policies)} policies x "
         f"{len(grid_points(study.grid))} grid points x {len(study.seeds)} seeds = "
         f"{len(finetunes)} fine-tuning runs; pretraining {pretrain.model.name} on the source task"
@@ -239,15 +242,15 @@ def run_study(
         parent, _ = start_group_run(finetunes[0], tag, "study")
     source = train(pretrain, address=address, parent_run_id=parent).outcome
     weights = source.weights_file
-    print(
-        f"[freezelab] source model val_acc {source.metrics.get('val_acc', float('nan')):.3f}; weights {weights}"
+    log.info(
+        f"source model val_acc {source.metrics.get('val_acc', float('nan')):.3f}; weights {weights}"
     )
     rows = []
     for number, config in enumerate(finetunes, 1):
         config = config.model_copy(
             update={"model": config.model.model_copy(update={"weights": weights})}
         )
-        print(f"[freezelab] fine-tuning run {number}/{len(finetunes)}: {config.name}")
+        log.info(f"fine-tuning run {number}/{len(finetunes)}: {config.name}")
         tracked = train(config, address=address, parent_run_id=parent)
         rows.append(study_row(config, tracked, varying))
     groups = group_rows(rows)
@@ -262,8 +265,8 @@ def run_study(
         uri = resolve_tracking_uri(finetunes[0].mlflow.tracking_uri)
         report = build_report(parent, out_dir=Path("freezelab_reports") / tag, tracking_uri=uri)
         finish_study_run(finetunes[0], parent, groups[0], report.summary, rows)
-        print(f"[freezelab] report of the study: {report.index}")
-        print(f"[freezelab] compare the runs in the MLflow UI: {study_page(uri, parent)}")
+        log.info(f"report of the study: {report.index}")
+        log.info(f"compare the runs in the MLflow UI: {study_page(uri, parent)}")
     return rows
 
 
@@ -328,13 +331,13 @@ def _register_best(base: TrainConfig, rows: list[dict[str, Any]], groups, name: 
 
     members = [r for r in rows if r["run_id"] in groups[0]["run_ids"] and r["model_uri"]]
     if not members:
-        print(f"[freezelab] warning: no logged model to register as {name}")
+        log.warning(f"no logged model to register as {name}")
         return
     best = max(members, key=lambda r: r["val_acc"])
     register(
         resolve_tracking_uri(base.mlflow.tracking_uri), best["model_uri"], name, base.mlflow.alias
     )
-    print(f"[freezelab] registered run {best['run_name']} ({best['label']}) as {name}")
+    log.info(f"registered run {best['run_name']} ({best['label']}) as {name}")
 
 
 STUDY_COLUMNS = (

@@ -201,3 +201,30 @@ def test_a_registered_policy_appears_in_the_schema(monkeypatch):
         v["title"]: v for v in TrainConfig.model_json_schema()["properties"]["policy"]["oneOf"]
     }
     assert "depth" in variants["only_stem"]["properties"]
+
+
+def test_the_driver_checks_a_weights_file_without_building_the_weights(tmp_path):
+    """The driver's check builds the model's shapes only (the meta device): a weights
+    file that fits passes without a warning per tensor, one that does not still fails."""
+    import warnings
+
+    import timm
+
+    from freezelab.errors import ConfigError
+    from freezelab.trainers.config import load_config
+    from freezelab.trainers.preflight import _build_unallocated, check_run
+
+    good = timm.create_model("test_resnet", num_classes=3)
+    save_file({k: v.contiguous() for k, v in good.state_dict().items()}, tmp_path / "w.safetensors")
+    config = load_config(
+        _write(tmp_path, model={"name": "test_resnet", "weights": str(tmp_path / "w.safetensors")})
+    )
+    assert {p.device.type for p in _build_unallocated(config, None).parameters()} == {"meta"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        check_run(config)
+    state = good.state_dict()
+    state["conv1.0.weight"] = state["conv1.0.weight"][:, :1].contiguous()  # one input channel
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "w.safetensors")
+    with pytest.raises(ConfigError, match=r"model.weights: .*conv1.0.weight has shape"):
+        check_run(config)

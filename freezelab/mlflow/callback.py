@@ -15,6 +15,7 @@ JSON-lines file whose path is printed.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import warnings
 from pathlib import Path
@@ -25,6 +26,8 @@ from ray.train import UserCallback
 from freezelab.mlflow.tracking import ensure_reachable
 from freezelab.redact import redact_text, redact_uri
 from freezelab.trainers.reporting import metric_points
+
+log = logging.getLogger(__name__)
 
 
 class MlflowMetricsCallback(UserCallback):
@@ -63,9 +66,7 @@ class MlflowMetricsCallback(UserCallback):
                     self._logged_epochs.add(epoch)
                 del self._pending[epoch]
             if self._warned:
-                print(
-                    f"[freezelab] MLflow reachable again: metrics up to date in run {self.run_id}"
-                )
+                log.info(f"MLflow reachable again: metrics up to date in run {self.run_id}")
                 self._warned = False
             return True
         except Exception as err:  # a lost tracking server must never stop training
@@ -93,7 +94,7 @@ class MlflowMetricsCallback(UserCallback):
             f"report and are saved in {path}"
         )
         warnings.warn(message, RuntimeWarning, stacklevel=2)
-        print(f"[freezelab] warning: {message}", flush=True)
+        log.warning(f"{message}")
         self._warned = True
 
 

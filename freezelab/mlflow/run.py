@@ -104,7 +104,7 @@ def train_tracked(
             try:
                 tracked.finish(config, None, status="FAILED")
             except Exception as err:  # the training error is the one to raise
-                print(f"[freezelab] warning: MLflow run {tracked.run_id} not closed: {err}")
+                log.warning(f"MLflow run {tracked.run_id} not closed: {err}")
         raise
     wall_time_s = time.perf_counter() - started
     if tracked is None:
@@ -137,8 +137,8 @@ def finish_or_defer(
         except Exception as err:
             if time.monotonic() + delay > deadline:
                 break
-            print(
-                f"[freezelab] MLflow at {redact_uri(tracked.tracking_uri)} unavailable at the "
+            log.info(
+                f"MLflow at {redact_uri(tracked.tracking_uri)} unavailable at the "
                 f"end of the run ({type(err).__name__}); retrying in {delay:.0f} s"
             )
             time.sleep(delay)
@@ -147,8 +147,8 @@ def finish_or_defer(
             (where.path / SYNC_FILE).unlink(missing_ok=True)
             return model_uri
     if where.is_remote:
-        print(
-            f"[freezelab] warning: MLflow run {tracked.run_id} could not be finished and "
+        log.warning(
+            f"MLflow run {tracked.run_id} could not be finished and "
             f"{where.directory} is not a local folder: its metrics are in its checkpoints"
         )
         return None
@@ -165,8 +165,8 @@ def finish_or_defer(
     command = f"freezelab sync {where.path}"
     if tracked.tracking_uri != redact_uri(tracked.tracking_uri):
         command += " --tracking-uri URI"  # its credentials are never written down
-    print(
-        f"[freezelab] warning: MLflow at {redact_uri(tracked.tracking_uri)} stayed unavailable "
+    log.warning(
+        f"MLflow at {redact_uri(tracked.tracking_uri)} stayed unavailable "
         f"for {config.mlflow.sync_timeout_s:.0f} s: run {tracked.run_id} is not finished there "
         f"(epochs, model, status). Everything it needs is in {where.path}; when the server is "
         f"back, run:\n  {command}"
@@ -185,7 +185,7 @@ def tracking_available(config: Any) -> bool:
     except TrackingUnavailable as err:
         if config.mlflow.required:
             raise
-        print(f"[freezelab] warning: {err}; training without MLflow tracking")
+        log.warning(f"{err}; training without MLflow tracking")
         return False
     return True
 
@@ -214,7 +214,7 @@ class TrackedRun:
         if existing:
             run_id = existing
             client.update_run(run_id, status="RUNNING")
-            print(f"[freezelab] MLflow: continuing run {run_id} of {config.name!r}")
+            log.info(f"MLflow: continuing run {run_id} of {config.name!r}")
         else:
             tags = {**run_tags(config), RUN_KEY_TAG: key}
             if parent_run_id:
@@ -239,9 +239,8 @@ class TrackedRun:
                 )
                 client.log_artifact(run_id, str(Path(tmp) / "config.yaml"))
                 client.log_artifact(run_id, str(Path(tmp) / "policy.json"))
-            print(
-                f"[freezelab] MLflow: run {run_id} in experiment {section.experiment!r} "
-                f"at {redact_uri(uri)}"
+            log.info(
+                f"MLflow: run {run_id} in experiment {section.experiment!r} at {redact_uri(uri)}"
             )
         return cls(uri, run_id, experiment_id, str(where.pending_metrics_file))
 
@@ -435,7 +434,7 @@ def register(tracking_uri: str, model_uri: str, name: str, alias: str) -> str:
     with tracking_uri_set(tracking_uri):
         version = mlflow.register_model(model_uri, name)
     registry_client(tracking_uri).set_registered_model_alias(name, alias, version.version)
-    print(f"[freezelab] MLflow: registered {name} version {version.version} as @{alias}")
+    log.info(f"MLflow: registered {name} version {version.version} as @{alias}")
     return version.version
 
 

@@ -7,6 +7,7 @@ when the sweep asks.
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from freezelab.mlflow.run import RUN_KEY_TAG, experiment_id_for, find_run_by_key
 from freezelab.mlflow.tracking import STAGE_TAG, ensure_reachable, resolve_tracking_uri, run_tags
 from freezelab.redact import redact_config, redact_text
 from freezelab.trainers.location import RunLocation
+
+log = logging.getLogger(__name__)
 
 
 def start_group_run(base: Any, name: str, kind: str) -> tuple[str, bool]:
@@ -43,9 +46,7 @@ def start_group_run(base: Any, name: str, kind: str) -> tuple[str, bool]:
         {RUN_KEY_TAG: key, "freezelab.kind": "sweep", "freezelab.group": kind, STAGE_TAG: kind}
     )
     run = client.create_run(experiment_id, run_name=name, tags=tags)
-    print(
-        f"[freezelab] MLflow: {kind} run {run.info.run_id} in experiment {base.mlflow.experiment!r}"
-    )
+    log.info(f"MLflow: {kind} run {run.info.run_id} in experiment {base.mlflow.experiment!r}")
     return run.info.run_id, False
 
 

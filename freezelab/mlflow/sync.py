@@ -13,6 +13,7 @@ once, in order), the model, the phases, the status. Running it twice changes not
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -23,6 +24,8 @@ from freezelab.mlflow.tracking import ensure_reachable, resolve_tracking_uri
 from freezelab.redact import redact_uri
 from freezelab.trainers import checkpoint as ckpt
 from freezelab.trainers.location import RunLocation
+
+log = logging.getLogger(__name__)
 
 
 def finish_from_checkpoint(
@@ -88,7 +91,7 @@ def sync(path: str | Path, tracking_uri: str | None = None) -> list[str]:
     markers = [root / SYNC_FILE] if (root / SYNC_FILE).is_file() else []
     markers += sorted(root.glob(f"*/{SYNC_FILE}"))
     if not markers:
-        print(f"[freezelab] nothing to sync under {root}: every run there is finished in MLflow")
+        log.info(f"nothing to sync under {root}: every run there is finished in MLflow")
         return []
     synced = []
     for marker in markers:
@@ -116,8 +119,8 @@ def sync(path: str | Path, tracking_uri: str | None = None) -> list[str]:
             )
         model_uri, written = result
         marker.unlink()
-        print(
-            f"[freezelab] synced run {record['run_id']} ({config.name}): {written} epoch(s) "
+        log.info(
+            f"synced run {record['run_id']} ({config.name}): {written} epoch(s) "
             f"written, model {model_uri or 'not logged'}, {record['status']}"
         )
         synced.append(record["run_id"])

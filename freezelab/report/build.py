@@ -10,6 +10,7 @@ figures, written to a directory and logged on the sweep's parent run.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import tempfile
@@ -29,6 +30,8 @@ from freezelab.report.runs import (
 )
 from freezelab.stats import difference
 from freezelab.stats import summarize as stats_summary
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "freezelab_reports"
 REPORT_ARTIFACT_PATH = "report"
@@ -127,7 +130,7 @@ def build_report(
             indent=2,
         )
     )
-    print(f"[freezelab] report: {index.resolve()}")
+    log.info(f"report: {index.resolve()}")
     logged = _log_on_parent(client, found.parent_run_id, directory)
     return Report(
         directory, index, figures, rows, groups, summary, notes, found.parent_run_id, logged
@@ -865,14 +868,14 @@ def _points(groups: list[dict[str, Any]]) -> list[tuple[float, float]]:
 
 def _log_on_parent(client: Any, parent_run_id: str | None, directory: Path) -> bool:
     if parent_run_id is None:
-        print("[freezelab] report not logged to MLflow: the runs have no sweep parent run")
+        log.info("report not logged to MLflow: the runs have no sweep parent run")
         return False
     try:
         client.log_artifacts(parent_run_id, str(directory), artifact_path=REPORT_ARTIFACT_PATH)
     except Exception as err:  # the local report stands even when the store is down
-        print(f"[freezelab] warning: report not logged on run {parent_run_id}: {err}")
+        log.warning(f"report not logged on run {parent_run_id}: {err}")
         return False
-    print(f"[freezelab] report logged on run {parent_run_id} under {REPORT_ARTIFACT_PATH}/")
+    log.info(f"report logged on run {parent_run_id} under {REPORT_ARTIFACT_PATH}/")
     return True
 
 

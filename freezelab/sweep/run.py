@@ -32,6 +32,8 @@ from freezelab.sweep.space import SweepConfig, is_range, validate_space
 from freezelab.trainers.launch import init_ray, worker_env_vars, worker_resources
 from freezelab.trainers.location import RunLocation
 
+log = logging.getLogger(__name__)
+
 RESULT_COLUMNS = (
     "policy",
     "metric",
@@ -117,7 +119,7 @@ def run_sweep(
         else num_samples
     )
     if resume:
-        print(f"[freezelab] resuming sweep {sweep.name!r} from {directory}")
+        log.info(f"resuming sweep {sweep.name!r} from {directory}")
         tuner = tune.Tuner.restore(
             directory, trainable, resume_errored=True, param_space=param_space
         )
@@ -148,8 +150,8 @@ def run_sweep(
         if local
         else f"each trial {trial_resources} + {base.scaling.num_workers} worker(s) x {per_worker}"
     )
-    print(
-        f"[freezelab] sweep {sweep.name!r}: {sweep.algorithm}, {trials} trial(s), up to "
+    log.info(
+        f"sweep {sweep.name!r}: {sweep.algorithm}, {trials} trial(s), up to "
         f"{concurrent} at once, {each}"
     )
     with _quiet_tune():
@@ -177,12 +179,12 @@ def run_sweep(
     _write_best(outcome, sweep)
     _finish_parent(sweep, base, outcome)
     if failed:
-        print(
-            f"[freezelab] warning: {len(failed)} of {len(rows)} trial(s) failed (their errors above); "
+        log.warning(
+            f"{len(failed)} of {len(rows)} trial(s) failed (their errors above); "
             "the best policy comes from the trials that finished"
         )
-    print(
-        f"[freezelab] best policy (paste as `policy:` into a train config), also in {directory}/best_policy.yaml:"
+    log.info(
+        f"best policy (paste as `policy:` into a train config), also in {directory}/best_policy.yaml:"
     )
     print(yaml.safe_dump({"policy": outcome.best_policy}, sort_keys=False).rstrip())
     return outcome
@@ -235,7 +237,7 @@ def _finish_stopped_trials(rows: list[dict[str, Any]], sweep: SweepConfig) -> No
                 only_if_running=True,
             )
         except Exception as err:  # the sweep's results stand without this run's model
-            print(f"[freezelab] warning: MLflow run of trial {row['run_name']} not closed: {err}")
+            log.warning(f"MLflow run of trial {row['run_name']} not closed: {err}")
 
 
 def _fail_parent(base, parent_run_id: str | None) -> None:
@@ -417,8 +419,8 @@ def _check_cluster(base) -> str | None:
             "log to it would have to run, but that node has no CPU for them. Run a tracking "
             "server (mlflow.tracking_uri: http://HOST:5000) or give the head node a CPU."
         )
-    print(
-        f"[freezelab] MLflow store {uri} is a file on this node: trials run on node "
+    log.info(
+        f"MLflow store {uri} is a file on this node: trials run on node "
         f"{node[:12]}, their workers anywhere"
     )
     return node
@@ -518,6 +520,7 @@ def result_rows(grid, sweep: SweepConfig, epochs: int) -> list[dict[str, Any]]:
                 "stopped_early": ran < epochs and result.error is None,
                 "error": None if result.error is None else _error_line(result.error),
                 "time_s": round(float(metrics.get("time_total_s", math.nan)), 1),
+                "train_time_s": metrics.get("train_time_s"),
                 "run_name": trial_run_name(sweep.name, choice),
             }
         )

@@ -11,6 +11,7 @@ the Train callbacks that track the run (``freezelab.api.train`` does all three).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from freezelab.trainers import checkpoint as ckpt
 from freezelab.trainers.config import TrainConfig
 from freezelab.trainers.location import RunLocation
 from freezelab.trainers.reporting import LocalReporter, Reporter
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,8 +67,8 @@ def run_training(
     finished = where.completed_checkpoint(config.epochs)
     if finished is not None:
         state = ckpt.read_state(finished)
-        print(
-            f"[freezelab] run {config.name!r} is already complete ({config.epochs} epochs) under "
+        log.info(
+            f"run {config.name!r} is already complete ({config.epochs} epochs) under "
             f"{where.directory}: nothing to train."
         )
         return TrainOutcome(

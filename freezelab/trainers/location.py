@@ -19,6 +19,7 @@ start (``claim``). Bookkeeping keys (``RESULT_NEUTRAL``) may change between atte
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import uuid
@@ -29,6 +30,8 @@ from typing import Any
 from freezelab.errors import ConfigError, quote
 from freezelab.redact import redact_config, redact_uri
 from freezelab.trainers import checkpoint as ckpt
+
+log = logging.getLogger(__name__)
 
 PENDING_METRICS_FILE = "mlflow_pending_metrics.jsonl"
 LOCAL_CHECKPOINTS = "local_checkpoints"
@@ -218,7 +221,7 @@ class RunLocation:
         if overwrite and self.path.exists():
             aside = self.path.with_name(f"{self.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
             self.path.rename(aside)
-            print(f"[freezelab] --overwrite: the old run {self.name!r} moved to {aside}")
+            log.info(f"--overwrite: the old run {self.name!r} moved to {aside}")
         return self._record(uuid.uuid4().hex[:12], mine)
 
     def _record(self, uid: str | None, config: dict[str, Any]) -> str | None:

@@ -76,7 +76,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     workers = _placement(context, device)
     if rank == 0 and world_size > 1:
         nodes = sorted({str(w["node_id"])[:12] for w in workers})
-        print(f"[freezelab] {world_size} workers on {len(nodes)} node(s): {', '.join(nodes)}")
+        log.info(f"{world_size} workers on {len(nodes)} node(s): {', '.join(nodes)}")
     if config.performance.torch_threads:
         torch.set_num_threads(config.performance.torch_threads)
 
@@ -137,7 +137,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         history = state.get("history", [])
         probe_start = state.get("source_probe_acc_start")
         if rank == 0:
-            print(f"[freezelab] resuming {config.name} at epoch {start_epoch} (step {step})")
+            log.info(f"resuming {config.name} at epoch {start_epoch} (step {step})")
 
     if probe is not None and not resumed:
         probe_start = probe.accuracy(model)  # what the backbone knows of the source task
@@ -182,7 +182,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             trained = _compiled(eager, config)
             if rank == 0 and plan is not None:
                 # Each epoch's line names its phase; this says when, with -v.
-                log.info(
+                log.debug(
                     "epoch %d/%d: the plan changes to phase %r",
                     epoch + 1,
                     config.epochs,
@@ -385,7 +385,7 @@ def _new_cache(
         if rank == 0 and plan.trainable_param_names <= {
             n for g in plan.groups if g.is_head for n in g.param_names
         }:
-            print(f"[freezelab] frozen-feature cache off: {blocker}")
+            log.info(f"frozen-feature cache off: {blocker}")
         return None
     return FeatureCache(size)
 

@@ -8,6 +8,7 @@ worker starts: the model, its weights, the policy for every epoch, the data.
 from __future__ import annotations
 
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -44,7 +45,10 @@ def check_run(
     weights = config.model.weights
     if check_weights and weights and not is_model_uri(weights):
         try:
-            load_weights(model, weights)
+            with warnings.catch_warnings():
+                # Into meta tensors a load copies nothing, as intended: torch warns per tensor.
+                warnings.filterwarnings("ignore", message=".*meta parameter.*no-op")
+                load_weights(model, weights)
         except Exception as err:  # unreadable, not a state dict, another architecture
             raise ConfigError(f"model.weights: {_first_line(err)}") from None
     try:

@@ -15,6 +15,7 @@ MODULES = [
     "freezelab.policies.groups",
     "freezelab.policies.io",
     "freezelab.policies.summary",
+    "freezelab.logs",
     "freezelab.progress",
     "freezelab.trainers.models",
     "freezelab.trainers.shifts",
