@@ -67,6 +67,9 @@ DEFAULT_STUDY: dict[str, Any] = {
         # time starting worker groups.
         "scaling": {"num_workers": 0},
         "metrics": {"eval_every": 4},
+        # A run of ten seconds resumes from its middle or its end: a checkpoint per
+        # epoch would cost more than it saves.
+        "checkpoint": {"every": 4},
     },
     "variants": {
         "new-digits": {},

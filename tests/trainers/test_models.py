@@ -195,8 +195,14 @@ def test_other_class_count_drops_the_classifier(tmp_path, caplog):
     torch.manual_seed(7)
     fresh = build_model("test_resnet", 3)
     torch.manual_seed(7)
-    with caplog.at_level(logging.INFO, logger="freezelab.trainers.models"):
-        loaded = build_model("test_resnet", 3, weights=path)
+    # freezelab's lines go to its own console handler, not on to the root logger's
+    # (logs.py): the capture listens on the freezelab logger itself.
+    logging.getLogger("freezelab").addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="freezelab.trainers.models"):
+            loaded = build_model("test_resnet", 3, weights=path)
+    finally:
+        logging.getLogger("freezelab").removeHandler(caplog.handler)
     dropped = [r.getMessage() for r in caplog.records if "dropped classifier" in r.getMessage()]
     assert len(dropped) == 1
     assert sorted(dropped[0].split(": ")[1].split(", ")) == ["fc.bias", "fc.weight"]
