@@ -243,7 +243,14 @@ def run_study(
         from freezelab.mlflow.sweep import start_group_run
 
         parent, _ = start_group_run(finetunes[0], tag, "study")
+    ray_was_up = _ray_up()
     source = train(pretrain, address=address, parent_run_id=parent).outcome
+    if not ray_was_up and _ray_up() and all(c.scaling.num_workers == 0 for c in finetunes):
+        # Every fine-tuning run trains in this process: the local Ray that the
+        # pretraining started would only take CPU from them.
+        import ray
+
+        ray.shutdown()
     weights = source.weights_file
     log.info(
         f"source model val_acc {source.metrics.get('val_acc', float('nan')):.3f}; weights {weights}"
@@ -271,6 +278,12 @@ def run_study(
         log.info(f"report of the study: {report.index}")
         log.info(f"compare the runs in the MLflow UI: {study_page(uri, parent)}")
     return rows
+
+
+def _ray_up() -> bool:
+    import ray
+
+    return ray.is_initialized()
 
 
 def study_row(config: TrainConfig, tracked: Any, varying: list[str]) -> dict[str, Any]:

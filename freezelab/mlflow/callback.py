@@ -139,17 +139,20 @@ def epoch_tags(report: dict[str, Any]) -> dict[str, str]:
 
 
 def log_epoch(client, run_id: str, report: dict[str, Any]) -> None:
-    """Log one epoch's report; its ``epoch`` metric last, as the mark that it is in."""
-    from mlflow.entities import RunTag
+    """Log one epoch's report; its ``epoch`` metric last, as the mark that it is in.
 
-    batch = epoch_metrics(report)
+    A batch is one transaction of the store (one request to a server): an epoch that
+    fits in one batch (at most 1000 values) is written with its mark at once."""
+    from mlflow.entities import Metric, RunTag
+
+    epoch = int(report["epoch"])
+    mark = Metric("epoch", epoch, int(time.time() * 1000), epoch)
+    batch = [*epoch_metrics(report), mark]
     tags = [RunTag(k, v) for k, v in epoch_tags(report).items()]
     for start in range(0, len(batch), 1000):  # log_batch takes at most 1000 per call
         client.log_batch(
             run_id, metrics=batch[start : start + 1000], tags=tags if start == 0 else []
         )
-    epoch = int(report["epoch"])
-    client.log_metric(run_id, "epoch", epoch, timestamp=int(time.time() * 1000), step=epoch)
 
 
 def logged_epochs(client, run_id: str) -> set[int]:
