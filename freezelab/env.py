@@ -36,6 +36,12 @@ def log_level() -> str:
     return level if isinstance(logging.getLevelName(level), int) else "WARNING"
 
 
+def verbose() -> bool:
+    """True with ``freezelab -v`` (``FREEZELAB_LOG_LEVEL`` at INFO or DEBUG): the
+    libraries' own progress output and INFO lines are shown too."""
+    return log_level() in ("INFO", "DEBUG")
+
+
 def job_submission_id() -> str | None:
     """The id of the Ray job this driver runs as (``ray job submit``), if any: Ray's job
     supervisor passes it to the entrypoint in the job config's metadata."""

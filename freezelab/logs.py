@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from freezelab.env import log_level
+from freezelab.env import verbose
 
 PREFIXES = {logging.WARNING: "warning: ", logging.ERROR: "error: ", logging.CRITICAL: "error: "}
 
@@ -55,4 +55,4 @@ def configure() -> None:
         handler.setFormatter(_Format())
         logger.addHandler(handler)
     logger.propagate = False
-    logger.setLevel(logging.DEBUG if log_level() in ("INFO", "DEBUG") else logging.INFO)
+    logger.setLevel(logging.DEBUG if verbose() else logging.INFO)

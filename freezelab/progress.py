@@ -77,12 +77,14 @@ class Progress:
         self.live = bool(isatty and isatty()) if live is None else live
         self._lock = threading.RLock()
         self._runs: dict[str, dict[str, Any]] = {}
-        self._counter: Any = None
+        self._counter: Any = None  # the bar of finished trials (a sweep, live)
+        self._sweep = False
         self._finished = self._failed = 0
         self._expected: int | None = None
 
     def expect(self, label: str, total: int | None) -> None:
         """A sweep: ``total`` trials (None: unknown) counted as they finish."""
+        self._sweep = True
         self._expected = total
         if self.live:
             from tqdm import tqdm
@@ -131,35 +133,31 @@ class Progress:
             bar.set_postfix_str(_postfix(metrics), refresh=False)
             bar.refresh()
 
-    def finish(self, key: str, outcome: str | None = None) -> None:
-        """Run ``key`` ended; ``outcome`` (a sweep's ``stopped by ASHA``, ``failed: ...``)
-        is printed as a line of its own."""
+    def finish(self, key: str, outcome: str | None = None, *, failed: bool = False) -> None:
+        """Run ``key`` ended; ``outcome`` (a sweep's ``stopped after ...``, ``failed: ...``)
+        is printed as a line of its own, and ``failed`` counts it as a failed trial."""
         with self._lock:
             run = self._runs.pop(key, None)
             if run is None:
                 return
             if run["bar"] is not None:
                 run["bar"].close()
-            if self._counter is not None or self._expected is not None:
-                self._finished += 1
-                self._failed += outcome is not None and outcome.startswith("failed")
-                if run["last"] is not None and self.live:
-                    self._write(epoch_line(run["name"], run["epochs"], run["last"]))
-                if outcome:
-                    self._write(f"[freezelab] {run['name']}: {outcome}")
-                if self._counter is not None:
-                    self._counter.n = self._finished
-                    if self._failed:
-                        self._counter.set_postfix_str(f"{self._failed} failed", refresh=False)
-                    self._counter.refresh()
-                else:
-                    total = "?" if self._expected is None else self._expected
-                    self._write(f"[freezelab] trials finished: {self._finished}/{total}")
-
-    def note(self, text: str) -> None:
-        """A line above the bars."""
-        with self._lock:
-            self._write(text)
+            if not self._sweep:
+                return
+            self._finished += 1
+            self._failed += failed
+            if run["last"] is not None and self.live:
+                self._write(epoch_line(run["name"], run["epochs"], run["last"]))
+            if outcome:
+                self._write(f"[freezelab] {run['name']}: {outcome}")
+            if self._counter is not None:
+                self._counter.n = self._finished
+                if self._failed:
+                    self._counter.set_postfix_str(f"{self._failed} failed", refresh=False)
+                self._counter.refresh()
+            else:
+                total = "?" if self._expected is None else self._expected
+                self._write(f"[freezelab] trials finished: {self._finished}/{total}")
 
     def close(self) -> None:
         with self._lock:
@@ -197,10 +195,6 @@ class ProgressFeed:
         line = json.dumps({k: report[k] for k in EPOCH_KEYS if k in report})
         with open(self.path, "a", encoding="utf-8") as out:
             out.write(line + "\n")
-
-    # The rest of Ray Train's callback interface: nothing to do.
-    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]):
-        return None
 
 
 class _Direct:

@@ -63,7 +63,7 @@ class TrialProgress(tune.Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         error = trial.get_error() or "no error text saved"
-        self.progress.finish(trial.trial_id, f"failed: {self.error_line(error)}")
+        self.progress.finish(trial.trial_id, f"failed: {self.error_line(error)}", failed=True)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         if self._progress is not None:

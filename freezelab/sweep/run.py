@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from freezelab.console import Column, format_table
-from freezelab.env import log_level
+from freezelab.env import verbose
 from freezelab.errors import ConfigError, FreezelabError
 from freezelab.policies import from_dict
 from freezelab.redact import redact_text
@@ -142,7 +142,7 @@ def run_sweep(
                 callbacks=[
                     TrialProgress(sweep.name, trials, base.epochs, _trial_label, _error_line)
                 ],
-                verbose=1 if log_level() in ("INFO", "DEBUG") else 0,
+                verbose=1 if verbose() else 0,
             ),
         )
     each = (
@@ -195,7 +195,7 @@ def _quiet_tune() -> Iterator[None]:
     """Tune's own console output only with -v: its trial tables and its experiment header
     (printed by its newer console output at any verbosity, so the older one is chosen,
     which is silent at verbosity 0) and its INFO lines."""
-    if log_level() in ("INFO", "DEBUG"):
+    if verbose():
         yield
         return
     saved = os.environ.get("RAY_AIR_NEW_OUTPUT")
