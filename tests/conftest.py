@@ -62,8 +62,26 @@ def tiny_config(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray with 2 CPUs for every test that needs workers."""
+def s3_endpoint():
+    """A real S3 endpoint (moto's server on 127.0.0.1), with ``AWS_ENDPOINT_URL`` and
+    dummy credentials in the environment: ``tests/object_store.py``."""
+    from object_store import start_s3
+
+    return start_s3()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    """A new, empty bucket on the test endpoint: its name."""
+    from object_store import new_bucket
+
+    return new_bucket(s3_endpoint)
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_endpoint):
+    """One local Ray with 2 CPUs for every test that needs workers. The S3 endpoint
+    starts first, so that every Ray worker inherits its environment."""
     import ray
 
     if not ray.is_initialized():
