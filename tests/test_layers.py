@@ -27,6 +27,7 @@ LAYERS = {
     "freezelab.env": 0,
     "freezelab.redact": 0,
     "freezelab.stats": 0,
+    "freezelab.objectstore": 0,
     "freezelab.policies": 1,
     "freezelab.trainers": 2,
     "freezelab.mlflow": 3,
