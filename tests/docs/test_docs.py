@@ -36,7 +36,9 @@ README = ROOT / "README.md"
 EXAMPLES = ROOT / "examples"
 TEMPLATES = ROOT / "freezelab" / "cluster" / "templates"
 sys.path.insert(0, str(ROOT / "tests" / "cluster"))
+sys.path.insert(0, str(ROOT / "tests" / "mlflow"))
 from ray_nodes import _address_file_kept, free_port, ray_head, wait_for  # noqa: E402
+from servers import server_env  # noqa: E402
 
 PROGRAMS = ("freezelab ", "python ", "python3.11 ", "ray ", "mlflow ", "docker ", "kubectl ")
 
@@ -446,6 +448,7 @@ def cluster(tmp_path_factory) -> Iterator[dict[str, str]]:
         stdout=open(root / "server.log", "w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        env=server_env(),
     )
     uri = f"http://127.0.0.1:{port}"
 

@@ -14,21 +14,24 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
+import tempfile
 
 import torch
 
 
-def _rank(rank: int, world_size: int, port: int, case: str, results) -> None:
+def _rank(rank: int, world_size: int, store: str, case: str, results) -> None:
     import timm
     import torch.distributed as dist
 
     from freezelab.policies import apply, from_dict
     from freezelab.trainers.loop import _average_buffers, _replicas_in_sync, _wrap
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    # A file rendezvous: a port chosen up front can be taken by another process before
+    # the ranks listen on it (EADDRINUSE on a busy machine).
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world_size
+    )
     try:
         torch.manual_seed(0)
         model = timm.create_model("test_resnet", num_classes=3)
@@ -58,12 +61,10 @@ def _rank(rank: int, world_size: int, port: int, case: str, results) -> None:
 def main(case: str) -> None:
     import torch.multiprocessing as mp
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    with mp.Manager() as manager:
+    with tempfile.TemporaryDirectory() as scratch, mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_rank, args=(2, port, case, results), nprocs=2, join=True)
+        store = os.path.join(scratch, "rendezvous")
+        mp.spawn(_rank, args=(2, store, case, results), nprocs=2, join=True)
         print(json.dumps({str(k): v for k, v in sorted(results.items())}))
 
 
