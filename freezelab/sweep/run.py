@@ -339,17 +339,10 @@ TRIAL_CPU = 0.01
 
 def in_process(base) -> bool:
     """True when each trial trains in its own process (``num_workers: 0``): one CPU
-    worker (or none), no explicit worker resources, and local storage for its
-    checkpoints. Multi-worker and GPU trials keep a Ray Train worker group."""
-    from freezelab.trainers.location import is_remote
-
+    worker (or none) and no explicit worker resources, on local or remote storage.
+    Multi-worker and GPU trials keep a Ray Train worker group."""
     scaling = base.scaling
-    return (
-        scaling.num_workers <= 1
-        and not scaling.use_gpu
-        and scaling.resources_per_worker is None
-        and not is_remote(base.storage_path)
-    )
+    return scaling.num_workers <= 1 and not scaling.use_gpu and scaling.resources_per_worker is None
 
 
 def trial_resources_for(

@@ -186,11 +186,9 @@ def _run_in_process(
     """``num_workers: 0``: the loop runs in this process, as rank 0 of 1, with no Ray
     Train controller or worker group (so it also runs inside a Ray Tune trial, whose
     process is a Tune session). The reporter keeps the checkpoints where a rerun finds
-    them and calls the callbacks."""
+    them (uploaded to remote storage) and calls the callbacks."""
     from freezelab.trainers.loop import train_loop_per_worker
 
-    if where.is_remote:
-        raise ConfigError("storage_path: local mode (num_workers: 0) needs a local path")
     reporter = reporter or LocalReporter(
         where.local_checkpoint_dir, config.checkpoint.keep, callbacks
     )

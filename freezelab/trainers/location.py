@@ -145,9 +145,14 @@ class RunLocation:
         return redact_uri(self.directory)
 
     @property
-    def local_checkpoint_dir(self) -> Path:
-        """Where a run in one process (``num_workers: 0``) keeps its checkpoints."""
-        return self.path / LOCAL_CHECKPOINTS
+    def local_checkpoint_dir(self) -> Path | str:
+        """Where a run in one process (``num_workers: 0``) keeps its checkpoints (a URI
+        on remote storage)."""
+        return (
+            objectstore.join(self.directory, LOCAL_CHECKPOINTS)
+            if self.is_remote
+            else (self.path / LOCAL_CHECKPOINTS)
+        )
 
     def file(self, name: str) -> str:
         """The path (or URI) of the file ``name`` in the run's directory."""

@@ -37,8 +37,6 @@ def check_run(
     a weights file that only the cluster has, ``storage=False`` the storage check
     (object storage that only the cluster's credentials open).
     """
-    if config.scaling.num_workers == 0 and objectstore.is_uri(config.storage_path):
-        raise ConfigError("storage_path: local mode (num_workers: 0) needs a local path")
     if num_classes is None:
         check_data(config.data)
     if storage:

@@ -142,6 +142,30 @@ def test_a_run_on_s3_killed_after_an_epoch_resumes_from_s3_and_is_tracked(
     assert new_record["uid"] == uid and new_record["config"]["epochs"] == 4
 
 
+def test_a_run_in_one_process_on_s3_uploads_its_checkpoints_and_resumes_from_them(
+    tiny_config, s3_endpoint, s3_bucket
+):
+    from faults import CrashAfterEpoch, Interrupted
+
+    reference = load_file(run_training(tiny_config(name="ref", epochs=2)).weights_file)
+    config = tiny_config(name="local-mode", epochs=2, storage_path=f"s3://{s3_bucket}/runs")
+    where = RunLocation.of(config)
+    with pytest.raises(Interrupted):
+        run_training(config, reporter=CrashAfterEpoch(0, where.local_checkpoint_dir, 2))
+    prefix = "runs/local-mode/local_checkpoints/"
+    first = [k for k in list_keys(s3_endpoint, s3_bucket, prefix) if not k.endswith("/")]
+    assert sorted(k.removeprefix(prefix) for k in first) == [
+        "checkpoint_epoch=000000/model.safetensors",
+        "checkpoint_epoch=000000/optimizer.pt",
+        "checkpoint_epoch=000000/state.json",
+    ]
+    outcome = run_training(config)  # resumes from epoch 0's checkpoint, downloaded
+    assert outcome.checkpoint_location.endswith("local_checkpoints/checkpoint_epoch=000001")
+    resumed = load_file(outcome.weights_file)
+    for name, tensor in reference.items():
+        assert torch.equal(resumed[name], tensor), name
+
+
 def test_two_processes_claiming_one_name_on_s3_never_share_it(tiny_config, s3_bucket):
     first = tiny_config(name="race", epochs=1, storage_path=f"s3://{s3_bucket}/runs")
     other = tiny_config(name="race", epochs=2, storage_path=f"s3://{s3_bucket}/runs")
