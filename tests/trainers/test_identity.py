@@ -105,4 +105,3 @@ def test_two_processes_claiming_one_name_at_once_never_share_it(tiny_config):
         where._record("mine", first.safe_dict())
     assert where._record("mine", other.safe_dict()) == "theirs"  # same config: same run
     assert not list(where.path.glob(".freezelab_run.json.*")), "a partial record was left"
-

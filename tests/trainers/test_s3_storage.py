@@ -246,3 +246,13 @@ def test_a_storage_path_on_s3_that_cannot_be_used_is_one_line_before_anything(
     assert "endpoint unreachable" in err, err
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     assert list_keys(s3_endpoint, s3_bucket) == [], "something was created"
+
+
+def test_submit_warns_of_s3_storage_it_cannot_open_here(tmp_path, s3_bucket):
+    # The cluster may hold the only credentials: the job checks the storage there.
+    from freezelab.cluster.submit import _validate
+
+    path = _config_file(tmp_path, f"s3://no-such-{s3_bucket}/runs")
+    name, warnings = _validate("train", path, [])
+    assert name == "bad"
+    assert any("no such bucket" in w and "checks it again on the cluster" in w for w in warnings)
