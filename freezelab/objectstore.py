@@ -84,15 +84,18 @@ def require_writable(uri: str, what: str = "storage") -> None:
     import uuid
 
     fs, path = filesystem(uri, what)
-    bucket = path.split("/", 1)[0]
-    try:
-        found = fs.get_file_info(bucket)
-    except OSError as err:
-        raise StorageError(f"{what}: {redact_uri(uri)!r}: {reason(err)}") from None
-    if found.type == _file_type().NotFound:
-        raise StorageError(f"{what}: {redact_uri(uri)!r}: no such bucket {bucket!r}")
+    if fs.type_name in ("s3", "gcs"):  # a bucket first: "no such bucket" says more
+        bucket = path.split("/", 1)[0]
+        try:
+            found = fs.get_file_info(bucket)
+        except OSError as err:
+            raise StorageError(f"{what}: {redact_uri(uri)!r}: {reason(err)}") from None
+        if found.type == _file_type().NotFound:
+            raise StorageError(f"{what}: {redact_uri(uri)!r}: no such bucket {bucket!r}")
     probe = f"{path.rstrip('/')}/.freezelab-probe-{uuid.uuid4().hex}"
     try:
+        if fs.type_name not in ("s3", "gcs"):
+            fs.create_dir(path, recursive=True)  # file://: the folder the run makes anyway
         with fs.open_output_stream(probe) as stream:
             stream.write(b"")
         fs.delete_file(probe)
