@@ -43,8 +43,12 @@ def join(uri: str, *parts: str) -> str:
 def filesystem(uri: str, what: str = "storage") -> tuple[Any, str]:
     """``(pyarrow filesystem, path within it)`` for ``uri``; a one-line
     :class:`StorageError` for a scheme or a URI that pyarrow cannot open."""
+    import os
+
     import pyarrow.fs
 
+    if not is_uri(uri):
+        uri = os.path.abspath(uri)  # pyarrow opens local paths only when absolute
     try:
         return pyarrow.fs.FileSystem.from_uri(uri)
     except (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError, OSError) as err:
