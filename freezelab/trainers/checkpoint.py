@@ -7,7 +7,7 @@ run draws the same random numbers as an uninterrupted one.
 >>> import tempfile, timm
 >>> model = timm.create_model("test_resnet", num_classes=2)
 >>> with tempfile.TemporaryDirectory() as d:
-...     save_checkpoint(d, model, {}, {"epoch": 0})
+...     _ = save_checkpoint(d, model, {}, {"epoch": 0})
 ...     read_state(d)["epoch"]
 0
 """
