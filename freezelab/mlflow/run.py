@@ -151,7 +151,10 @@ def finish_or_defer(
         "experiment_id": tracked.experiment_id,
         "status": "FINISHED",
         "wall_time_s": wall_time_s,
-        "checkpoint": outcome.checkpoint_location,
+        # Where the checkpoint is, as shown (no password of a storage URI), and within
+        # the run's folder, which `freezelab sync` resolves against the folder it is given.
+        "checkpoint": redact_uri(outcome.checkpoint_location),
+        "checkpoint_in_run": _within(outcome.checkpoint_location, where.directory),
         "tracking_uri": redact_uri(tracked.tracking_uri),
     }
     where.write_file(SYNC_FILE, json.dumps(record, indent=2))
@@ -165,6 +168,13 @@ def finish_or_defer(
         f"back, run:\n  {command}"
     )
     return None
+
+
+def _within(path: str | None, directory: str) -> str | None:
+    """``path`` relative to ``directory``, None when it is not inside it."""
+    if path is None or not str(path).startswith(directory.rstrip("/") + "/"):
+        return None
+    return str(path)[len(directory.rstrip("/")) + 1 :]
 
 
 def tracking_available(config: Any) -> bool:

@@ -104,6 +104,8 @@ def sync(path: str | Path, tracking_uri: str | None = None) -> list[str]:
     for marker in markers:
         record = json.loads(objectstore.read_text(marker))
         checkpoint = str(record["checkpoint"])
+        if record.get("checkpoint_in_run"):  # found from the folder given, credentials and all
+            checkpoint = objectstore.join(marker.rsplit("/", 1)[0], record["checkpoint_in_run"])
         config = validate_config(ckpt.read_state(checkpoint)["config"], redact_uri(checkpoint))
         uri = tracking_uri or resolve_tracking_uri(config.mlflow.tracking_uri)
         ensure_reachable(uri)

@@ -119,6 +119,9 @@ def test_a_run_on_s3_killed_after_an_epoch_resumes_from_s3_and_is_tracked(
     assert finish_or_defer(away, impatient, outcome, wall_time_s=1.0) is None
     record = json.loads(objectstore.read_text(f"{storage}/on-s3/{SYNC_FILE}"))
     assert record["checkpoint"] == outcome.checkpoint_location
+    assert record["checkpoint_in_run"] == outcome.checkpoint_location.removeprefix(
+        f"{storage}/on-s3/"
+    )
     assert sync(storage, tracking_uri=uri) == [late]
     assert client.get_run(late).info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(late, "epoch")] == [0, 1, 2]
