@@ -72,7 +72,7 @@ def summarize(config: TrainConfig, tracked: TrackedOutcome) -> str:
         f"{m.get('train_flops', 0) / 1e9:,.1f} GFLOP",
     ]
     if outcome.checkpoint_dir:
-        lines.append(f"  checkpoint: {outcome.checkpoint_dir}")
+        lines.append(f"  checkpoint: {redact_uri(outcome.checkpoint_location)}")
     if tracked.run_id:
         from freezelab.mlflow.tracking import resolve_tracking_uri, ui_page
 

@@ -198,7 +198,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="EXPERIMENT_OR_SWEEP",
         help="a sweep's parent run (name or id), or an MLflow experiment name",
     )
-    p.add_argument("--out", metavar="DIR", default=None, help="default: freezelab_reports/NAME")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="a folder or a URI such as s3://BUCKET/reports/NAME; default: freezelab_reports/NAME",
+    )
     p.add_argument(
         "--tracking-uri",
         metavar="URI",

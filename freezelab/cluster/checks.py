@@ -19,7 +19,9 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Literal
 
+from freezelab import objectstore
 from freezelab.errors import ConfigError
+from freezelab.redact import redact_uri
 
 MARKER_DIR = ".freezelab-storage-check"
 ANSWER_TIMEOUT_S = 120.0
@@ -58,9 +60,7 @@ def check_cluster(config: Any, *, logging_nodes: Literal["driver", "all"]) -> No
 def check_shared_storage(storage_path: str, nodes: list[dict[str, Any]]) -> None:
     """Raise ConfigError unless a file the driver writes under ``storage_path`` can be
     read from a task on each of ``nodes``."""
-    import pyarrow.fs
-
-    fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
+    fs, root = objectstore.filesystem(storage_path, "storage_path")
     token = uuid.uuid4().hex
     marker = f"{root.rstrip('/')}/{MARKER_DIR}/{token}"
     try:
@@ -69,7 +69,8 @@ def check_shared_storage(storage_path: str, nodes: list[dict[str, Any]]) -> None
             stream.write(token.encode())
     except OSError as err:
         raise ConfigError(
-            f"storage_path {storage_path!r}: the driver cannot write there: {err}"
+            f"storage_path {redact_uri(storage_path)!r}: the driver cannot write there: "
+            f"{objectstore.reason(err)}"
         ) from None
     try:
         answers = _ask_every_node(_read_marker, nodes, storage_path, marker)
@@ -85,7 +86,8 @@ def check_shared_storage(storage_path: str, nodes: list[dict[str, Any]]) -> None
     ]
     if blind:
         raise ConfigError(
-            f"storage_path {storage_path!r} is not shared by the {len(nodes)} nodes of this "
+            f"storage_path {redact_uri(storage_path)!r} is not shared by the {len(nodes)} "
+            "nodes of this "
             "cluster: a marker file the driver wrote there is not readable from\n"
             + "\n".join(blind)
             + "\nOn more than one node, storage_path must be storage every node sees: "
@@ -163,14 +165,14 @@ def _ask_every_node(
 
 
 def _read_marker(storage_path: str, marker: str) -> str:
-    import pyarrow.fs
-
-    fs, _ = pyarrow.fs.FileSystem.from_uri(storage_path)
+    """On the node the task runs on: the marker's text, or why it cannot be read (an
+    object store is opened with that node's own credentials and endpoint)."""
     try:
+        fs, _ = objectstore.filesystem(storage_path, "storage_path")
         with fs.open_input_stream(marker) as stream:
             return stream.read().decode()
-    except (OSError, FileNotFoundError) as err:
-        return f"cannot read {marker}: {err}"
+    except OSError as err:  # StorageError included
+        return f"cannot read {marker}: {objectstore.reason(err)}"
 
 
 def _probe_tracking(uri: str) -> str:

@@ -152,8 +152,25 @@ def _validate(kind: str, path: Path, overrides: list[str]) -> tuple[str, list[st
         warnings.append(
             f"model.weights {weights!r} is not on this machine: it is read on the cluster only"
         )
-    check_run(config, num_classes=num_classes, check_weights=weights_here)
-    return config.name, warnings + _cluster_relative_paths(raw)
+    check_run(config, num_classes=num_classes, check_weights=weights_here, storage=False)
+    return config.name, warnings + _storage_here(config) + _cluster_relative_paths(raw)
+
+
+def _storage_here(config: Any) -> list[str]:
+    """A local storage_path is checked as for a run here; object storage that this
+    machine cannot open (the credentials may be the cluster's only) is a warning, and
+    the job checks it again before it starts."""
+    from freezelab import objectstore
+    from freezelab.trainers.preflight import check_storage
+
+    if not objectstore.is_uri(config.storage_path):
+        check_storage(config.storage_path)
+        return []
+    try:
+        objectstore.require_writable(config.storage_path, "storage_path")
+    except objectstore.StorageError as err:
+        return [f"{err} from this machine: the job checks it again on the cluster"]
+    return []
 
 
 def _class_count(config: Any) -> tuple[int | None, list[str]]:

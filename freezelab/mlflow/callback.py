@@ -23,6 +23,7 @@ from typing import Any
 
 from ray.train import UserCallback
 
+from freezelab import objectstore
 from freezelab.mlflow.tracking import ensure_reachable
 from freezelab.redact import redact_text, redact_uri
 from freezelab.trainers.reporting import metric_points
@@ -79,23 +80,46 @@ class MlflowMetricsCallback(UserCallback):
         return mlflow.MlflowClient(tracking_uri=self.tracking_uri)
 
     def _spill(self, err: Exception) -> None:
-        path = Path(self.fallback_file)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as f:
-            for epoch, values in sorted(self._pending.items()):
-                metrics = {k: v for k, v in values.items() if k != "epoch"}
-                f.write(
-                    json.dumps({"run_id": self.run_id, "epoch": epoch, "metrics": metrics}) + "\n"
-                )
+        lines = "".join(
+            json.dumps(
+                {
+                    "run_id": self.run_id,
+                    "epoch": epoch,
+                    "metrics": {k: v for k, v in values.items() if k != "epoch"},
+                }
+            )
+            + "\n"
+            for epoch, values in sorted(self._pending.items())
+        )
+        path = self.fallback_file
+        try:
+            _append(path, lines)
+        except OSError as spill_error:  # the metrics stay pending in memory all the same
+            path = f"memory only ({redact_uri(path)}: {type(spill_error).__name__})"
         message = (
             f"MLflow at {redact_uri(self.tracking_uri)} is unreachable "
             f"({type(err).__name__}: {redact_text(str(err))}); "
             f"training goes on. {len(self._pending)} pending epoch(s) will be retried at the next "
-            f"report and are saved in {path}"
+            f"report and are saved in {redact_uri(path)}"
         )
         warnings.warn(message, RuntimeWarning, stacklevel=2)
         log.warning(f"{message}")
         self._warned = True
+
+
+def _append(path: str, text: str) -> None:
+    """Append to a local file; on object storage, which cannot append, rewrite the
+    (small) object with ``text`` added."""
+    if not objectstore.is_uri(path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as out:
+            out.write(text)
+        return
+    try:
+        before = objectstore.read_text(path)
+    except FileNotFoundError:
+        before = ""
+    objectstore.write_text(path, before + text)
 
 
 # Health checks and bookkeeping: run-level tags in MLflow, not charts of a constant.

@@ -144,34 +144,37 @@ def finish_or_defer(
             time.sleep(delay)
             delay = min(2 * delay, 15.0)
         else:
-            (where.path / SYNC_FILE).unlink(missing_ok=True)
+            where.remove_file(SYNC_FILE)
             return model_uri
-    if where.is_remote:
-        log.warning(
-            f"MLflow run {tracked.run_id} could not be finished and "
-            f"{where.directory} is not a local folder: its metrics are in its checkpoints"
-        )
-        return None
     record = {
         "run_id": tracked.run_id,
         "experiment_id": tracked.experiment_id,
         "status": "FINISHED",
         "wall_time_s": wall_time_s,
-        "checkpoint": outcome.checkpoint_dir,
+        # Where the checkpoint is, as shown (no password of a storage URI), and within
+        # the run's folder, which `freezelab sync` resolves against the folder it is given.
+        "checkpoint": redact_uri(outcome.checkpoint_location),
+        "checkpoint_in_run": _within(outcome.checkpoint_location, where.directory),
         "tracking_uri": redact_uri(tracked.tracking_uri),
     }
-    where.path.mkdir(parents=True, exist_ok=True)
-    (where.path / SYNC_FILE).write_text(json.dumps(record, indent=2))
-    command = f"freezelab sync {where.path}"
+    where.write_file(SYNC_FILE, json.dumps(record, indent=2))
+    command = f"freezelab sync {where.key}"
     if tracked.tracking_uri != redact_uri(tracked.tracking_uri):
         command += " --tracking-uri URI"  # its credentials are never written down
     log.warning(
         f"MLflow at {redact_uri(tracked.tracking_uri)} stayed unavailable "
         f"for {config.mlflow.sync_timeout_s:.0f} s: run {tracked.run_id} is not finished there "
-        f"(epochs, model, status). Everything it needs is in {where.path}; when the server is "
+        f"(epochs, model, status). Everything it needs is in {where.key}; when the server is "
         f"back, run:\n  {command}"
     )
     return None
+
+
+def _within(path: str | None, directory: str) -> str | None:
+    """``path`` relative to ``directory``, None when it is not inside it."""
+    if path is None or not str(path).startswith(directory.rstrip("/") + "/"):
+        return None
+    return str(path)[len(directory.rstrip("/")) + 1 :]
 
 
 def tracking_available(config: Any) -> bool:

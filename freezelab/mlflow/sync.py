@@ -18,6 +18,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pyarrow.fs
+
+from freezelab import objectstore
 from freezelab.errors import NotFound
 from freezelab.mlflow.run import RUN_KEY_TAG, SYNC_FILE, TrackedRun, experiment_id_for
 from freezelab.mlflow.tracking import ensure_reachable, resolve_tracking_uri
@@ -35,7 +38,7 @@ def finish_from_checkpoint(
     wall_time_s: float | None = None,
     tracking_uri: str | None = None,
     only_if_running: bool = False,
-    checkpoint: Path | None = None,
+    checkpoint: Path | str | None = None,
     run_id: str | None = None,
 ) -> tuple[str | None, int] | None:
     """Finish the MLflow run of ``config`` (``run_id``, else the run its location
@@ -69,7 +72,7 @@ def finish_from_checkpoint(
     outcome = SimpleNamespace(
         metrics=state["metrics"],
         history=state.get("history", []),
-        checkpoint_dir=str(checkpoint),
+        checkpoint_dir=str(ckpt.local_copy(checkpoint)),
         already_complete=False,
     )
     tracked = TrackedRun(uri, run.info.run_id, experiment_id, str(where.pending_metrics_file))
@@ -80,24 +83,30 @@ def finish_from_checkpoint(
 
 def sync(path: str | Path, tracking_uri: str | None = None) -> list[str]:
     """Finish every run left for later under ``path`` (a run folder, or a storage
-    folder of run folders); returns their MLflow run ids."""
+    folder of run folders, local or a URI); returns their MLflow run ids."""
     from mlflow.exceptions import MlflowException
 
     from freezelab.trainers.config import validate_config
 
-    root = Path(path)
-    if not root.is_dir():
-        raise NotFound(f"freezelab sync: {path} is not a folder")
-    markers = [root / SYNC_FILE] if (root / SYNC_FILE).is_file() else []
-    markers += sorted(root.glob(f"*/{SYNC_FILE}"))
+    root = str(path) if objectstore.is_uri(str(path)) else str(Path(path).resolve())
+    if objectstore.info(root, "freezelab sync").type != pyarrow.fs.FileType.Directory:
+        raise NotFound(f"freezelab sync: {redact_uri(str(path))} is not a folder")
+    # The marker of the run folder itself, or of each run folder directly under it.
+    markers = [
+        file
+        for file in objectstore.list_files(root)
+        if file.endswith(f"/{SYNC_FILE}") and file[len(root.rstrip("/")) :].count("/") <= 2
+    ]
     if not markers:
-        log.info(f"nothing to sync under {root}: every run there is finished in MLflow")
+        log.info(f"nothing to sync under {redact_uri(root)}: every run there is finished in MLflow")
         return []
     synced = []
     for marker in markers:
-        record = json.loads(marker.read_text())
-        checkpoint = Path(record["checkpoint"])
-        config = validate_config(ckpt.read_state(checkpoint)["config"], str(checkpoint))
+        record = json.loads(objectstore.read_text(marker))
+        checkpoint = str(record["checkpoint"])
+        if record.get("checkpoint_in_run"):  # found from the folder given, credentials and all
+            checkpoint = objectstore.join(marker.rsplit("/", 1)[0], record["checkpoint_in_run"])
+        config = validate_config(ckpt.read_state(checkpoint)["config"], redact_uri(checkpoint))
         uri = tracking_uri or resolve_tracking_uri(config.mlflow.tracking_uri)
         ensure_reachable(uri)
         try:
@@ -118,7 +127,7 @@ def sync(path: str | Path, tracking_uri: str | None = None) -> list[str]:
                 "(pass the server the run was tracked on with --tracking-uri)"
             )
         model_uri, written = result
-        marker.unlink()
+        objectstore.delete(marker)
         log.info(
             f"synced run {record['run_id']} ({config.name}): {written} epoch(s) "
             f"written, model {model_uri or 'not logged'}, {record['status']}"

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from freezelab import objectstore
+from freezelab.redact import redact_uri
 from freezelab.report.cka import backbone_cka
 from freezelab.report.consequences import consequences, group_measures, run_measures
 from freezelab.report.runs import (
@@ -50,6 +52,7 @@ class Report:
     notes: list[str]
     parent_run_id: str | None
     logged: bool
+    location: str | None = None  # where index.html was written: a path, or a URI (--out)
 
 
 def build_report(
@@ -62,10 +65,15 @@ def build_report(
     with_pretraining: bool = False,
 ) -> Report:
     """Write ``index.html`` and its figures for ``target`` (a sweep parent run's name
-    or id, or an experiment name) and log them on the sweep's parent run."""
+    or id, or an experiment name) and log them on the sweep's parent run.
+
+    ``out_dir`` is a local folder or a URI (``s3://bucket/reports/x``): there the
+    report is written locally first, then copied, and the URI is checked first."""
     from freezelab.mlflow.compare import settings_of
     from freezelab.mlflow.tracking import open_store, resolve_tracking_uri, ui_page
 
+    if out_dir is not None and objectstore.is_uri(str(out_dir)):
+        objectstore.require_writable(str(out_dir), "--out")  # before any work
     uri = resolve_tracking_uri(tracking_uri)
     client = open_store(uri)
     found = resolve_target(client, target, with_pretraining=with_pretraining)
@@ -79,7 +87,12 @@ def build_report(
         records.append(record)
     if not records:
         raise ReportError(f"{found.description} has no run with val_acc metrics to report")
-    directory = Path(out_dir) if out_dir else Path(DEFAULT_ROOT) / _slug(found.name)
+    remote = out_dir is not None and objectstore.is_uri(str(out_dir))
+    if remote:
+        # Written here first (the figures, MLflow's upload), then copied to the URI.
+        directory = Path(tempfile.mkdtemp(prefix="freezelab-report-"))
+    else:
+        directory = Path(out_dir) if out_dir else Path(DEFAULT_ROOT) / _slug(found.name)
     directory.mkdir(parents=True, exist_ok=True)
 
     similarity = _similarities(client, records, uri, cka_samples) if cka else {}
@@ -130,10 +143,25 @@ def build_report(
             indent=2,
         )
     )
-    log.info(f"report: {index.resolve()}")
+    location = str(index.resolve())
+    if remote:
+        objectstore.copy_tree(str(directory), str(out_dir))
+        location = objectstore.join(str(out_dir), index.name)
+        log.info(f"report: {redact_uri(location)} (a local copy in {directory})")
+    else:
+        log.info(f"report: {location}")
     logged = _log_on_parent(client, found.parent_run_id, directory)
     return Report(
-        directory, index, figures, rows, groups, summary, notes, found.parent_run_id, logged
+        directory,
+        index,
+        figures,
+        rows,
+        groups,
+        summary,
+        notes,
+        found.parent_run_id,
+        logged,
+        location,
     )
 
 

@@ -23,6 +23,7 @@ import yaml
 
 from freezelab.errors import FreezelabError
 from freezelab.mlflow.tracking import PRETRAIN, STAGE_TAG
+from freezelab.redact import redact_uri
 from freezelab.trainers import checkpoint as ckpt
 from freezelab.trainers.location import RunLocation, config_changes
 
@@ -357,14 +358,15 @@ def find_weights(
         return None, "no config"
     tried = []
     where = RunLocation.of(config)
-    if not where.is_remote:
-        directory = where.latest_checkpoint()
-        if directory is None:
-            tried.append(f"no checkpoint under {where.directory}")
-        elif not _written_by(directory, config):
-            tried.append(f"the checkpoint {directory} belongs to another config")
-        else:
-            return directory / ckpt.MODEL_FILE, f"checkpoint {directory}"
+    directory = where.latest_checkpoint()
+    if directory is None:
+        tried.append(f"no checkpoint under {where.key}")
+    elif not _written_by(directory, config):
+        tried.append(f"the checkpoint {redact_uri(str(directory))} belongs to another config")
+    else:
+        # A checkpoint on object storage is read from a local copy.
+        shown = redact_uri(str(directory))
+        return ckpt.local_copy(directory) / ckpt.MODEL_FILE, f"checkpoint {shown}"
     try:
         path = _logged_weights(client, record, tracking_uri, scratch)
     except Exception as err:  # a store without logged models, a model without the file
@@ -376,7 +378,7 @@ def find_weights(
     return None, "; ".join(tried)
 
 
-def _written_by(directory: Path, config: Any) -> bool:
+def _written_by(directory: Path | str, config: Any) -> bool:
     # A name reused with another config would give a CKA of the wrong run.
     saved = ckpt.read_state(directory).get("config") or {}
     return not config_changes(saved, config.to_dict())

@@ -18,19 +18,20 @@ import random
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
 
+from freezelab import objectstore
 from freezelab.console import Column, format_table
 from freezelab.env import verbose
 from freezelab.errors import ConfigError, FreezelabError
 from freezelab.policies import from_dict
-from freezelab.redact import redact_text
+from freezelab.redact import redact_text, redact_uri
 from freezelab.sweep.space import SweepConfig, is_range, validate_space
 from freezelab.trainers.launch import init_ray, worker_env_vars, worker_resources
 from freezelab.trainers.location import RunLocation
+from freezelab.trainers.preflight import check_storage
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +66,14 @@ def run_sweep(
 
     validate_space(sweep)  # every policy the space can produce, before any trial starts
     base = sweep.trial_config(sweep.space.extreme_policies()[0], {}, f"{sweep.name}-base")
+    # A bucket that does not exist or cannot be written fails here, in one line.
+    check_storage(base.storage_path)
     directory = RunLocation(base.storage_path, sweep.name).directory
     if resume and not tune.Tuner.can_restore(directory):
-        raise ConfigError(f"sweep {sweep.name!r}: nothing to resume at {directory}")
+        raise ConfigError(f"sweep {sweep.name!r}: nothing to resume at {redact_uri(directory)}")
     if not resume and tune.Tuner.can_restore(directory):
         raise ConfigError(
-            f"sweep {sweep.name!r} already exists at {directory}: pass --resume to continue it, "
+            f"sweep {sweep.name!r} already exists at {redact_uri(directory)}: pass --resume to continue it, "
             "or choose another name"
         )
     init_ray(address)
@@ -119,7 +122,7 @@ def run_sweep(
         else num_samples
     )
     if resume:
-        log.info(f"resuming sweep {sweep.name!r} from {directory}")
+        log.info(f"resuming sweep {sweep.name!r} from {redact_uri(directory)}")
         tuner = tune.Tuner.restore(
             directory, trainable, resume_errored=True, param_space=param_space
         )
@@ -184,7 +187,8 @@ def run_sweep(
             "the best policy comes from the trials that finished"
         )
     log.info(
-        f"best policy (paste as `policy:` into a train config), also in {directory}/best_policy.yaml:"
+        "best policy (paste as `policy:` into a train config), also in "
+        f"{redact_uri(directory)}/best_policy.yaml:"
     )
     print(yaml.safe_dump({"policy": outcome.best_policy}, sort_keys=False).rstrip())
     return outcome
@@ -335,17 +339,10 @@ TRIAL_CPU = 0.01
 
 def in_process(base) -> bool:
     """True when each trial trains in its own process (``num_workers: 0``): one CPU
-    worker (or none), no explicit worker resources, and local storage for its
-    checkpoints. Multi-worker and GPU trials keep a Ray Train worker group."""
-    from freezelab.trainers.location import is_remote
-
+    worker (or none) and no explicit worker resources, on local or remote storage.
+    Multi-worker and GPU trials keep a Ray Train worker group."""
     scaling = base.scaling
-    return (
-        scaling.num_workers <= 1
-        and not scaling.use_gpu
-        and scaling.resources_per_worker is None
-        and not is_remote(base.storage_path)
-    )
+    return scaling.num_workers <= 1 and not scaling.use_gpu and scaling.resources_per_worker is None
 
 
 def trial_resources_for(
@@ -578,13 +575,14 @@ def format_results(rows: list[dict[str, Any]], sweep: SweepConfig) -> str:
 
 
 def _write_best(outcome: SweepOutcome, sweep: SweepConfig) -> None:
-    directory = Path(outcome.directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "best_policy.json").write_text(json.dumps(outcome.best_policy, indent=2))
-    (directory / "best_policy.yaml").write_text(
-        yaml.safe_dump(outcome.best_policy, sort_keys=False)
-    )
-    (directory / "results.json").write_text(json.dumps(outcome.rows, indent=2, default=str))
+    """The best policy and the results beside Tune's state: a local folder or a URI."""
+    files = {
+        "best_policy.json": json.dumps(outcome.best_policy, indent=2),
+        "best_policy.yaml": yaml.safe_dump(outcome.best_policy, sort_keys=False),
+        "results.json": json.dumps(outcome.rows, indent=2, default=str),
+    }
+    for name, text in files.items():
+        objectstore.write_text(objectstore.join(outcome.directory, name), text)
 
 
 def _start_parent(sweep: SweepConfig, base) -> str | None:

@@ -7,20 +7,28 @@ run draws the same random numbers as an uninterrupted one.
 >>> import tempfile, timm
 >>> model = timm.create_model("test_resnet", num_classes=2)
 >>> with tempfile.TemporaryDirectory() as d:
-...     save_checkpoint(d, model, {}, {"epoch": 0})
+...     _ = save_checkpoint(d, model, {}, {"epoch": 0})
 ...     read_state(d)["epoch"]
 0
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
+
+from freezelab import objectstore
+from freezelab.redact import redact_uri
 
 MODEL_FILE = "model.safetensors"
 # A model that freezelab logged to MLflow (``model_file.py``): its pickle, under data/,
@@ -53,7 +61,43 @@ def save_checkpoint(
 
 
 def read_state(directory: str | Path) -> dict[str, Any]:
+    """The checkpoint's ``state.json``, from a local directory or a URI."""
+    if objectstore.is_uri(str(directory)):
+        return json.loads(objectstore.read_text(objectstore.join(str(directory), STATE_FILE)))
     return json.loads((Path(directory) / STATE_FILE).read_text())
+
+
+def local_copy(directory: str | Path) -> Path:
+    """A local directory holding the checkpoint's model and state: ``directory``
+    itself when it is local; for a URI, a copy downloaded into this machine's temporary
+    folder (once: a copy whose state matches the stored one is reused). The optimizer
+    state, needed only to resume (which Ray Train downloads itself), stays where it is.
+    """
+    if not objectstore.is_uri(str(directory)):
+        return Path(directory)
+    uri = str(directory).rstrip("/")
+    digest = hashlib.sha1(redact_uri(uri).encode()).hexdigest()[:16]
+    copy = Path(tempfile.gettempdir()) / f"freezelab-{os.getuid()}" / "checkpoints" / digest
+    state = objectstore.read_text(objectstore.join(uri, STATE_FILE))
+    if (copy / STATE_FILE).is_file() and (copy / STATE_FILE).read_text() == state:
+        return copy
+    import pyarrow.fs
+
+    partial = copy.with_name(f".{digest}.{uuid.uuid4().hex}")
+    partial.mkdir(parents=True)
+    try:
+        for name in (MODEL_FILE, STATE_FILE):  # the state last: it marks a complete copy
+            fs, path = objectstore.filesystem(objectstore.join(uri, name))
+            pyarrow.fs.copy_files(path, str(partial / name), source_filesystem=fs)
+        shutil.rmtree(copy, ignore_errors=True)
+        try:
+            partial.rename(copy)
+        except OSError:  # another process made the copy in between
+            if not (copy / STATE_FILE).is_file() or (copy / STATE_FILE).read_text() != state:
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return copy
 
 
 def load_model_weights(directory: str | Path, model: nn.Module) -> None:

@@ -31,17 +31,49 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainOutcome:
-    """How a run ended: its last epoch's metrics and where its last checkpoint is."""
+    """How a run ended: its last epoch's metrics and where its last checkpoint is.
+
+    ``checkpoint_dir`` is always a local directory that ``open()`` reads: on object
+    storage, a local copy of the checkpoint (``checkpoint.local_copy``);
+    ``checkpoint_location`` is where the checkpoint is stored (its URI there)."""
 
     name: str
     metrics: dict[str, Any]
     checkpoint_dir: str | None
     already_complete: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)  # every epoch's metrics
+    stored_at: str | None = None  # the checkpoint's URI, when not checkpoint_dir itself
 
     @property
     def weights_file(self) -> str | None:
         return str(Path(self.checkpoint_dir) / ckpt.MODEL_FILE) if self.checkpoint_dir else None
+
+    @property
+    def checkpoint_location(self) -> str | None:
+        return self.stored_at or self.checkpoint_dir
+
+
+def outcome_of(
+    name: str,
+    checkpoint: str | Path | None,
+    *,
+    already_complete: bool = False,
+    metrics: dict[str, Any] | None = None,
+) -> TrainOutcome:
+    """The outcome of a run whose last checkpoint is ``checkpoint`` (a local directory
+    or a URI; None: ``metrics`` are all there is)."""
+    if checkpoint is None:
+        return TrainOutcome(name, dict(metrics or {}), None, already_complete)
+    state = ckpt.read_state(checkpoint)
+    local = ckpt.local_copy(checkpoint)
+    return TrainOutcome(
+        name,
+        state["metrics"],
+        str(local),
+        already_complete=already_complete,
+        history=state.get("history", []),
+        stored_at=str(checkpoint) if str(local) != str(checkpoint) else None,
+    )
 
 
 def run_training(
@@ -66,18 +98,11 @@ def run_training(
     where.claim(config)  # the same run again, or a new one: never another config's
     finished = where.completed_checkpoint(config.epochs)
     if finished is not None:
-        state = ckpt.read_state(finished)
         log.info(
             f"run {config.name!r} is already complete ({config.epochs} epochs) under "
-            f"{where.directory}: nothing to train."
+            f"{where.key}: nothing to train."
         )
-        return TrainOutcome(
-            config.name,
-            state["metrics"],
-            str(finished),
-            already_complete=True,
-            history=state.get("history", []),
-        )
+        return outcome_of(config.name, finished, already_complete=True)
     if not progress:
         return _fit(config, where, callbacks, env_vars, reporter)
     in_process = config.scaling.num_workers == 0
@@ -142,9 +167,17 @@ def _fit(
         ),
     )
     result = trainer.fit()
-    directory = result.checkpoint.path if result.checkpoint is not None else None
-    state = ckpt.read_state(directory) if directory else {"metrics": dict(result.metrics or {})}
-    return TrainOutcome(config.name, state["metrics"], directory, history=state.get("history", []))
+    directory = None
+    if result.checkpoint is not None:
+        # On object storage the checkpoint's path is within its filesystem (bucket/key).
+        directory = result.checkpoint.path
+        if where.is_remote:
+            from freezelab import objectstore
+
+            _, root = objectstore.filesystem(where.storage_path)
+            inside = directory.strip("/").removeprefix(root.strip("/"))
+            directory = objectstore.join(where.storage_path, inside)
+    return outcome_of(config.name, directory, metrics=result.metrics)
 
 
 def _run_in_process(
@@ -153,19 +186,14 @@ def _run_in_process(
     """``num_workers: 0``: the loop runs in this process, as rank 0 of 1, with no Ray
     Train controller or worker group (so it also runs inside a Ray Tune trial, whose
     process is a Tune session). The reporter keeps the checkpoints where a rerun finds
-    them and calls the callbacks."""
+    them (uploaded to remote storage) and calls the callbacks."""
     from freezelab.trainers.loop import train_loop_per_worker
 
-    if where.is_remote:
-        raise ConfigError("storage_path: local mode (num_workers: 0) needs a local path")
     reporter = reporter or LocalReporter(
         where.local_checkpoint_dir, config.checkpoint.keep, callbacks
     )
     train_loop_per_worker({"config": config.to_dict(), "reporter": reporter, "in_process": True})
-    latest = where.latest_checkpoint()
-    directory = str(latest) if latest else None
-    state = ckpt.read_state(directory) if directory else {"metrics": {}}
-    return TrainOutcome(config.name, state["metrics"], directory, history=state.get("history", []))
+    return outcome_of(config.name, where.latest_checkpoint())
 
 
 # Network settings that are usually exported on the driver for the whole cluster.

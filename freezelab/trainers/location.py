@@ -14,6 +14,10 @@ start (``claim``). Bookkeeping keys (``RESULT_NEUTRAL``) may change between atte
 ('/data/runs/vgg16-last5', '/data/runs/vgg16-last5', False)
 >>> RunLocation("s3://bucket/runs/", "a").directory
 's3://bucket/runs/a'
+
+On object storage (``storage_path: s3://...``) the same holds: the record, the claim
+and the checkpoints are read and written through ``freezelab.objectstore``, and a
+checkpoint is read on this machine from a local copy (``checkpoint.local_copy``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from freezelab import objectstore
 from freezelab.errors import ConfigError, quote
 from freezelab.redact import redact_config, redact_uri
 from freezelab.trainers import checkpoint as ckpt
@@ -103,11 +108,14 @@ def _shown(value: Any) -> str:
 
 def is_remote(path: str) -> bool:
     """True for a URI (``s3://``, ``gs://``, ``http://``, ...), False for a local path."""
-    return "://" in path
+    return objectstore.is_uri(path)
 
 
 @dataclass(frozen=True)
 class RunLocation:
+    """A run's directory, local or on object storage: everything that reads or writes
+    a run's files goes through here (``objectstore`` for a URI)."""
+
     storage_path: str
     name: str
 
@@ -137,32 +145,71 @@ class RunLocation:
         return redact_uri(self.directory)
 
     @property
-    def local_checkpoint_dir(self) -> Path:
-        """Where a run in one process (``num_workers: 0``) keeps its checkpoints."""
-        return self.path / LOCAL_CHECKPOINTS
+    def local_checkpoint_dir(self) -> Path | str:
+        """Where a run in one process (``num_workers: 0``) keeps its checkpoints (a URI
+        on remote storage)."""
+        return (
+            objectstore.join(self.directory, LOCAL_CHECKPOINTS)
+            if self.is_remote
+            else (self.path / LOCAL_CHECKPOINTS)
+        )
+
+    def file(self, name: str) -> str:
+        """The path (or URI) of the file ``name`` in the run's directory."""
+        return objectstore.join(self.directory, name)
+
+    def read_file(self, name: str) -> str | None:
+        """The text of the run's file ``name``, None when there is none."""
+        try:
+            return objectstore.read_text(self.file(name))
+        except FileNotFoundError:
+            return None
+
+    def write_file(self, name: str, text: str) -> None:
+        objectstore.write_text(self.file(name), text)
+
+    def remove_file(self, name: str) -> None:
+        objectstore.delete(self.file(name))
 
     @property
-    def pending_metrics_file(self) -> Path:
-        """Metrics that MLflow could not take yet, as JSON lines."""
-        return self.path / PENDING_METRICS_FILE
+    def pending_metrics_file(self) -> str:
+        """Metrics that MLflow could not take yet, as JSON lines (a path or a URI)."""
+        return self.file(PENDING_METRICS_FILE)
 
-    def checkpoints(self) -> list[Path]:
-        """Complete checkpoints of this run (Ray Train's or local mode's), oldest first."""
-        if self.is_remote or not self.path.is_dir():
+    def checkpoints(self) -> list[Path | str]:
+        """Complete checkpoints of this run (Ray Train's or local mode's), oldest first:
+        local directories, or their URIs on remote storage."""
+        if self.is_remote:
+            return self._remote_checkpoints()
+        if not self.path.is_dir():
             return []
         found = []
         for state_file in self.path.glob(f"**/{ckpt.STATE_FILE}"):
             directory = state_file.parent
             if directory.name.startswith(".") or not (directory / ckpt.MODEL_FILE).is_file():
                 continue
-            try:
-                epoch = int(ckpt.read_state(directory)["epoch"])
-            except (OSError, ValueError, KeyError, TypeError):
-                continue  # a checkpoint being written, or not one of ours
-            found.append((epoch, directory.stat().st_mtime, directory))
+            epoch = _epoch_of(directory)
+            if epoch is not None:
+                found.append((epoch, directory.stat().st_mtime, directory))
         return [directory for *_, directory in sorted(found)]
 
-    def latest_checkpoint(self) -> Path | None:
+    def _remote_checkpoints(self) -> list[str]:
+        files = set(objectstore.list_files(self.directory))
+        found = []
+        for file in files:
+            directory, _, base = file.rpartition("/")
+            hidden = any(
+                part.startswith(".") for part in directory[len(self.directory) :].split("/")
+            )
+            if base != ckpt.STATE_FILE or hidden or f"{directory}/{ckpt.MODEL_FILE}" not in files:
+                continue
+            epoch = _epoch_of(directory)
+            if epoch is not None:
+                # Ray Train names its checkpoints by time: the name orders one epoch's.
+                found.append((epoch, directory))
+        return [directory for _, directory in sorted(found)]
+
+    def latest_checkpoint(self) -> Path | str | None:
         found = self.checkpoints()
         return found[-1] if found else None
 
@@ -174,10 +221,9 @@ class RunLocation:
         """The run's identity (``uid``) and the config it was started with, if any.
 
         A run from before records existed is identified by its latest checkpoint."""
-        if self.is_remote:
-            return None
-        if self.record_file.is_file():
-            return json.loads(self.record_file.read_text())
+        text = self.read_file(RECORD_FILE)
+        if text is not None:
+            return json.loads(text)
         latest = self.latest_checkpoint()
         if latest is not None:
             return {"uid": None, "config": ckpt.read_state(latest).get("config") or {}}
@@ -188,16 +234,9 @@ class RunLocation:
 
         A new run records its config. The same config again resumes (same uid). A
         changed config raises, naming the keys that differ, unless ``overwrite``: then
-        the old run is moved aside (``NAME.replaced-TIMESTAMP``), never deleted.
-        Remote storage is not checked (None).
+        the old run is moved aside (``NAME.replaced-TIMESTAMP``), never deleted. On
+        object storage, moving is copying every object, then deleting the originals.
         """
-        if self.is_remote:
-            if overwrite:
-                raise ConfigError(
-                    f"--overwrite: {self.key} is remote storage, where freezelab does not "
-                    "move runs aside; choose another name"
-                )
-            return None
         mine = config.safe_dict()
         record = self.read_record()
         if record is not None and not overwrite:
@@ -208,40 +247,72 @@ class RunLocation:
                     f"; and {len(changes) - 6} more" if len(changes) > 6 else ""
                 )
                 raise ConfigError(
-                    f"run {self.name!r} at {self.directory} was trained with another config "
+                    f"run {self.name!r} at {self.key} was trained with another config "
                     f"({shown}). Choose another name, pass --overwrite to move the old run "
                     "aside, or use a name template such as name: "
                     f"'{self.name}-{{policy}}-{{hash}}' so that each config gets its own run"
                 )
-            if record.get("uid") or self.record_file.is_file():
+            if record.get("uid") or self.read_file(RECORD_FILE) is not None:
                 return record.get("uid")
             # A run from before records existed: recorded without a uid, so it keeps
             # its MLflow run (whose key has none).
             return self._record(None, mine)
-        if overwrite and self.path.exists():
-            aside = self.path.with_name(f"{self.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-            self.path.rename(aside)
-            log.info(f"--overwrite: the old run {self.name!r} moved to {aside}")
+        if overwrite:
+            self._move_aside()
         return self._record(uuid.uuid4().hex[:12], mine)
+
+    def _move_aside(self) -> None:
+        aside = f"{self.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        if not self.is_remote:
+            if self.path.exists():
+                self.path.rename(self.path.with_name(aside))
+                log.info(f"--overwrite: the old run {self.name!r} moved to {aside}")
+            return
+        if not objectstore.exists(self.directory):
+            return
+        target = objectstore.join(self.storage_path, aside)
+        # Every object is copied before any is deleted: an interruption leaves the old
+        # run complete in one place at least.
+        objectstore.copy_tree(self.directory, target)
+        objectstore.delete(self.directory)
+        log.info(f"--overwrite: the old run {self.name!r} moved to {redact_uri(target)}")
 
     def _record(self, uid: str | None, config: dict[str, Any]) -> str | None:
         """Write the record, unless another process just did: then that one decides."""
+        text = json.dumps({"uid": uid, "config": config}, indent=2, sort_keys=True)
+        if self.is_remote:
+            return self._record_remote(uid, config, text)
         self.path.mkdir(parents=True, exist_ok=True)
         partial = self.path / f".{RECORD_FILE}.{uuid.uuid4().hex}"
-        partial.write_text(json.dumps({"uid": uid, "config": config}, indent=2, sort_keys=True))
+        partial.write_text(text)
         try:
             os.link(partial, self.record_file)  # fails if the record exists: no race
         except FileExistsError:
-            other = json.loads(self.record_file.read_text())
-            if config_changes(other["config"], config):
-                raise ConfigError(
-                    f"run {self.name!r} at {self.directory} was just started by another "
-                    "process with another config; choose another name"
-                ) from None
-            return other.get("uid")
+            return self._settled(json.loads(self.record_file.read_text()), config)
         finally:
             partial.unlink(missing_ok=True)
         return uid
+
+    def _record_remote(self, uid: str | None, config: dict[str, Any], text: str) -> str | None:
+        """pyarrow has no create-if-absent on object stores: write, then read back. A
+        record that is not ours then was written in between by another process, which
+        decides. (Two writes within the same instant can still both read their own.)"""
+        existing = self.read_file(RECORD_FILE)
+        if existing is not None:
+            return self._settled(json.loads(existing), config)
+        self.write_file(RECORD_FILE, text)
+        back = json.loads(self.read_file(RECORD_FILE) or text)
+        if back.get("uid") != uid or back.get("config") != config:
+            return self._settled(back, config)
+        return uid
+
+    def _settled(self, other: dict[str, Any], config: dict[str, Any]) -> str | None:
+        if config_changes(other["config"], config):
+            raise ConfigError(
+                f"run {self.name!r} at {self.key} was just started by another "
+                "process with another config; choose another name"
+            )
+        return other.get("uid")
 
     def mlflow_key(self) -> str:
         """The run's key in MLflow: its directory and uid, so a run started again under
@@ -250,9 +321,16 @@ class RunLocation:
         uid = record.get("uid") if record else None
         return f"{self.key}#{uid}" if uid else self.key
 
-    def completed_checkpoint(self, epochs: int) -> Path | None:
+    def completed_checkpoint(self, epochs: int) -> Path | str | None:
         """The final checkpoint of a run that already trained all ``epochs``."""
         latest = self.latest_checkpoint()
         if latest is not None and ckpt.read_state(latest)["epoch"] >= epochs - 1:
             return latest
         return None
+
+
+def _epoch_of(directory: Path | str) -> int | None:
+    try:
+        return int(ckpt.read_state(directory)["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # a checkpoint being written, or not one of ours

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from freezelab import objectstore
 from freezelab.errors import ConfigError, FreezelabError
 from freezelab.policies import PolicyError
 from freezelab.trainers.artifacts import is_model_uri
@@ -22,20 +23,24 @@ from freezelab.trainers.models import build_for_config, load_weights
 
 
 def check_run(
-    config: TrainConfig, *, num_classes: int | None = None, check_weights: bool = True
+    config: TrainConfig,
+    *,
+    num_classes: int | None = None,
+    check_weights: bool = True,
+    storage: bool = True,
 ) -> None:
     """Build the model's shapes (without downloading or allocating anything), load a
     local weights file into it, and plan the policy for every epoch: what cannot work fails here, one line.
 
     ``num_classes`` stands in for the data's class count where the data is not at
     hand (a folder that only the cluster sees); ``check_weights=False`` skips reading
-    a weights file that only the cluster has.
+    a weights file that only the cluster has, ``storage=False`` the storage check
+    (object storage that only the cluster's credentials open).
     """
-    if config.scaling.num_workers == 0 and "://" in config.storage_path:
-        raise ConfigError("storage_path: local mode (num_workers: 0) needs a local path")
     if num_classes is None:
         check_data(config.data)
-    check_storage(config.storage_path)
+    if storage:
+        check_storage(config.storage_path)
     try:
         model = _build_unallocated(config, num_classes)
     except FreezelabError:
@@ -79,8 +84,14 @@ def _first_line(err: Exception) -> str:
 def check_storage(storage_path: str) -> None:
     """A local ``storage_path`` must be a directory this process can write, or one it
     can create: a probe file in the nearest existing folder is written and deleted, and
-    nothing else is created. (Remote storage is checked where it is used.)"""
-    if "://" in storage_path:
+    nothing else is created. On object storage the bucket must exist and a probe object
+    is written there and deleted (``objectstore.require_writable``): a bucket that does
+    not exist, no permission or an endpoint that does not answer is one line."""
+    if objectstore.is_uri(storage_path):
+        try:
+            objectstore.require_writable(storage_path, "storage_path")
+        except objectstore.StorageError as err:
+            raise ConfigError(str(err)) from None
         return
     path = Path(storage_path)
     existing = path

@@ -20,12 +20,17 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Protocol
 
+from freezelab import objectstore
+from freezelab.trainers.checkpoint import STATE_FILE
+
 WriteCheckpoint = Callable[[Path], None]
+
+CHECKPOINT_PREFIX = "checkpoint_epoch="
 
 
 class Reporter(Protocol):
@@ -60,48 +65,97 @@ class RayTrainReporter:
 
 class LocalReporter:
     """Checkpoints in ``directory`` (``checkpoint_epoch=NNNNNN``, the newest ``keep``),
-    and the run's Train callbacks called after every report, as the controller would."""
+    and the run's Train callbacks called after every report, as the controller would.
+
+    ``directory`` may be a URI (``storage_path: s3://...``): each checkpoint is written
+    locally, then uploaded with its ``state.json`` last (a checkpoint without one is
+    incomplete and never resumed from), and resuming downloads the latest."""
 
     def __init__(self, directory: str | Path, keep: int | None, callbacks: Sequence[Any] = ()):
-        self.directory = Path(directory)
+        self.remote = objectstore.is_uri(str(directory))
+        self.directory = str(directory).rstrip("/") if self.remote else Path(directory)
         self.keep = keep
         self.callbacks = list(callbacks)
         self.last_metrics: dict[str, Any] = {}
 
     def resume_from(self) -> AbstractContextManager[str | None]:
         latest = self.latest()
+        if latest is not None and self.remote:
+            return _downloaded(str(latest))
         return nullcontext(str(latest) if latest is not None else None)
 
-    def latest(self) -> Path | None:
-        found = sorted(self.directory.glob("checkpoint_epoch=*")) if self.directory.is_dir() else []
-        complete = [d for d in found if (d / "state.json").is_file()]
+    def latest(self) -> Path | str | None:
+        complete = self._checkpoints()
         return complete[-1] if complete else None
+
+    def _checkpoints(self) -> list[Path | str]:
+        """Complete checkpoints (with their ``state.json``), oldest first."""
+        if self.remote:
+            files = objectstore.list_files(self.directory)
+            return sorted(
+                {
+                    file.rsplit("/", 1)[0]
+                    for file in files
+                    if file.endswith(f"/{STATE_FILE}")
+                    and file[len(self.directory) + 1 :].startswith(CHECKPOINT_PREFIX)
+                    and file[len(self.directory) + 1 :].count("/") == 1
+                }
+            )
+        if not self.directory.is_dir():
+            return []
+        found = sorted(self.directory.glob(f"{CHECKPOINT_PREFIX}*"))
+        return [d for d in found if (d / STATE_FILE).is_file()]
 
     def report(self, metrics: dict[str, Any], write_checkpoint: WriteCheckpoint | None) -> None:
         import ray.train
 
         checkpoint = None
         if write_checkpoint is not None:
-            directory = self.directory / f"checkpoint_epoch={int(metrics['epoch']):06d}"
-            partial = directory.with_name("." + directory.name + ".partial")
-            shutil.rmtree(partial, ignore_errors=True)
-            write_checkpoint(partial)
-            shutil.rmtree(directory, ignore_errors=True)
-            partial.rename(directory)  # a checkpoint is complete or absent, never half-written
+            name = f"{CHECKPOINT_PREFIX}{int(metrics['epoch']):06d}"
+            if self.remote:
+                target = self._upload(name, write_checkpoint)
+            else:
+                target = self.directory / name
+                partial = target.with_name("." + name + ".partial")
+                shutil.rmtree(partial, ignore_errors=True)
+                write_checkpoint(partial)
+                shutil.rmtree(target, ignore_errors=True)
+                partial.rename(target)  # a checkpoint is complete or absent, never half-written
             self._prune()
-            checkpoint = ray.train.Checkpoint.from_directory(str(directory))
+            checkpoint = ray.train.Checkpoint(str(target))
         self.last_metrics = metrics
         for callback in self.callbacks:
             callback.after_report(run_context=None, metrics=[metrics], checkpoint=checkpoint)
 
+    def _upload(self, name: str, write_checkpoint: WriteCheckpoint) -> str:
+        target = objectstore.join(self.directory, name)
+        with tempfile.TemporaryDirectory() as scratch:
+            files = Path(scratch) / name
+            write_checkpoint(files)
+            state = (files / STATE_FILE).read_text()
+            (files / STATE_FILE).unlink()
+            objectstore.delete(target)
+            objectstore.copy_tree(str(files), target)
+            objectstore.write_text(objectstore.join(target, STATE_FILE), state)
+        return target
+
     def _prune(self) -> None:
         if self.keep is None:
             return
-        found = sorted(
-            d for d in self.directory.iterdir() if d.name.startswith("checkpoint_epoch=")
-        )
-        for old in found[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        for old in self._checkpoints()[: -self.keep]:
+            if self.remote:
+                objectstore.delete(str(old))
+            else:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def _downloaded(uri: str) -> Iterator[str]:
+    """A checkpoint on object storage, downloaded whole (optimizer state included) into
+    a temporary folder for the block."""
+    with tempfile.TemporaryDirectory() as scratch:
+        objectstore.copy_tree(uri, scratch)
+        yield scratch
 
 
 def history_from_epochs(epochs: Iterable[dict[str, Any]]) -> dict[str, dict[int, float]]:

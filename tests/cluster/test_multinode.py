@@ -34,9 +34,10 @@ CONFIG = {
 
 
 @pytest.fixture(scope="module")
-def two_nodes(tmp_path_factory) -> Iterator[object]:
+def two_nodes(tmp_path_factory, s3_endpoint) -> Iterator[object]:
     """Two Ray nodes of one CPU each on this machine; the test process stays out of it
-    (it may hold the session's own Ray), drivers run as subprocesses."""
+    (it may hold the session's own Ray), drivers run as subprocesses. The S3 endpoint
+    is up first: the nodes inherit ``AWS_ENDPOINT_URL`` and its credentials."""
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(
@@ -170,3 +171,31 @@ def test_a_sweep_tracking_in_sqlite_pins_its_trials_to_the_node_of_the_file(
     trials = [r for r in trials if "mlflow.parentRunId" in r.data.tags]
     assert len(trials) == 2
     assert {r.data.tags["ray.node_id"] for r in trials} == {head}
+
+
+def test_the_storage_check_accepts_s3_that_every_node_reaches(
+    two_nodes, tmp_path: Path, s3_endpoint, s3_bucket
+) -> None:
+    import subprocess
+    import sys
+
+    from object_store import list_keys
+
+    storage = f"s3://{s3_bucket}/runs"
+    # A driver of the cluster, as `freezelab train` is: the marker it writes on S3 must
+    # be read back by a task on each node, with that node's own credentials.
+    driver = (
+        "import ray\n"
+        "from freezelab.cluster.checks import alive_nodes, check_shared_storage\n"
+        f"ray.init(address={two_nodes.address!r})\n"
+        "nodes = alive_nodes()\n"
+        f"check_shared_storage({storage!r}, nodes)\n"
+        "print('accepted on', len(nodes), 'nodes')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", driver], capture_output=True, text=True, timeout=180
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "accepted on 2 nodes" in result.stdout
+    left = [k for k in list_keys(s3_endpoint, s3_bucket) if not k.endswith("/")]
+    assert left == [], "the marker was not cleaned up"

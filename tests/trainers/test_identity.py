@@ -105,9 +105,3 @@ def test_two_processes_claiming_one_name_at_once_never_share_it(tiny_config):
         where._record("mine", first.safe_dict())
     assert where._record("mine", other.safe_dict()) == "theirs"  # same config: same run
     assert not list(where.path.glob(".freezelab_run.json.*")), "a partial record was left"
-
-
-def test_overwrite_is_refused_on_remote_storage(tiny_config):
-    config = tiny_config(name="far", storage_path="s3://bucket/runs", scaling={"num_workers": 1})
-    with pytest.raises(ConfigError, match="remote storage"):
-        RunLocation.of(config).claim(config, overwrite=True)
