@@ -21,7 +21,9 @@ from typing import Any
 from freezelab.env import LOG_LEVEL_ENV, log_level
 from freezelab.errors import ConfigError
 from freezelab.progress import followed
+from freezelab.redact import redact_uri
 from freezelab.trainers import checkpoint as ckpt
+from freezelab.trainers import ray_data
 from freezelab.trainers.config import TrainConfig
 from freezelab.trainers.location import RunLocation
 from freezelab.trainers.reporting import LocalReporter, Reporter
@@ -112,9 +114,14 @@ def _fit(
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
         LOG_LEVEL_ENV: log_level(),
     }
+    # Ray Data: one dataset per rank and split, handed out by the trainer (ray_data.py).
+    shards = ray_data_shards(config, config.scaling.num_workers)
+    datasets = shards.pop("datasets") if shards else None
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.to_dict(), "reporter": reporter},
+        train_loop_config={"config": config.to_dict(), "reporter": reporter, "ray_data": shards},
+        datasets=datasets,
+        dataset_config=ray_data.dataset_config() if shards else None,
         scaling_config=ScalingConfig(
             num_workers=config.scaling.num_workers,
             use_gpu=config.scaling.use_gpu,
@@ -161,11 +168,37 @@ def _run_in_process(
     reporter = reporter or LocalReporter(
         where.local_checkpoint_dir, config.checkpoint.keep, callbacks
     )
-    train_loop_per_worker({"config": config.to_dict(), "reporter": reporter, "in_process": True})
+    shards = ray_data_shards(config, 1, in_process=True)
+    train_loop_per_worker(
+        {"config": config.to_dict(), "reporter": reporter, "in_process": True, "ray_data": shards}
+    )
     latest = where.latest_checkpoint()
     directory = str(latest) if latest else None
     state = ckpt.read_state(directory) if directory else {"metrics": {}}
     return TrainOutcome(config.name, state["metrics"], directory, history=state.get("history", []))
+
+
+def ray_data_shards(
+    config: TrainConfig, world_size: int, *, in_process: bool = False
+) -> dict[str, Any] | None:
+    """The Ray Data shards of a run whose loader resolves to ``ray_data`` (else None).
+    ``auto`` counts the cluster's nodes; in one process, Ray Data's tasks need a Ray,
+    so a local one starts if none is up."""
+    import ray
+
+    from freezelab.trainers.data import resolve_loader
+
+    if config.data.kind != "image_folder" or config.data.loader == "torch":
+        return None
+    if in_process and not ray.is_initialized():
+        if resolve_loader(config.data, nodes=1) == "torch":
+            return None
+        init_ray()
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    if resolve_loader(config.data, nodes) == "torch":
+        return None
+    log.info(f"data: Ray Data reads {redact_uri(config.data.root)} ({world_size} shard(s) per split)")
+    return ray_data.shard_info(config, world_size)
 
 
 # Network settings that are usually exported on the driver for the whole cluster.
