@@ -4,7 +4,6 @@ a real S3 endpoint (moto), corrupt images named or skipped, and the auto rule.""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -218,7 +217,7 @@ def corrupt_folder(tmp_path) -> Path:
 
 @pytest.mark.ray
 def test_a_corrupt_image_is_named_or_skipped_and_counted(
-    ray_session, corrupt_folder, tmp_path, caplog
+    ray_session, corrupt_folder, tmp_path, capsys
 ):
     from ray.exceptions import RayError
 
@@ -227,12 +226,11 @@ def test_a_corrupt_image_is_named_or_skipped_and_counted(
         run_training(config, progress=False)
 
     config = _run_config(
-        tmp_path, corrupt_folder, name="skip", epochs=1, data={"skip_corrupt": True}
+        tmp_path, corrupt_folder, name="skip", epochs=1, data={"loader": "ray_data", "skip_corrupt": True}
     )
-    with caplog.at_level(logging.WARNING, logger="freezelab.trainers.ray_data"):
-        outcome = run_training(config, progress=False)
+    outcome = run_training(config, progress=False)
     # 12 images, 3 to val (one per class), 9 train: the corrupt one is dropped from
     # whichever split holds it, and counted.
     seen = outcome.metrics["train_images"] + outcome.metrics["val_images"]
     assert seen == 12 - 1
-    assert "skipped 1 corrupt image(s)" in caplog.text
+    assert "skipped 1 corrupt image(s)" in capsys.readouterr().out
