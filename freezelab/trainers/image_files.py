@@ -67,6 +67,18 @@ def _entries(directory: str, recursive: bool) -> list[Any]:
         ) from None
 
 
+def _why_missing(uri: str) -> str:
+    """' (no such bucket)' when the URI's bucket itself is missing, else ''."""
+    import pyarrow.fs
+
+    scheme, _, rest = uri.partition("://")
+    bucket = rest.split("/", 1)[0]
+    if not bucket or bucket == rest.rstrip("/"):
+        return ""
+    found = objectstore.info(f"{scheme}://{bucket}", "data.root")
+    return " (no such bucket)" if found.type == pyarrow.fs.FileType.NotFound else ""
+
+
 def folder_layout(root: str) -> FolderLayout:
     """``train/`` and ``val/`` under ``root``, or the class folders directly under it."""
     import pyarrow.fs
@@ -74,7 +86,7 @@ def folder_layout(root: str) -> FolderLayout:
     if objectstore.is_uri(root):
         found = objectstore.info(root, "data.root")
         if found.type == pyarrow.fs.FileType.NotFound:
-            raise DataError(f"data.root: {redact_uri(root)!r} does not exist")
+            raise DataError(f"data.root: {redact_uri(root)!r} does not exist{_why_missing(root)}")
         if found.type != pyarrow.fs.FileType.Directory:
             raise DataError(f"data.root: {redact_uri(root)!r} is a file, not a folder")
     folders = {

@@ -234,3 +234,40 @@ def test_a_corrupt_image_is_named_or_skipped_and_counted(
     seen = outcome.metrics["train_images"] + outcome.metrics["val_images"]
     assert seen == 12 - 1
     assert "skipped 1 corrupt image(s)" in capsys.readouterr().out
+
+
+# -- bad input: refused on the driver, before Ray, MLflow or a run directory ----------
+
+
+def _refused(tmp_path, capsys, root) -> str:
+    import yaml
+
+    from freezelab.cli import main
+
+    config = merge(TINY, {"storage_path": str(tmp_path / "runs")})
+    config["data"] = {"kind": "image_folder", "root": root, "input_size": 32}
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+    return err
+
+
+def test_object_store_roots_that_cannot_be_used_are_refused_up_front(
+    folder, s3_endpoint, s3_bucket, tmp_path, capsys, monkeypatch
+):
+    from object_store import s3_client, upload_folder
+
+    assert "does not exist" in _refused(tmp_path, capsys, f"s3://{s3_bucket}/nothing-here")
+    assert "no such bucket" in _refused(tmp_path, capsys, "s3://no-such-bucket-18/pets")
+    client = s3_client(s3_endpoint)
+    client.put_object(Bucket=s3_bucket, Key="one/ant/0.jpg", Body=(folder / "ant/00.jpg").read_bytes())
+    assert "has one class folder ('ant')" in _refused(tmp_path, capsys, f"s3://{s3_bucket}/one")
+    client.put_object(Bucket=s3_bucket, Key="one/bee/notes.txt", Body=b"x")
+    err = _refused(tmp_path, capsys, f"s3://{s3_bucket}/one")
+    assert "no image files" in err and "'bee'" in err
+    uri = upload_folder(s3_endpoint, folder, s3_bucket, "ok")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    assert "endpoint unreachable" in _refused(tmp_path, capsys, uri)
