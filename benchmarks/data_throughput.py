@@ -35,8 +35,12 @@ def make_folder(root: Path, count: int, size: tuple[int, int], classes: int = 4)
     for i in range(count):
         folder = root / f"class{i % classes}"
         folder.mkdir(parents=True, exist_ok=True)
-        pixels = ramp + rng.normal(0, 25, (height, width, 3)).astype(np.float32) + 10 * (i % classes)
-        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{i:05d}.jpg", quality=85)
+        pixels = (
+            ramp + rng.normal(0, 25, (height, width, 3)).astype(np.float32) + 10 * (i % classes)
+        )
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(
+            folder / f"{i:05d}.jpg", quality=85
+        )
     return root
 
 
@@ -95,7 +99,12 @@ def main() -> None:
     args = p.parse_args()
     if args.smoke:
         args.model, args.images, args.width, args.height, args.size, args.batch = (
-            "test_resnet", 48, 120, 90, 32, 16,
+            "test_resnet",
+            48,
+            120,
+            90,
+            32,
+            16,
         )
         args.repeats = 1
     import ray

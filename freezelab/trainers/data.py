@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from torch.utils.data import DataLoader, Dataset
 
-from freezelab.config_io import ConfigModel
 from freezelab import objectstore
+from freezelab.config_io import ConfigModel
 from freezelab.trainers import image_files
 from freezelab.trainers.image_files import DataError
 from freezelab.trainers.shifts import SHIFT_KINDS, ShiftedImages, parse_shift

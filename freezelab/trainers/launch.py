@@ -198,7 +198,9 @@ def ray_data_shards(
     nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
     if resolve_loader(config.data, nodes) == "torch":
         return None
-    log.info(f"data: Ray Data reads {redact_uri(config.data.root)} ({world_size} shard(s) per split)")
+    log.info(
+        f"data: Ray Data reads {redact_uri(config.data.root)} ({world_size} shard(s) per split)"
+    )
     return ray_data.shard_info(config, world_size)
 
 

@@ -98,6 +98,12 @@ def shard_info(config: Any, world_size: int) -> dict[str, Any]:
     """What the loop needs to read its shards: the sizes, the class names, and the
     datasets (``train_<rank>``, ``val_<rank>``), which the launcher hands to the
     TorchTrainer, or in one process to the loop itself."""
+    from ray.data import DataContext
+
+    # Ray Data's progress bars, from every worker, would bury the run's own lines: -v only.
+    DataContext.get_current().enable_progress_bars = logging.getLogger("freezelab").isEnabledFor(
+        logging.DEBUG
+    )
     table = image_table(config.data)
     spec = _input_spec(config.data, _unallocated_model(config, len(table.classes)))
     if spec.channels not in (1, 3):
@@ -146,7 +152,9 @@ def _dataset(rows: list[tuple[str, int, int]], data: DataConfig, spec: _InputSpe
     import ray.data
 
     items = [{"file": file, "label": label, "index": index} for file, label, index in rows]
-    dataset = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // ROWS_PER_BLOCK)))
+    dataset = ray.data.from_items(
+        items, override_num_blocks=max(1, -(-len(items) // ROWS_PER_BLOCK))
+    )
     dataset.context.execution_options.preserve_order = True
     decode = DecodeImages(data.root, spec, train, data.skip_corrupt)
     return dataset.map_batches(decode, batch_size=ROWS_PER_BLOCK, batch_format="numpy")
@@ -177,7 +185,9 @@ class DecodeImages:
                 with fs.open_input_stream(_path_in(file, self.root, base)) as stream:
                     data = stream.read()
             except OSError as err:
-                raise DataError(f"data.root: cannot read {file!r}: {objectstore.reason(err)}") from None
+                raise DataError(
+                    f"data.root: cannot read {file!r}: {objectstore.reason(err)}"
+                ) from None
             try:
                 with Image.open(io.BytesIO(data)) as opened:
                     image = opened.convert("L" if self.spec.channels == 1 else "RGB")
@@ -271,7 +281,9 @@ class ShardBatches:
         batches = self.shard.iter_torch_batches(
             batch_size=self.batch_size,
             device="cpu",
-            local_shuffle_buffer_size=max(SHUFFLE_BUFFER_ROWS, self.batch_size) if shuffle else None,
+            local_shuffle_buffer_size=max(SHUFFLE_BUFFER_ROWS, self.batch_size)
+            if shuffle
+            else None,
             local_shuffle_seed=epoch_seed(self.seed, self.epoch, self.rank) if shuffle else None,
         )
         skipped = 0

@@ -186,7 +186,9 @@ def test_one_process_run_resumes_bit_exactly_and_caches_features(ray_session, fo
 
 
 @pytest.mark.ray
-def test_two_workers_train_from_s3_with_ray_data(ray_session, folder, s3_endpoint, s3_bucket, tmp_path):
+def test_two_workers_train_from_s3_with_ray_data(
+    ray_session, folder, s3_endpoint, s3_bucket, tmp_path
+):
     from object_store import upload_folder
 
     uri = upload_folder(s3_endpoint, folder, s3_bucket, "pets")
@@ -221,12 +223,18 @@ def test_a_corrupt_image_is_named_or_skipped_and_counted(
 ):
     from ray.exceptions import RayError
 
-    config = _run_config(tmp_path, corrupt_folder, name="bad", epochs=1, data={"loader": "ray_data"})
+    config = _run_config(
+        tmp_path, corrupt_folder, name="bad", epochs=1, data={"loader": "ray_data"}
+    )
     with pytest.raises((RayError, DataError), match=r"bee/02.jpg.*skip_corrupt"):
         run_training(config, progress=False)
 
     config = _run_config(
-        tmp_path, corrupt_folder, name="skip", epochs=1, data={"loader": "ray_data", "skip_corrupt": True}
+        tmp_path,
+        corrupt_folder,
+        name="skip",
+        epochs=1,
+        data={"loader": "ray_data", "skip_corrupt": True},
     )
     outcome = run_training(config, progress=False)
     # 12 images, 3 to val (one per class), 9 train: the corrupt one is dropped from
@@ -262,7 +270,9 @@ def test_object_store_roots_that_cannot_be_used_are_refused_up_front(
     assert "does not exist" in _refused(tmp_path, capsys, f"s3://{s3_bucket}/nothing-here")
     assert "no such bucket" in _refused(tmp_path, capsys, "s3://no-such-bucket-18/pets")
     client = s3_client(s3_endpoint)
-    client.put_object(Bucket=s3_bucket, Key="one/ant/0.jpg", Body=(folder / "ant/00.jpg").read_bytes())
+    client.put_object(
+        Bucket=s3_bucket, Key="one/ant/0.jpg", Body=(folder / "ant/00.jpg").read_bytes()
+    )
     assert "has one class folder ('ant')" in _refused(tmp_path, capsys, f"s3://{s3_bucket}/one")
     client.put_object(Bucket=s3_bucket, Key="one/bee/notes.txt", Body=b"x")
     err = _refused(tmp_path, capsys, f"s3://{s3_bucket}/one")
