@@ -138,6 +138,22 @@ def test_loader_fields_are_validated(fields, needle):
 
 
 @pytest.mark.ray
+def test_each_epochs_order_is_a_function_of_seed_epoch_and_rank(ray_session, folder, tmp_path):
+    info = ray_data.shard_info(_run_config(tmp_path, folder, data={"loader": "ray_data"}), 2)
+
+    def order(epoch: int, rank: int = 0, seed: int = 0) -> list[int]:
+        train, _ = ray_data.rank_batches(info, rank, 2, 4, 4, seed)
+        train.set_epoch(epoch)
+        return [int(i) for _, _, indices in train for i in indices]
+
+    assert order(1) == order(1)  # read again: the same batches
+    assert order(1) != order(2) and sorted(order(1)) == sorted(order(2))
+    assert not set(order(1)) & set(order(1, rank=1))  # 18 rows: 9 per rank, none shared
+
+
+
+
+@pytest.mark.ray
 def test_one_process_run_resumes_bit_exactly_and_caches_features(ray_session, folder, tmp_path):
     # In one process Ray Data's datasets are iterated directly (no Train worker group).
     common = {"data": {"loader": "ray_data"}, "epochs": 3}
