@@ -151,8 +151,6 @@ def test_each_epochs_order_is_a_function_of_seed_epoch_and_rank(ray_session, fol
     assert not set(order(1)) & set(order(1, rank=1))  # 18 rows: 9 per rank, none shared
 
 
-
-
 @pytest.mark.ray
 def test_one_process_run_resumes_bit_exactly_and_caches_features(ray_session, folder, tmp_path):
     # In one process Ray Data's datasets are iterated directly (no Train worker group).
@@ -297,3 +295,16 @@ def test_object_store_roots_that_cannot_be_used_are_refused_up_front(
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     assert "endpoint unreachable" in _refused(tmp_path, capsys, uri)
+
+
+@pytest.mark.ray
+def test_workers_leave_a_cpu_to_ray_datas_tasks(ray_session, tiny_config):
+    from freezelab.errors import ConfigError
+    from freezelab.trainers.launch import RAY_DATA_CPUS, worker_resources
+
+    two = tiny_config(scaling={"num_workers": 2})
+    assert worker_resources(two, spare_cpus=RAY_DATA_CPUS) == {"CPU": 0.5}
+    assert worker_resources(two) == {"CPU": 1.0}  # the DataLoader path: as before
+    greedy = tiny_config(scaling={"num_workers": 2, "resources_per_worker": {"CPU": 1}})
+    with pytest.raises(ConfigError, match="leave 0 of 2 CPUs for Ray Data's read and decode"):
+        worker_resources(greedy, spare_cpus=RAY_DATA_CPUS)
