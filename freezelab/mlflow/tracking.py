@@ -176,7 +176,9 @@ def dataset_inputs(config: Any) -> list[Any]:
 
     data = config.data
     if data.kind == "image_folder":
-        name, source_type, source = Path(data.root).name, "local", data.root
+        # An object store's scheme is its MLflow source type (s3, gs, ...).
+        scheme = data.root.split("://")[0] if "://" in data.root else "local"
+        name, source_type, source = data.root.rstrip("/").rsplit("/", 1)[-1], scheme, data.root
     elif data.kind == "digits":
         name, source_type, source = "digits", "code", "sklearn.datasets.load_digits"
     else:

@@ -28,8 +28,10 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from torch.utils.data import DataLoader, Dataset
 
+from freezelab import objectstore
 from freezelab.config_io import ConfigModel
-from freezelab.errors import FreezelabError
+from freezelab.trainers import image_files
+from freezelab.trainers.image_files import DataError
 from freezelab.trainers.shifts import SHIFT_KINDS, ShiftedImages, parse_shift
 
 _ALL_DIGITS = tuple(range(10))
@@ -48,10 +50,6 @@ _REQUIRED_FIELDS = {
 }
 # timm's default minimum crop (8% of the area) can cut an 8x8 digit out of its own image.
 _TENSOR_CROP_SCALE = (0.35, 1.0)
-
-
-class DataError(FreezelabError, ValueError):
-    """Data that cannot be built as configured: the message names the field and the path."""
 
 
 class DataConfig(ConfigModel):
@@ -80,6 +78,12 @@ class DataConfig(ConfigModel):
     shift: str | None = None
     eval_shifts: tuple[str, ...] = ()
     eval_sets: dict[str, str] = Field(default_factory=dict)
+    # How images reach the loop: a DataLoader per worker (torch), Ray Data's streaming
+    # reads and preprocessing on any node's CPUs (ray_data), or auto (``resolve_loader``).
+    loader: Literal["auto", "torch", "ray_data"] = "auto"
+    # Ray Data: an image that cannot be decoded is skipped (and counted in the logs)
+    # instead of failing the run with its file's name.
+    skip_corrupt: bool = False
 
     @field_validator("shift")
     @classmethod
@@ -131,12 +135,58 @@ class DataConfig(ConfigModel):
         for name in _REQUIRED_FIELDS[self.kind]:
             if getattr(self, name) is None:
                 raise ValueError(f"{name} is required when kind is {self.kind!r}")
+        if self.kind != "image_folder" and self.loader == "ray_data":
+            raise ValueError(f"loader 'ray_data' reads image folders, not kind {self.kind!r}")
+        if self.kind != "image_folder" and self.skip_corrupt:
+            raise ValueError(f"skip_corrupt applies to kind 'image_folder' only, not {self.kind!r}")
+        if self.kind == "image_folder" and objectstore.is_uri(self.root):
+            if self.loader == "torch":
+                raise ValueError(
+                    f"root {self.root!r} is a URI: loader 'torch' reads local or mounted "
+                    "folders; use loader 'ray_data' (or 'auto')"
+                )
+        if self.loader == "torch" and self.skip_corrupt:
+            raise ValueError("skip_corrupt needs loader 'ray_data' (or 'auto' on a URI)")
+        if self.loader != "torch" and self.kind == "image_folder":
+            shifted = ["shift"] * bool(self.shift) + ["eval_shifts"] * bool(self.eval_shifts)
+            if shifted and (self.loader == "ray_data" or objectstore.is_uri(self.root)):
+                raise ValueError(
+                    f"{' and '.join(shifted)}: not available with loader 'ray_data' yet; "
+                    "use a local folder with loader 'torch'"
+                )
         if self.kind == "synthetic" and self.num_samples < 2 * self.num_classes:
             raise ValueError(
                 f"num_samples={self.num_samples} leaves fewer than 2 samples per class for "
                 f"num_classes={self.num_classes}; the train/val split needs at least 2"
             )
         return self
+
+
+def resolve_loader(config: DataConfig, nodes: int) -> Literal["torch", "ray_data"]:
+    """The loader a run uses: ``data.loader``, or for ``auto`` Ray Data when the images
+    are on object storage (a URI) or the cluster has more than one node, the DataLoader
+    otherwise (and always for digits and synthetic data).
+
+    >>> folder = DataConfig(kind="image_folder", root="s3://bucket/pets")
+    >>> resolve_loader(folder, nodes=1), resolve_loader(DataConfig(kind="digits"), nodes=4)
+    ('ray_data', 'torch')
+    """
+    if config.loader != "auto":
+        return config.loader
+    if config.kind != "image_folder":
+        return "torch"
+    if objectstore.is_uri(config.root):
+        chosen = "ray_data"
+    else:
+        # Input shifts are applied by the DataLoader path only (a URI with them is refused).
+        shifted = config.shift is not None or bool(config.eval_shifts)
+        chosen = "ray_data" if nodes > 1 and not shifted else "torch"
+    if chosen == "torch" and config.skip_corrupt:
+        raise DataError(
+            "data.skip_corrupt: the DataLoader reads this local folder on one node (loader "
+            "auto); skip_corrupt needs loader 'ray_data'"
+        )
+    return chosen
 
 
 def num_classes_of(config: DataConfig) -> int:
@@ -149,6 +199,8 @@ def num_classes_of(config: DataConfig) -> int:
         return len(config.classes or _ALL_DIGITS)
     if config.kind == "synthetic":
         return config.num_classes
+    if objectstore.is_uri(config.root):
+        return len(image_files.class_names(image_files.folder_layout(config.root).train))
     train_dir, _ = _folder_layout(config)
     return len(_class_names(train_dir))
 
@@ -156,10 +208,17 @@ def num_classes_of(config: DataConfig) -> int:
 def check_data(config: DataConfig) -> None:
     """What can be known about the data without reading it: an image folder (and each
     of ``eval_sets``) has at least two class folders, each with image files (in
-    ``train/`` and ``val/`` too)."""
-    directories = (
-        list(filter(None, _folder_layout(config))) if config.kind == "image_folder" else []
-    )
+    ``train/`` and ``val/`` too). A URI is listed through its object store, whose errors
+    (no such bucket, access denied, an endpoint that does not answer) say so in one line."""
+    if config.kind == "image_folder" and objectstore.is_uri(config.root):
+        layout = image_files.folder_layout(config.root)
+        for directory in filter(None, (layout.train, layout.val)):
+            image_files.check_classes(directory)
+        directories = []
+    else:
+        directories = (
+            list(filter(None, _folder_layout(config))) if config.kind == "image_folder" else []
+        )
     for name, root in config.eval_sets.items():
         directory = Path(root).expanduser()
         if not directory.is_dir():
@@ -472,22 +531,47 @@ def _folder_images(directory: Path, spec: _InputSpec, is_training: bool) -> Data
         raise DataError(f"data.root: {directory}: {err}") from None
 
 
+def folder_split(
+    config: DataConfig,
+    train_targets: Sequence[int],
+    classes: Sequence[str],
+    val_classes: Sequence[str] | None,
+    val_count: int,
+) -> tuple[list[int], list[int]]:
+    """``(train indices, val indices)`` of an image folder: into its train files and
+    its val files when it has ``train/`` and ``val/`` (``val_classes`` given), else
+    both into its files by the seeded ``val_fraction`` split; then the seeded
+    ``train_per_class`` cap. Both loaders (DataLoader, Ray Data) split with this."""
+    if val_classes is None:
+        train_idx, val_idx = _split(
+            train_targets, config.val_fraction, config.seed, classes, "data.root"
+        )
+    else:
+        if list(val_classes) != list(classes):
+            raise DataError(
+                f"data.root: train/ has classes {list(classes)} but val/ has {list(val_classes)}"
+            )
+        train_idx, val_idx = list(range(len(train_targets))), list(range(val_count))
+    train_idx = _cap_per_class(train_idx, train_targets, config.train_per_class, config.seed)
+    return train_idx, val_idx
+
+
 def _folder_datasets(config: DataConfig, spec: _InputSpec) -> tuple[Dataset, Dataset]:
+    if objectstore.is_uri(config.root):
+        raise DataError(
+            f"data.root: {config.root!r} is a URI, which the DataLoader does not read; "
+            "use data.loader 'ray_data' (or 'auto')"
+        )
     train_dir, val_dir = _folder_layout(config)
     train_images = _folder_images(train_dir, spec, config.augment)
-    if val_dir is None:
-        val_images = _folder_images(train_dir, spec, False)
-        labels, names = train_images.targets, train_images.classes
-        train_idx, val_idx = _split(labels, config.val_fraction, config.seed, names, "data.root")
-    else:
-        val_images = _folder_images(val_dir, spec, False)
-        if val_images.classes != train_images.classes:
-            raise DataError(
-                f"data.root: train/ has classes {train_images.classes} "
-                f"but val/ has {val_images.classes}"
-            )
-        train_idx, val_idx = list(range(len(train_images))), list(range(len(val_images)))
-    train_idx = _cap_per_class(train_idx, train_images.targets, config.train_per_class, config.seed)
+    val_images = _folder_images(val_dir or train_dir, spec, False)
+    train_idx, val_idx = folder_split(
+        config,
+        train_images.targets,
+        train_images.classes,
+        val_images.classes if val_dir is not None else None,
+        len(val_images),
+    )
     return (
         _Subset(train_images, train_idx, train_images.targets),
         _Subset(val_images, val_idx, val_images.targets),

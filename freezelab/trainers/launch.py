@@ -21,7 +21,9 @@ from typing import Any
 from freezelab.env import LOG_LEVEL_ENV, log_level
 from freezelab.errors import ConfigError
 from freezelab.progress import followed
+from freezelab.redact import redact_uri
 from freezelab.trainers import checkpoint as ckpt
+from freezelab.trainers import ray_data
 from freezelab.trainers.config import TrainConfig
 from freezelab.trainers.location import RunLocation
 from freezelab.trainers.reporting import LocalReporter, Reporter
@@ -137,13 +139,19 @@ def _fit(
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
         LOG_LEVEL_ENV: log_level(),
     }
+    # Ray Data: one dataset per rank and split, handed out by the trainer (ray_data.py).
+    shards = ray_data_shards(config, config.scaling.num_workers)
+    datasets = shards.pop("datasets") if shards else None
+    resources = worker_resources(config, spare_cpus=RAY_DATA_CPUS if shards else 0.0)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.to_dict(), "reporter": reporter},
+        train_loop_config={"config": config.to_dict(), "reporter": reporter, "ray_data": shards},
+        datasets=datasets,
+        dataset_config=ray_data.dataset_config() if shards else None,
         scaling_config=ScalingConfig(
             num_workers=config.scaling.num_workers,
             use_gpu=config.scaling.use_gpu,
-            resources_per_worker=worker_resources(config),
+            resources_per_worker=resources,
             placement_strategy=config.scaling.placement_strategy,
         ),
         # gloo on CPU, NCCL on GPU: TorchConfig's default picks by device.
@@ -192,8 +200,36 @@ def _run_in_process(
     reporter = reporter or LocalReporter(
         where.local_checkpoint_dir, config.checkpoint.keep, callbacks
     )
-    train_loop_per_worker({"config": config.to_dict(), "reporter": reporter, "in_process": True})
+    shards = ray_data_shards(config, 1, in_process=True)
+    train_loop_per_worker(
+        {"config": config.to_dict(), "reporter": reporter, "in_process": True, "ray_data": shards}
+    )
     return outcome_of(config.name, where.latest_checkpoint())
+
+
+def ray_data_shards(
+    config: TrainConfig, world_size: int, *, in_process: bool = False
+) -> dict[str, Any] | None:
+    """The Ray Data shards of a run whose loader resolves to ``ray_data`` (else None).
+    ``auto`` counts the cluster's nodes; in one process, Ray Data's tasks need a Ray,
+    so a local one starts if none is up."""
+    import ray
+
+    from freezelab.trainers.data import resolve_loader
+
+    if config.data.kind != "image_folder" or config.data.loader == "torch":
+        return None
+    if in_process and not ray.is_initialized():
+        if resolve_loader(config.data, nodes=1) == "torch":
+            return None
+        init_ray()
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    if resolve_loader(config.data, nodes) == "torch":
+        return None
+    log.info(
+        f"data: Ray Data reads {redact_uri(config.data.root)} ({world_size} shard(s) per split)"
+    )
+    return ray_data.shard_info(config, world_size)
 
 
 # Network settings that are usually exported on the driver for the whole cluster.
@@ -211,13 +247,20 @@ def worker_env_vars(config: TrainConfig, extra: dict[str, str] | None = None) ->
 MIN_CPU_PER_WORKER = 0.25
 
 
-def worker_resources(config: TrainConfig) -> dict[str, float]:
+# CPUs that Ray Data's read-and-decode tasks (1 CPU each) need beside the Train workers:
+# with none left, they wait for a CPU forever.
+RAY_DATA_CPUS = 1.0
+
+
+def worker_resources(config: TrainConfig, spare_cpus: float = 0.0) -> dict[str, float]:
     """Resources of one worker, sized so that the run fits the cluster it is given.
 
     Without an explicit request a CPU worker takes min(1, CPUs / workers) CPUs, so a
     2-worker run starts on a 2-CPU machine (and inside a Tune trial that holds a CPU);
     an explicit request that can never fit raises instead of waiting forever, which is
-    what Ray Train V2 would otherwise do.
+    what Ray Train V2 would otherwise do. ``spare_cpus`` stay free for Ray Data's
+    tasks: a default CPU worker takes min(1, (CPUs - spare) / workers), and a request
+    that leaves fewer free raises.
     """
     import ray
 
@@ -230,7 +273,7 @@ def worker_resources(config: TrainConfig) -> dict[str, float]:
             requested = {"GPU": 1.0}
         else:
             cpus = totals.get("CPU", 1.0)
-            requested = {"CPU": round(min(1.0, cpus / workers), 3)}
+            requested = {"CPU": round(min(1.0, (cpus - spare_cpus) / workers), 3)}
             if requested["CPU"] < MIN_CPU_PER_WORKER:
                 raise ConfigError(
                     f"scaling: {workers} workers on {cpus:g} CPUs would get {requested['CPU']:g} "
@@ -238,6 +281,13 @@ def worker_resources(config: TrainConfig) -> dict[str, float]:
                     f"most {int(cpus / MIN_CPU_PER_WORKER)} workers, or set "
                     "scaling.resources_per_worker explicitly"
                 )
+    left = totals.get("CPU", 0.0) - requested.get("CPU", 0.0) * workers
+    if spare_cpus and left < spare_cpus - 1e-9:
+        raise ConfigError(
+            f"scaling: {workers} workers x {{CPU: {requested.get('CPU', 0.0):g}}} leave "
+            f"{max(left, 0):g} of {totals.get('CPU', 0.0):g} CPUs for Ray Data's read and decode "
+            f"tasks, which need {spare_cpus:g}: request fewer CPUs per worker"
+        )
     for resource, amount in requested.items():
         have = totals.get(resource, 0.0)
         largest = max((node.get(resource, 0.0) for node in nodes), default=0.0)

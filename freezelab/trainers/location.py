@@ -61,8 +61,20 @@ RESULT_NEUTRAL = (
 )
 
 
+# Fields added after runs were recorded, with the value that computes what configs
+# without the field computed: at that value a config hashes and compares as one
+# recorded before the field existed, so a new release neither renames ({hash}) nor
+# refuses the runs of an old one. A field added with another default is a change.
+ADDED_FIELDS = {
+    "data.loader": "auto",
+    "data.skip_corrupt": False,
+}
+
+
 def result_fields(config: dict[str, Any]) -> dict[str, Any]:
-    """The flattened config (``a.b`` keys) without the result-neutral keys."""
+    """The flattened config (``a.b`` keys) without the result-neutral keys, and
+    without fields added later at the value that keeps the earlier result
+    (``ADDED_FIELDS``)."""
     flat: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -71,6 +83,8 @@ def result_fields(config: dict[str, Any]) -> dict[str, Any]:
                 walk(value, f"{prefix}{key}.")
             return
         key = prefix[:-1]
+        if key in ADDED_FIELDS and node == ADDED_FIELDS[key]:
+            return
         if not any(key == n or key.startswith(n + ".") for n in RESULT_NEUTRAL):
             flat[key] = node
 

@@ -6,7 +6,8 @@ re-wrapped in DDP and the optimizer rebuilt, because DDP only synchronizes the
 parameters that required grad when it was built.
 
 The Ray-specific steps stand out as in Ray Train's own examples: [1] prepare the data
-(``prepare_data_loader``), [2] prepare the model (the DDP wrapper), [3] report through
+(``prepare_data_loader``, or with Ray Data this rank's dataset shards,
+``ray_data.rank_batches``), [2] prepare the model (the DDP wrapper), [3] report through
 the reporter that the caller chose (``reporting.py``); the rest is plain PyTorch.
 """
 
@@ -20,6 +21,7 @@ import time
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -34,6 +36,7 @@ from freezelab.env import log_level
 from freezelab.policies import FreezePlan, apply
 from freezelab.policies.apply import adapt_norm_statistics
 from freezelab.trainers import checkpoint as ckpt
+from freezelab.trainers import ray_data
 from freezelab.trainers.config import TrainConfig, validate_config
 from freezelab.trainers.data import (
     build_datasets,
@@ -58,14 +61,16 @@ log = logging.getLogger(__name__)
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """One rank's training. ``loop_config``: ``config`` (a TrainConfig's dict),
-    ``reporter`` (default: Ray Train's), and ``in_process: True`` for a single process
-    outside any Ray Train worker group (local mode: rank 0 of 1)."""
+    ``reporter`` (default: Ray Train's), ``in_process: True`` for a single process
+    outside any Ray Train worker group (local mode: rank 0 of 1), and ``ray_data``
+    (``ray_data.shard_info``) when Ray Data delivers the images."""
     import ray.train
     import ray.train.torch
 
     config = validate_config(loop_config["config"])
     reporter: Reporter = loop_config.get("reporter") or RayTrainReporter()
     in_process = bool(loop_config.get("in_process"))
+    shards = loop_config.get("ray_data")
     context = _SingleProcess() if in_process else ray.train.get_context()
     if not in_process:
         # Ray Train sets a worker's root logger to INFO, with a line per report
@@ -84,33 +89,50 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     _seed_everything(config.seed)
     model = build_for_config(config)
     initial_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    train_set, val_set, _ = build_datasets(config.data, model)
+    if shards is None:
+        train_set, val_set, _ = build_datasets(config.data, model)
+    else:  # Ray Data reads the images; the loop knows their classes and counts
+        train_set, val_set = None, SimpleNamespace(classes=shards["classes"])
     eval_sets = build_eval_sets(config.data, model, val_set)
     probe = _source_probe(config, model, device) if rank == 0 else None
     deterministic = train_transform_is_deterministic(config.data)
     model.to(device)
     if config.performance.channels_last:
         model.to(memory_format=torch.channels_last)
-    # Ray's own sampler ignores the run's seed; this one is seeded and also used on a
-    # single process, so the order of samples depends only on (seed, epoch).
-    sampler = DistributedSampler(
-        train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=config.seed
-    )
-    train_loader = DataLoader(
-        _Indexed(train_set),
-        batch_size=config.batch_size,
-        sampler=sampler,
-        num_workers=config.data.num_workers,
-    )
-    if not in_process:
-        train_loader = ray.train.torch.prepare_data_loader(train_loader)
-    val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world_size))
     eval_batch = _eval_batch_size(config, device)
-    val_loader = DataLoader(
-        _Indexed(val_shard),
-        batch_size=eval_batch,
-        num_workers=config.data.num_workers,
-    )
+    if shards is None:
+        # Ray's own sampler ignores the run's seed; this one is seeded and also used on
+        # a single process, so the order of samples depends only on (seed, epoch).
+        sampler = DistributedSampler(
+            train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=config.seed
+        )
+        train_loader = DataLoader(
+            _Indexed(train_set),
+            batch_size=config.batch_size,
+            sampler=sampler,
+            num_workers=config.data.num_workers,
+        )
+        if not in_process:
+            train_loader = ray.train.torch.prepare_data_loader(train_loader)
+        val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world_size))
+        val_loader = DataLoader(
+            _Indexed(val_shard),
+            batch_size=eval_batch,
+            num_workers=config.data.num_workers,
+        )
+        train_size, val_shard_size, epoch_order = len(train_set), len(val_shard), sampler
+    else:
+        # [1] prepare the data: this rank's Ray Data shards, read and decoded by Ray
+        # Data's tasks on any node's CPUs; their order per epoch is seeded as the
+        # sampler's is (ray_data.py says what stays exact).
+        train_loader, val_loader = ray_data.rank_batches(
+            shards, rank, world_size, config.batch_size, eval_batch, config.seed
+        )
+        train_size, val_shard_size, epoch_order = (
+            shards["train_size"],
+            len(val_loader.rows),
+            train_loader,
+        )
     eval_loaders = {
         name: DataLoader(
             _Indexed(torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))),
@@ -153,11 +175,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     val_cache: FeatureCache | None = None
     eval_caches: dict[str, FeatureCache | None] = {}
     scaler = torch.amp.GradScaler(device.type, enabled=config.performance.amp == "fp16")
-    steps_per_epoch = -(-len(sampler) // config.batch_size)
+    rows_per_epoch = len(sampler) if shards is None else len(train_loader.rows)
+    steps_per_epoch = -(-rows_per_epoch // config.batch_size)
     counted_flops: dict[tuple[str, bool], int] = {}  # a step's FLOPs by (phase, cached)
     for epoch in range(start_epoch, config.epochs):
         _seed_everything(config.seed, epoch=epoch, rank=rank)
-        sampler.set_epoch(epoch)
+        epoch_order.set_epoch(epoch)
         epoch_plan = config.policy.plan(model, epoch)
         if plan is None or epoch_plan.signature() != plan.signature() or epoch_plan.bn != plan.bn:
             apply(model, epoch_plan)
@@ -171,9 +194,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             optimizer = build_optimizer(model, epoch_plan, config.optimizer, previous=optimizer)
             load_state_by_name(optimizer, optimizer_state)
             optimizer_state = {}
-            cache = _new_cache(config, model, epoch_plan, deterministic, len(train_set), rank)
+            cache = _new_cache(config, model, epoch_plan, deterministic, train_size, rank)
             meter = _gradient_meter(config, model, epoch_plan, starts)
-            val_cache = FeatureCache(len(val_shard)) if cache is not None else None
+            val_cache = FeatureCache(val_shard_size) if cache is not None else None
             eval_caches = {
                 name: FeatureCache(len(loader.dataset)) if cache is not None else None
                 for name, loader in eval_loaders.items()
@@ -198,7 +221,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
         use_cached = cache is not None and cache.complete
         batches = (
-            BatchSampler(sampler, config.batch_size, drop_last=False)
+            BatchSampler(
+                sampler if shards is None else train_loader.cached_order(),
+                config.batch_size,
+                drop_last=False,
+            )
             if use_cached
             else train_loader
         )
@@ -259,12 +286,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # Every rank evaluates, and rank 0 saves, the same model: BatchNorm statistics
         # that each rank updated on its own batches are averaged first.
         _average_buffers(model, world_size)
-        val_loss, val_acc = _evaluate(model, val_loader, device, config, val_cache)
+        val_loss, val_acc, val_images = _evaluate(model, val_loader, device, config, val_cache)
         last = epoch == config.epochs - 1
         extra: dict[str, float] = {}
         if last or (epoch + 1) % config.metrics.eval_every == 0:
             for name, loader in eval_loaders.items():
-                _, extra[f"val_acc/{name}"] = _evaluate(
+                _, extra[f"val_acc/{name}"], _ = _evaluate(
                     model, loader, device, config, eval_caches[name]
                 )
         every = config.forgetting.every
@@ -285,6 +312,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "train_acc": float(totals[1] / totals[2]),
             "val_loss": val_loss,
             "val_acc": val_acc,
+            "val_images": val_images,  # over all ranks: the whole val set, once
             "epoch_time_s": time.perf_counter() - started,
             "images_per_s": float(totals[2]) / train_time,
             # The run's cost so far (README, "What a run costs"): summed over epochs.
@@ -475,9 +503,10 @@ def _evaluate(
     device: torch.device,
     config: TrainConfig,
     cache: FeatureCache | None,
-) -> tuple[float, float]:
-    """Loss and accuracy over the whole validation set: each rank takes a disjoint
-    stride of it (no padding, unlike DistributedSampler), then the sums are reduced.
+) -> tuple[float, float, int]:
+    """Loss, accuracy and image count over the whole validation set: each rank takes a
+    disjoint stride of it (no padding, unlike DistributedSampler), then the sums are
+    reduced.
     In a frozen phase the backbone's features of the validation set are cached too."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)
@@ -501,7 +530,7 @@ def _evaluate(
         )
     model.train()
     totals = _all_reduce(totals)
-    return float(totals[0] / totals[2]), float(totals[1] / totals[2])
+    return float(totals[0] / totals[2]), float(totals[1] / totals[2]), int(totals[2])
 
 
 def _placement(context, device: torch.device) -> list[dict[str, Any]]:
