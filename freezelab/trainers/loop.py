@@ -18,7 +18,9 @@ import logging
 import random
 import resource
 import time
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -100,39 +102,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if config.performance.channels_last:
         model.to(memory_format=torch.channels_last)
     eval_batch = _eval_batch_size(config, device)
-    if shards is None:
-        # Ray's own sampler ignores the run's seed; this one is seeded and also used on
-        # a single process, so the order of samples depends only on (seed, epoch).
-        sampler = DistributedSampler(
-            train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=config.seed
-        )
-        train_loader = DataLoader(
-            _Indexed(train_set),
-            batch_size=config.batch_size,
-            sampler=sampler,
-            num_workers=config.data.num_workers,
-        )
-        if not in_process:
-            train_loader = ray.train.torch.prepare_data_loader(train_loader)
-        val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world_size))
-        val_loader = DataLoader(
-            _Indexed(val_shard),
-            batch_size=eval_batch,
-            num_workers=config.data.num_workers,
-        )
-        train_size, val_shard_size, epoch_order = len(train_set), len(val_shard), sampler
-    else:
-        # [1] prepare the data: this rank's Ray Data shards, read and decoded by Ray
-        # Data's tasks on any node's CPUs; their order per epoch is seeded as the
-        # sampler's is (ray_data.py says what stays exact).
-        train_loader, val_loader = ray_data.rank_batches(
-            shards, rank, world_size, config.batch_size, eval_batch, config.seed
-        )
-        train_size, val_shard_size, epoch_order = (
-            shards["train_size"],
-            len(val_loader.rows),
-            train_loader,
-        )
+    # [1] prepare the data: a seeded DataLoader (prepared by Ray Train), or this rank's
+    # Ray Data shards, read and decoded by Ray Data's tasks on any node's CPUs.
+    data = _rank_data(config, shards, train_set, val_set, rank, world_size, eval_batch, in_process)
     eval_loaders = {
         name: DataLoader(
             _Indexed(torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))),
@@ -175,12 +147,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     val_cache: FeatureCache | None = None
     eval_caches: dict[str, FeatureCache | None] = {}
     scaler = torch.amp.GradScaler(device.type, enabled=config.performance.amp == "fp16")
-    rows_per_epoch = len(sampler) if shards is None else len(train_loader.rows)
-    steps_per_epoch = -(-rows_per_epoch // config.batch_size)
+    steps_per_epoch = -(-data.rows_per_epoch // config.batch_size)
     counted_flops: dict[tuple[str, bool], int] = {}  # a step's FLOPs by (phase, cached)
     for epoch in range(start_epoch, config.epochs):
         _seed_everything(config.seed, epoch=epoch, rank=rank)
-        epoch_order.set_epoch(epoch)
+        data.set_epoch(epoch)
         epoch_plan = config.policy.plan(model, epoch)
         if plan is None or epoch_plan.signature() != plan.signature() or epoch_plan.bn != plan.bn:
             apply(model, epoch_plan)
@@ -188,15 +159,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if starts and "adapt" in epoch_plan.bn.values():
                 # AdaBN: frozen norm layers take the statistics of the target's data.
                 adapt_norm_statistics(
-                    model, epoch_plan, (batch[0].to(device) for batch in train_loader)
+                    model, epoch_plan, (batch[0].to(device) for batch in data.train)
                 )
                 _average_buffers(model, world_size)
             optimizer = build_optimizer(model, epoch_plan, config.optimizer, previous=optimizer)
             load_state_by_name(optimizer, optimizer_state)
             optimizer_state = {}
-            cache = _new_cache(config, model, epoch_plan, deterministic, train_size, rank)
+            cache = _new_cache(config, model, epoch_plan, deterministic, data.train_size, rank)
             meter = _gradient_meter(config, model, epoch_plan, starts)
-            val_cache = FeatureCache(val_shard_size) if cache is not None else None
+            val_cache = FeatureCache(data.val_size) if cache is not None else None
             eval_caches = {
                 name: FeatureCache(len(loader.dataset)) if cache is not None else None
                 for name, loader in eval_loaders.items()
@@ -221,13 +192,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
         use_cached = cache is not None and cache.complete
         batches = (
-            BatchSampler(
-                sampler if shards is None else train_loader.cached_order(),
-                config.batch_size,
-                drop_last=False,
-            )
+            BatchSampler(data.cached_order(), config.batch_size, drop_last=False)
             if use_cached
-            else train_loader
+            else data.train
         )
         step_flops = 0
         # FLOPs per step change with the phase and with the cache, not from epoch to
@@ -286,7 +253,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # Every rank evaluates, and rank 0 saves, the same model: BatchNorm statistics
         # that each rank updated on its own batches are averaged first.
         _average_buffers(model, world_size)
-        val_loss, val_acc, val_images = _evaluate(model, val_loader, device, config, val_cache)
+        val_loss, val_acc, val_images = _evaluate(model, data.val, device, config, val_cache)
         last = epoch == config.epochs - 1
         extra: dict[str, float] = {}
         if last or (epoch + 1) % config.metrics.eval_every == 0:
@@ -374,6 +341,76 @@ class _SingleProcess:
 
     def get_node_rank(self) -> int:
         return 0
+
+
+@dataclass(frozen=True)
+class _RankData:
+    """What one rank reads: batches of ``(images, labels, row indices)`` to train on and
+    to validate, and the order of its training rows, a function of (seed, epoch)."""
+
+    train: Iterable[Any]
+    val: Iterable[Any]
+    train_size: int  # rows of the whole training set: the feature cache's keys
+    val_size: int  # rows of this rank's validation shard
+    rows_per_epoch: int  # this rank's training rows in an epoch
+    set_epoch: Callable[[int], None]
+    cached_order: Callable[[], Iterable[int]]  # the epoch's rows, for cached features
+
+
+def _rank_data(
+    config: TrainConfig,
+    shards: dict[str, Any] | None,
+    train_set: Dataset | None,
+    val_set: Dataset,
+    rank: int,
+    world_size: int,
+    eval_batch: int,
+    in_process: bool,
+) -> _RankData:
+    if shards is not None:
+        # Ray Data: its order per epoch is seeded as the sampler's is (ray_data.py says
+        # what stays exact on resume).
+        train, val = ray_data.rank_batches(
+            shards, rank, world_size, config.batch_size, eval_batch, config.seed
+        )
+        return _RankData(
+            train=train,
+            val=val,
+            train_size=shards["train_size"],
+            val_size=len(val.rows),
+            rows_per_epoch=len(train.rows),
+            set_epoch=train.set_epoch,
+            cached_order=train.cached_order,
+        )
+    import ray.train.torch
+
+    # Ray's own sampler ignores the run's seed; this one is seeded and also used on a
+    # single process, so the order of samples depends only on (seed, epoch).
+    sampler = DistributedSampler(
+        train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=config.seed
+    )
+    train = DataLoader(
+        _Indexed(train_set),
+        batch_size=config.batch_size,
+        sampler=sampler,
+        num_workers=config.data.num_workers,
+    )
+    if not in_process:
+        train = ray.train.torch.prepare_data_loader(train)
+    # A disjoint stride of the validation set per rank: the whole set, no padding.
+    val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world_size))
+    val = DataLoader(
+        _Indexed(val_shard), batch_size=eval_batch, num_workers=config.data.num_workers
+    )
+    return _RankData(
+        train=train,
+        val=val,
+        train_size=len(train_set),
+        val_size=len(val_shard),
+        rows_per_epoch=len(sampler),
+        set_epoch=sampler.set_epoch,
+        cached_order=lambda: sampler,
+    )
 
 
 def _local_device(config: TrainConfig) -> torch.device:
