@@ -17,9 +17,14 @@ finds the maximum: ``gamma = sum_i beta s_i^2 / (alpha + beta s_i^2)``,
 Labels are one-hot columns; the score is the mean over columns of the evidence divided
 by ``n``. Features separate the classes linearly when it is high.
 
-``fit`` is a by-product with a scale: ``1 - (1/beta) / mean(y^2)``, the share of a label
-column's energy that the features explain by the model's own noise estimate (0: none;
-1: all), averaged over the columns.
+``fit`` is a number with a scale from the same model: the share of a label column's
+variance that it predicts for samples it has not seen, ``1 - mean(e_loo^2) / var(y)`` (0:
+no better than the class frequency; 1: all), averaged over the columns. It is fitted with
+an intercept (features and labels centred, evidence maximised again), so that the class
+frequency is its baseline, and ``e_loo`` are the leave-one-out residuals of the posterior
+mean, in closed form: ``e_i / (1 - H_ii)`` with the hat matrix
+``H = 11^T / n + U diag(beta s^2 / (alpha + beta s^2)) U^T``. Held out, because with fewer
+samples than feature dimensions an in-sample fit explains almost any labels.
 
 >>> import numpy as np
 >>> rng = np.random.default_rng(0)
@@ -64,23 +69,49 @@ def logme(features: np.ndarray, labels: np.ndarray) -> LogME:
             f"and {labels.shape}"
         )
     n, dims = features.shape
-    u, s, _ = np.linalg.svd(features, full_matrices=False)
-    keep = s > _RANK_TOLERANCE * (s[0] if len(s) else 0.0)
-    u, s = u[:, keep], s[keep]
+    u, s = _svd(features)
+    centred_u, centred_s = _svd(features - features.mean(axis=0))
     scores, fits = [], []
     for cls in np.unique(labels):
         y = (labels == cls).astype(np.float64)
-        evidence, beta = _max_evidence(u.T @ y, s, float(y @ y), n, dims)
+        evidence, _, _ = _max_evidence(u.T @ y, s, float(y @ y), n, dims)
         scores.append(evidence / n)
-        fits.append(1.0 - (1.0 / beta) / float(y @ y / n))
+        fits.append(_held_out_fit(centred_u, centred_s, y, dims))
     return LogME(float(np.mean(scores)), float(np.clip(np.mean(fits), 0.0, 1.0)))
+
+
+def _svd(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    u, s, _ = np.linalg.svd(features, full_matrices=False)
+    keep = s > _RANK_TOLERANCE * (s[0] if len(s) else 0.0)
+    return u[:, keep], s[keep]
+
+
+def _held_out_fit(u: np.ndarray, s: np.ndarray, y: np.ndarray, dims: int) -> float:
+    """``1 - mean(e_loo^2) / var(y)`` with an intercept (see the module's doc); ``u``
+    and ``s`` are the SVD of the centred features."""
+    n = len(y)
+    variance = float(np.var(y))
+    if variance == 0:
+        return 0.0
+    centred = y - y.mean()
+    z = u.T @ centred
+    # Centring takes a degree of freedom: the centred labels live in n - 1 dimensions.
+    _, alpha, beta = _max_evidence(z, s, float(centred @ centred), n - 1, dims)
+    # Both sides of e_i / (1 - H_ii) in the shrinkage's complement alpha / (alpha +
+    # beta s^2): stable where the model (nearly) interpolates and both tend to 0.
+    keep = alpha / (alpha + beta * s**2)
+    residual = u @ (keep * z) + (centred - u @ z)
+    spanned = (u**2).sum(axis=1)
+    complement = (u**2) @ keep + np.clip(1.0 - 1.0 / n - spanned, 0.0, None)
+    complement = np.maximum(complement, 1e-12)
+    return 1.0 - float(np.mean((residual / complement) ** 2)) / variance
 
 
 def _max_evidence(
     z: np.ndarray, s: np.ndarray, y_energy: float, n: int, dims: int
-) -> tuple[float, float]:
-    """The maximised log evidence of one label column and its ``beta``, from
-    ``z = U^T y`` and the singular values ``s``."""
+) -> tuple[float, float, float]:
+    """The maximised log evidence of one label column and its ``alpha`` and ``beta``,
+    from ``z = U^T y`` and the singular values ``s``."""
     sigma = s**2
     outside = max(y_energy - float(z @ z), 0.0)  # the part of y no feature direction reaches
     alpha, beta = 1.0, 1.0
@@ -110,4 +141,4 @@ def _max_evidence(
         - alpha / 2 * weight_energy
         - log_det / 2
     )
-    return evidence, beta
+    return evidence, alpha, beta

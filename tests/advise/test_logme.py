@@ -42,7 +42,7 @@ def test_the_fixed_point_is_the_evidence_maximum():
         )  # fmt: skip
 
     u, s, _ = np.linalg.svd(features, full_matrices=False)
-    found, _ = _max_evidence(u.T @ y, s, float(y @ y), n, dims)
+    found, _, _ = _max_evidence(u.T @ y, s, float(y @ y), n, dims)
     grid = np.logspace(-3, 3, 25)
     assert found >= max(evidence(a, b) for a in grid for b in grid)
 
