@@ -52,6 +52,13 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per policy")
     p.add_argument("--weights", help="the pretrained weights (safetensors): skip the pretraining")
     p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
+    p.add_argument(
+        "--sweep-json",
+        nargs="+",
+        metavar="JSON",
+        help="take the sweep's per-seed val_acc and wall time from these earlier --json "
+        "outputs instead of fine-tuning again (advise is measured anew)",
+    )
     args = p.parse_args()
     _common.check_device(args.device)
     if args.smoke:
@@ -82,7 +89,8 @@ def main() -> None:
             base = stage_config(
                 study, stage, f"bench-{task}", policy={"type": "full"}, model={"weights": weights}
             )
-            row, table = _compare(args, train, base, task, study.policies)
+            earlier = _earlier_sweep(args.sweep_json, task) if args.sweep_json else None
+            row, table = _compare(args, train, base, task, study.policies, earlier)
             rows.append(row)
             details += table
             print(f"  {task}: {row}", flush=True)
@@ -99,8 +107,31 @@ def main() -> None:
     _common.write_json(args.json, "advise_vs_sweep", args, rows + details)
 
 
+def _earlier_sweep(paths: list[str], task: str) -> tuple[dict[str, list[float]], float]:
+    """Per-seed val_acc by policy label, and the sweep's wall time, of ``task`` in an
+    earlier run's JSON."""
+    import json
+
+    for path in paths:
+        rows = json.loads(Path(path).read_text())["rows"]
+        summary = [r for r in rows if r.get("task") == task and "sweep_s" in r]
+        if summary:
+            accuracy = {
+                r["policy"]: [float(a) for a in r["val_acc_by_seed"].split()]
+                for r in rows
+                if r.get("task") == task and "val_acc_by_seed" in r
+            }
+            return accuracy, summary[0]["sweep_s"]
+    raise SystemExit(f"--sweep-json: no task {task!r} in {', '.join(paths)}")
+
+
 def _compare(
-    args, train, base, task: str, policies: list[dict[str, Any]]
+    args,
+    train,
+    base,
+    task: str,
+    policies: list[dict[str, Any]],
+    earlier: tuple[dict[str, list[float]], float] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     from scipy.stats import spearmanr
 
@@ -118,7 +149,9 @@ def _compare(
     scores = {r.policy.label(): r.score for r in advice.ranking}
     accuracy: dict[str, list[float]] = {p.label(): [] for p in candidates}
     sweep_s = 0.0
-    for seed in range(args.seeds):  # seeds round-robin: a neighbour's load hits all alike
+    if earlier is not None:
+        accuracy, sweep_s = earlier
+    for seed in range(0 if earlier else args.seeds):  # round-robin: load hits all alike
         for policy in candidates:
             config = base.model_copy(
                 update={
@@ -135,7 +168,7 @@ def _compare(
     advised = [scores[label] for label in labels]
     per_seed = [
         float(spearmanr(advised, [accuracy[label][seed] for label in labels]).statistic)
-        for seed in range(args.seeds)
+        for seed in range(len(accuracy[labels[0]]))
     ]
     per_seed = [0.0 if value != value else value for value in per_seed]  # nan: a constant side
     interval = summarize(per_seed)
@@ -166,6 +199,7 @@ def _compare(
             "val_acc_mean": means[label],
             "val_acc_ci95": _half_width(accuracy[label]),
             "sweep_rank": by_sweep.index(label) + 1,
+            "val_acc_by_seed": " ".join(f"{a:.3f}" for a in accuracy[label]),
         }
         for label in sorted(labels, key=lambda label: advise_rank[label])
     ]
