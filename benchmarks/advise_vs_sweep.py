@@ -95,15 +95,12 @@ def main() -> None:
             details += table
             print(f"  {task}: {row}", flush=True)
             _common.write_json(args.json, "advise_vs_sweep", args, rows + details)  # so far
-    columns = list(details[0])
-    _common.print_table(
-        "advise_vs_sweep: each policy, advise's score and the sweep's", columns, details
-    )
     title = (
         f"advise_vs_sweep: {study.base['model']['name']}, {args.seeds} seeds per policy, "
         f"{len(rows)} tasks"
     )
     _common.print_table(title, list(rows[0]), rows)
+    _common.print_table("each policy, advise's score and the sweep's", list(details[0]), details)
     _common.write_json(args.json, "advise_vs_sweep", args, rows + details)
 
 
