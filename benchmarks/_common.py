@@ -76,22 +76,15 @@ def check_device(device: str) -> None:
 def train_step_flops(config: Any, epoch: int = 0) -> float:
     """FLOPs of one training step (forward and backward) of a full batch of ``config``'s
     model under its policy's plan at ``epoch``, counted on the CPU: a frozen layer's
-    weight gradients are not computed, so this counts what the step really does."""
-    import torch
-    import torch.nn.functional as F
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from freezelab.policies import apply
-    from freezelab.trainers.data import input_size_of, num_classes_of
+    weight gradients are not computed, so this counts what the step really does
+    (``freezelab.advise.costs.step_flops``, which advise's costs use too)."""
+    from freezelab.advise.costs import step_flops
+    from freezelab.trainers.data import input_size_of
     from freezelab.trainers.models import build_for_config
 
     model = build_for_config(config, with_weights=False)
-    apply(model, config.policy.plan(model, epoch))
-    images = torch.randn(config.batch_size, *input_size_of(config.data, model))
-    labels = torch.randint(0, num_classes_of(config.data), (config.batch_size,))
-    with FlopCounterMode(display=False) as counter:
-        F.cross_entropy(model(images), labels).backward()
-    return float(counter.get_total_flops())
+    shape = (config.batch_size, *input_size_of(config.data, model))
+    return float(step_flops(model, config.policy.plan(model, epoch), shape))
 
 
 def mfu(flops_per_s: float, peak_tflops: float | None) -> float | None:

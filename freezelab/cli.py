@@ -9,6 +9,7 @@ freezelab compare EXPERIMENT [--format table|md|csv|json] [--sort METRIC] [--wit
 freezelab report EXPERIMENT_OR_SWEEP [--out DIR] [--tracking-uri URI] [--with-pretraining]
 freezelab sync RUN_DIR_OR_STORAGE [--tracking-uri URI]
 freezelab demo [--config STUDY]
+freezelab advise CONFIG_OR_SWEEP [--format table|json] [--samples N] [--address RAY_ADDRESS]
 freezelab schema [train|sweep]
 
 Every mistake in what the user asked for ends in one line on stderr and exit code 2
@@ -224,6 +225,27 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_demo)
 
     p = commands.add_parser(
+        "advise",
+        help="which layers to freeze for this data, predicted in seconds (nothing trains)",
+        description="Rank freeze policies for a train config's model and data (its policy "
+        "is ignored), or a sweep file's candidate policies, from LogME per layer group and a "
+        "few batches of gradients; log the advice as an MLflow run (freezelab.stage=advise).",
+    )
+    p.add_argument("config", metavar="CONFIG_OR_SWEEP", help="a train config or a sweep file")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=2000,
+        help="training images to measure on, at most (default: 2000; at least the class count)",
+    )
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--address", default=None, help="run on one worker of this Ray cluster (default: here)"
+    )
+    p.set_defaults(run=_advise)
+
+    p = commands.add_parser(
         "schema",
         help="the JSON schema of a train config or a sweep file (for editors)",
         description="Print the JSON schema of a train config (default) or of a sweep file, "
@@ -339,6 +361,35 @@ def _demo(args: argparse.Namespace) -> int:
     from freezelab.study import run_study
 
     run_study(args.config, overrides=args.overrides, address=args.address)
+    return 0
+
+
+def _advise(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from freezelab.advise.run import run_advise
+
+    # JSON is stdout's only line: the progress lines go to stderr then.
+    quiet = (
+        contextlib.redirect_stdout(sys.stderr)
+        if args.format == "json"
+        else contextlib.nullcontext()
+    )
+    with quiet:
+        outcome = run_advise(
+            args.config, samples=args.samples, overrides=args.overrides, address=args.address
+        )
+    if args.format == "json":
+        print(json.dumps({**outcome.advice.to_dict(), "run_id": outcome.run_id}, indent=2))
+        return 0
+    print(outcome.advice.format_text())
+    if outcome.run_id:
+        from freezelab.mlflow.tracking import resolve_tracking_uri, ui_page
+
+        uri = resolve_tracking_uri(outcome.config.mlflow.tracking_uri)
+        print(
+            f"MLflow run: {outcome.run_id} ({ui_page(uri, outcome.experiment_id, outcome.run_id)})"
+        )
     return 0
 
 

@@ -212,14 +212,14 @@ def test_the_driver_checks_a_weights_file_without_building_the_weights(tmp_path)
 
     from freezelab.errors import ConfigError
     from freezelab.trainers.config import load_config
-    from freezelab.trainers.preflight import _build_unallocated, check_run
+    from freezelab.trainers.preflight import build_unallocated, check_run
 
     good = timm.create_model("test_resnet", num_classes=3)
     save_file({k: v.contiguous() for k, v in good.state_dict().items()}, tmp_path / "w.safetensors")
     config = load_config(
         _write(tmp_path, model={"name": "test_resnet", "weights": str(tmp_path / "w.safetensors")})
     )
-    assert {p.device.type for p in _build_unallocated(config, None).parameters()} == {"meta"}
+    assert {p.device.type for p in build_unallocated(config, None).parameters()} == {"meta"}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # any warning fails the test
         check_run(config)

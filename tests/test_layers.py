@@ -1,8 +1,8 @@
 """The package imports downward only, and no module imports itself through others.
 
 Layers, bottom to top (a module may import its own layer and the ones below):
-shared conventions (errors, config I/O, console, env, redact, stats) <- policies <- trainers <-
-mlflow, report <- sweep, cluster <- the orchestration (api, study) <- the CLI.
+shared conventions (errors, config I/O, console, env, redact, stats) <- policies <- trainers,
+advise <- mlflow, report <- sweep, cluster <- the orchestration (api, study, advise.run) <- the CLI.
 Lazy imports inside functions count: a circle through one is still a circle.
 """
 
@@ -30,6 +30,10 @@ LAYERS = {
     "freezelab.objectstore": 0,
     "freezelab.policies": 1,
     "freezelab.trainers": 2,
+    # `freezelab advise`: its measurements and rules beside the trainers; its
+    # orchestration (checks, a Ray task, the MLflow run) with the other orchestration.
+    "freezelab.advise": 2,
+    "freezelab.advise.run": 5,
     "freezelab.mlflow": 3,
     "freezelab.report": 3,
     "freezelab.sweep": 4,

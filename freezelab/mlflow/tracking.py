@@ -218,6 +218,8 @@ def _digest(described: dict[str, Any], folder: str | None) -> str:
 
 STAGE_TAG = "freezelab.stage"
 PRETRAIN = "pretrain"
+# `freezelab advise`: signals and a ranking, no training (compare and report skip it).
+ADVISE = "advise"
 
 
 def run_tags(config: Any) -> dict[str, str]:

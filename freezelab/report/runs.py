@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from freezelab.errors import FreezelabError
-from freezelab.mlflow.tracking import PRETRAIN, STAGE_TAG
+from freezelab.mlflow.tracking import ADVISE, PRETRAIN, STAGE_TAG
 from freezelab.redact import redact_uri
 from freezelab.trainers import checkpoint as ckpt
 from freezelab.trainers.location import RunLocation, config_changes
@@ -118,7 +118,8 @@ def _resolve_target(client: Any, target: str) -> Target:
     runs = [
         run
         for run in _search_all(client, experiment.experiment_id)
-        if run.data.tags.get(SWEEP_KIND_TAG) != "sweep"
+        # A sweep's parent, and `freezelab advise` runs (nothing trained), are no rows.
+        if run.data.tags.get(SWEEP_KIND_TAG) != "sweep" and run.data.tags.get(STAGE_TAG) != ADVISE
     ]
     return Target(experiment.name, f"experiment {experiment.name!r}", runs)
 

@@ -42,7 +42,7 @@ def check_run(
     if storage:
         check_storage(config.storage_path)
     try:
-        model = _build_unallocated(config, num_classes)
+        model = build_unallocated(config, num_classes)
     except FreezelabError:
         raise
     except (ValueError, RuntimeError) as err:
@@ -64,7 +64,7 @@ def check_run(
         raise ConfigError(f"policy: {err}") from None
 
 
-def _build_unallocated(config: TrainConfig, num_classes: int | None) -> torch.nn.Module:
+def build_unallocated(config: TrainConfig, num_classes: int | None = None) -> torch.nn.Module:
     """The model with its tensors on the meta device: every shape, and no memory or
     initialization (vgg16: 0.04 s instead of 1 s). Loading weights into it checks their
     shapes and copies nothing. A model whose construction needs real values is built on

@@ -20,6 +20,7 @@ SCRIPTS = {
     "train_overhead": "train_overhead: ",
     "lightning_compare": "lightning_compare: ",
     "sweep_efficiency": "sweep_efficiency: ",
+    "advise_vs_sweep": "advise_vs_sweep: ",
 }
 
 

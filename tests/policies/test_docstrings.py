@@ -19,6 +19,12 @@ MODULES = [
     "freezelab.progress",
     "freezelab.trainers.models",
     "freezelab.trainers.shifts",
+    "freezelab.advise.advice",
+    "freezelab.advise.candidates",
+    "freezelab.advise.costs",
+    "freezelab.advise.features",
+    "freezelab.advise.gradient_stats",
+    "freezelab.advise.logme",
 ]
 
 
