@@ -499,9 +499,27 @@ def _load_gray(path: str):
         return Image.open(file).convert("L")
 
 
+@functools.lru_cache(maxsize=8)
+def folder_transform(spec: _InputSpec, is_training: bool) -> Callable:
+    """timm's transform of an image file for ``spec``: the one both loaders apply (the
+    DataLoader's ``ImageFolder`` and Ray Data's decode tasks), so they give the same
+    tensors. ``augment`` means crop and flip, nothing else."""
+    import timm.data
+
+    return timm.data.create_transform(
+        input_size=(spec.channels, *spec.size),
+        is_training=is_training,
+        interpolation=spec.interpolation,
+        mean=spec.mean,
+        std=spec.std,
+        crop_pct=spec.crop_pct,
+        crop_mode=spec.crop_mode,
+        color_jitter=None,
+    )
+
+
 def _folder_images(directory: Path, spec: _InputSpec, is_training: bool) -> Dataset:
     """The class folders under ``directory``, with timm's transform for ``spec``."""
-    import timm.data
     from torchvision.datasets import ImageFolder, folder
 
     if spec.channels not in (1, 3):
@@ -514,16 +532,7 @@ def _folder_images(directory: Path, spec: _InputSpec, is_training: bool) -> Data
             names = _class_names(Path(directory))
             return names, {name: i for i, name in enumerate(names)}
 
-    transform = timm.data.create_transform(
-        input_size=(spec.channels, *spec.size),
-        is_training=is_training,
-        interpolation=spec.interpolation,
-        mean=spec.mean,
-        std=spec.std,
-        crop_pct=spec.crop_pct,
-        crop_mode=spec.crop_mode,
-        color_jitter=None,  # augment means crop and flip, nothing else
-    )
+    transform = folder_transform(spec, is_training)
     loader = _load_gray if spec.channels == 1 else folder.default_loader
     try:
         return ClassFolder(str(directory), transform=transform, loader=loader)

@@ -34,7 +34,14 @@ import torch
 
 from freezelab import objectstore
 from freezelab.trainers import image_files
-from freezelab.trainers.data import DataConfig, DataError, _input_spec, _InputSpec, folder_split
+from freezelab.trainers.data import (
+    DataConfig,
+    DataError,
+    _input_spec,
+    _InputSpec,
+    folder_split,
+    folder_transform,
+)
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +183,7 @@ class DecodeImages:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from PIL import Image
 
-        transform = _transform(self.spec, self.train)
+        transform = folder_transform(self.spec, self.train)
         fs, base = _filesystem(self.root)
         images, ok = [], []
         for file in batch["file"]:
@@ -209,22 +216,6 @@ class DecodeImages:
             "index": batch["index"].astype(np.int64),
             "ok": np.asarray(ok, dtype=bool),
         }
-
-
-@functools.lru_cache(maxsize=4)
-def _transform(spec: _InputSpec, train: bool):
-    import timm.data
-
-    return timm.data.create_transform(
-        input_size=(spec.channels, *spec.size),
-        is_training=train,
-        interpolation=spec.interpolation,
-        mean=spec.mean,
-        std=spec.std,
-        crop_pct=spec.crop_pct,
-        crop_mode=spec.crop_mode,
-        color_jitter=None,  # as the DataLoader path: augment means crop and flip
-    )
 
 
 @functools.lru_cache(maxsize=4)
