@@ -221,6 +221,35 @@ def test_two_workers_train_from_s3_with_ray_data(
     assert outcome.metrics["val_images"] == len(local[1]) == 6
 
 
+@pytest.mark.ray
+def test_two_workers_killed_after_an_epoch_resume_to_the_uninterrupted_weights(
+    ray_session, folder, tmp_path
+):
+    from faults import KillRankAfterEpoch
+
+    # No augmentation, no cache: every epoch reads every image through Ray Data.
+    common = {
+        "data": {"loader": "ray_data"},
+        "epochs": 3,
+        "scaling": {"num_workers": 2},
+        "policy": {"type": "full"},
+        "performance": {"feature_cache": False},
+    }
+    whole = run_training(_run_config(tmp_path, folder, name="whole-2w", **common), progress=False)
+    marker = tmp_path / "killed"
+    config = _run_config(tmp_path, folder, name="killed-2w", max_failures=1, **common)
+    # Rank 1 dies right after its report of epoch 1: the new worker group resumes from a
+    # checkpoint on disk and reads epoch 2 (and epoch 1 again, if it resumes from 0's).
+    resumed = run_training(config, reporter=KillRankAfterEpoch(1, 1, marker), progress=False)
+
+    assert marker.exists(), "the fault was not injected"
+    assert [m["epoch"] for m in resumed.history] == [0, 1, 2]
+    a, b = load_file(whole.weights_file), load_file(resumed.weights_file)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.metrics["val_acc"] == whole.metrics["val_acc"]
+    assert resumed.metrics["replicas_in_sync"] == 1
+
+
 # -- corrupt images --------------------------------------------------------------------
 
 
