@@ -101,6 +101,36 @@ def test_the_advice_is_an_mlflow_run_tagged_advise(advised):
     assert compare_rows("advice", uri) == []
 
 
+@pytest.mark.ray
+def test_with_an_address_the_advice_is_measured_on_a_ray_worker(
+    advised, ray_session, tmp_path, capsys
+):
+    import time
+
+    from ray.util.state import list_tasks
+
+    found, _, _ = advised
+    address = ray_session.get_runtime_context().gcs_address
+    path = _write(tmp_path, epochs=4)  # the fixture's config, without tracking
+    args = ["advise", str(path), "--format", "json", "--samples", "60", "--address", address]
+    assert main(args) == 0
+    remote = json.loads(capsys.readouterr().out)
+    # A Ray task of the cluster measured it, and measured what the driver does.
+    deadline = time.monotonic() + 30
+    while True:  # the state API hears of a task's end within a few seconds
+        tasks = list_tasks(
+            address=address, filters=[("func_or_class_name", "=", "_remote_advise")], detail=True
+        )
+        if [t.state for t in tasks] == ["FINISHED"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert [t.state for t in tasks] == ["FINISHED"]
+    assert from_dict(remote["recommended"]) == from_dict(found["recommended"])
+    for ours, theirs in zip(found["signals"]["groups"], remote["signals"]["groups"], strict=True):
+        assert ours["name"] == theirs["name"]
+        assert theirs["rel_grad_norm"] == pytest.approx(ours["rel_grad_norm"], rel=1e-3)
+
+
 def test_a_sweep_file_is_advised_over_its_own_candidates(tmp_path, capsys):
     base = _write(tmp_path, epochs=3)
     sweep = tmp_path / "sweep.yaml"
