@@ -42,7 +42,7 @@ class FolderLayout:
     val: str | None
 
 
-def _filesystem(root: str) -> tuple[Any, str]:
+def folder_filesystem(root: str) -> tuple[Any, str]:
     """(pyarrow filesystem, path in it): a URI through ``objectstore``, a local path
     made absolute."""
     if objectstore.is_uri(root):
@@ -56,7 +56,7 @@ def _entries(directory: str, recursive: bool) -> list[Any]:
     """pyarrow ``FileInfo`` of everything under ``directory``, with one-line errors."""
     import pyarrow.fs
 
-    fs, path = _filesystem(directory)
+    fs, path = folder_filesystem(directory)
     try:
         return fs.get_file_info(pyarrow.fs.FileSelector(path.rstrip("/"), recursive=recursive))
     except FileNotFoundError:
@@ -134,7 +134,7 @@ def image_files(directory: str) -> tuple[list[str], list[tuple[str, int]]]:
     samples: list[tuple[str, int]] = []
     for label, name in enumerate(names):
         folder = objectstore.join(directory, name)
-        _, base = _filesystem(folder)
+        _, base = folder_filesystem(folder)
         files = [
             e.path
             for e in _entries(folder, recursive=True)

@@ -167,6 +167,10 @@ def _dataset(rows: list[tuple[str, int, int]], data: DataConfig, spec: _InputSpe
     return dataset.map_batches(decode, batch_size=ROWS_PER_BLOCK, batch_format="numpy")
 
 
+# One filesystem per decode process and root: an S3 client is costly to make.
+_filesystem = functools.lru_cache(maxsize=4)(image_files.folder_filesystem)
+
+
 @dataclass(frozen=True)
 class DecodeImages:
     """A Ray Data batch transform: read each file, decode it as torchvision's loader
@@ -216,18 +220,6 @@ class DecodeImages:
             "index": batch["index"].astype(np.int64),
             "ok": np.asarray(ok, dtype=bool),
         }
-
-
-@functools.lru_cache(maxsize=4)
-def _filesystem(root: str) -> tuple[Any, str]:
-    """One pyarrow filesystem per process and root (an S3 client is costly to make)."""
-    if objectstore.is_uri(root):
-        return objectstore.filesystem(root, "data.root")
-    import os
-
-    import pyarrow.fs
-
-    return pyarrow.fs.LocalFileSystem(), os.path.abspath(os.path.expanduser(root))
 
 
 def _path_in(file: str, root: str, base: str) -> str:
