@@ -1,6 +1,7 @@
-"""A sweep's progress on the driver, from the results that Tune already receives: a
-bar per running trial and the count of finished ones on a terminal, a line per trial
-epoch elsewhere. Tune's own trial tables come back with ``-v``."""
+"""The progress of a group of trials (a sweep, a study) on the driver, from the results
+that Tune already receives: a bar per running trial and the count of finished ones on a
+terminal, a line per trial epoch elsewhere. Tune's own trial tables come back with
+``-v``."""
 
 from __future__ import annotations
 
@@ -15,21 +16,22 @@ from freezelab.progress import Progress
 class TrialProgress(tune.Callback):
     """A Tune callback (it runs on the driver) that shows each trial's epochs.
 
-    Tune saves its callbacks with the sweep's state, so the display itself is made on
-    first use and never pickled: a resumed sweep shows its trials the same way.
+    Tune saves its callbacks with the group's state, so the display itself is made on
+    first use and never pickled: a resumed group shows its trials the same way.
     """
 
     def __init__(
         self,
-        sweep_name: str,
+        group: str,
         trials: int | None,
         epochs: int,
         label: Callable[[dict[str, Any]], str],
         error_line: Callable[[str], str],
     ):
-        """``label`` names a trial from its config, ``error_line`` says in one line what
-        went wrong in an error's text."""
-        self.sweep_name = sweep_name
+        """``group`` names the group on the console (``sweep 'grid'``), ``label`` a trial
+        from its config; ``error_line`` says in one line what went wrong in an error's
+        text."""
+        self.group = group
         self.trials = trials
         self.epochs = epochs
         self.label = label
@@ -43,7 +45,7 @@ class TrialProgress(tune.Callback):
     def progress(self) -> Progress:
         if self._progress is None:
             self._progress = Progress()
-            self._progress.expect(f"sweep {self.sweep_name!r}", self.trials)
+            self._progress.expect(self.group, self.trials)
         return self._progress
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

@@ -55,7 +55,7 @@ def test_a_sqlite_sweep_on_a_head_without_cpus_is_refused_rather_than_left_waiti
     tiny_config, monkeypatch
 ) -> None:
     from freezelab.cluster import checks
-    from freezelab.sweep import run
+    from freezelab.sweep import trials
 
     nodes = [
         {**NODES[0], "Resources": {"CPU": 0.0}},
@@ -66,6 +66,6 @@ def test_a_sqlite_sweep_on_a_head_without_cpus_is_refused_rather_than_left_waiti
     monkeypatch.setattr(checks, "check_shared_storage", lambda *args: None)
     config = tiny_config(mlflow={"enabled": True, "tracking_uri": "sqlite:////shared/mlflow.db"})
     with pytest.raises(ConfigError, match="that node has no CPU for them"):
-        run._check_cluster(config)
+        trials.check_cluster_for_trials(config)
     nodes[0]["Resources"]["CPU"] = 1.0
-    assert run._check_cluster(config) == NODES[0]["NodeID"]
+    assert trials.check_cluster_for_trials(config) == NODES[0]["NodeID"]

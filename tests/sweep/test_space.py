@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from freezelab.policies import from_dict
-from freezelab.sweep.run import DefineByRun, trial_run_name
+from freezelab.sweep.results import trial_run_name
+from freezelab.sweep.search import DefineByRun
 from freezelab.sweep.space import SearchSpace, SweepConfig, load_sweep, validate_space
 from freezelab.trainers.config import ConfigError
 from tests.conftest import TINY
@@ -196,10 +197,10 @@ def test_probe_params_cover_ends_and_interior_points():
 
 
 def test_seeds_repeat_every_trial_and_refuse_optuna():
-    from freezelab.sweep.run import _per_seed
+    from freezelab.sweep.search import per_seed
 
     trials = [{"policy": {"type": "full"}, "params": {"optimizer.lr": 0.1}}]
-    assert [t["params"] for t in _per_seed(trials, [0, 1])] == [
+    assert [t["params"] for t in per_seed(trials, [0, 1])] == [
         {"optimizer.lr": 0.1, "seed": 0},
         {"optimizer.lr": 0.1, "seed": 1},
     ]
@@ -210,12 +211,12 @@ def test_seeds_repeat_every_trial_and_refuse_optuna():
 
 
 def test_the_best_setting_is_chosen_on_its_mean_over_seeds():
-    from freezelab.sweep.run import _best_row
+    from freezelab.sweep.results import best_row
 
     def row(policy, seed, metric):
         return {"policy": {"type": policy}, "params": {"seed": seed}, "metric": metric}
 
     # full has the single best run (0.9) but the lower mean (0.6 against 0.75).
     rows = [row("full", 0, 0.9), row("full", 1, 0.3), row("bitfit", 0, 0.7), row("bitfit", 1, 0.8)]
-    best = _best_row(rows, _sweep(seeds=[0, 1]))
+    best = best_row(rows, _sweep(seeds=[0, 1]))
     assert best["policy"] == {"type": "bitfit"} and best["metric"] == 0.8
