@@ -8,7 +8,7 @@ freezelab submit CONFIG_OR_SWEEP --address http://HEAD:8265 [--follow] [--set ..
 freezelab compare EXPERIMENT [--format table|md|csv|json] [--sort METRIC] [--with-pretraining]
 freezelab report EXPERIMENT_OR_SWEEP [--out DIR] [--tracking-uri URI] [--with-pretraining]
 freezelab sync RUN_DIR_OR_STORAGE [--tracking-uri URI]
-freezelab demo [--config STUDY]
+freezelab demo [--config STUDY] [--resume]
 freezelab advise CONFIG_OR_SWEEP [--format table|json] [--samples N] [--address RAY_ADDRESS]
 freezelab schema [train|sweep]
 
@@ -222,6 +222,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--address", default=None)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue this study where it stopped (running it again does the same; "
+        "--resume refuses a study that never started)",
+    )
     p.set_defaults(run=_demo)
 
     p = commands.add_parser(
@@ -360,8 +366,12 @@ def _report(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from freezelab.study import run_study
 
-    run_study(args.config, overrides=args.overrides, address=args.address)
-    return 0
+    outcome = run_study(
+        args.config, overrides=args.overrides, address=args.address, resume=args.resume
+    )
+    # 0: every run finished; 3: some failed (the tables come from the rest); 1: none
+    # finished (StudyFailed).
+    return 3 if outcome.failed else 0
 
 
 def _advise(args: argparse.Namespace) -> int:

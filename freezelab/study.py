@@ -18,23 +18,27 @@ import copy
 import itertools
 import json
 import logging
+import os
 import re
 import textwrap
-import time
-import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field, ValidationError, field_validator
 
+from freezelab import objectstore
 from freezelab.api import train
 from freezelab.config_io import ConfigModel, read_mapping
 from freezelab.console import Column, format_table
-from freezelab.errors import ConfigError, describe_validation_error
+from freezelab.errors import ConfigError, FreezelabError, describe_validation_error
 from freezelab.mlflow.tracking import PRETRAIN, STAGE_TAG
 from freezelab.policies import from_dict
+from freezelab.redact import redact_uri
 from freezelab.report.runs import VARIANT_TAG
+from freezelab.study_trials import STUDY_FILE, StudyTrials, read_row, study_tag
 from freezelab.trainers.config import TrainConfig, apply_override, deep_merge, validate_config
+from freezelab.trainers.location import RunLocation
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +113,8 @@ class StudyConfig(ConfigModel):
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
     register_best_as: str | None = Field(default=None, min_length=1)
+    # Fine-tuning runs at once, at most; None: as many as the cluster's resources hold.
+    max_concurrent: int | None = Field(default=None, ge=1)
 
     @field_validator("seeds")
     @classmethod
@@ -212,17 +218,38 @@ def finetune_configs(study: StudyConfig, tag: str) -> list[TrainConfig]:
     return configs
 
 
+@dataclass(frozen=True)
+class StudyOutcome:
+    """What a study ran: a row per fine-tuning run that finished, and the runs that
+    failed (name and error line)."""
+
+    tag: str
+    rows: list[dict[str, Any]]
+    failed: list[tuple[str, str]]
+    parent_run_id: str | None
+
+
 def run_study(
-    source: str | Path | None = None, overrides: list[str] | None = None, address: str | None = None
-) -> list[dict[str, Any]]:
-    """Pretrain once, fine-tune every (policy, grid point, seed), print the settings
-    with their intervals and a summary, and write the report. Returns one row per
-    fine-tuning run."""
+    source: str | Path | None = None,
+    overrides: list[str] | None = None,
+    address: str | None = None,
+    *,
+    resume: bool = False,
+) -> StudyOutcome:
+    """Pretrain once, fine-tune every (variant, policy, grid point, seed) as Ray Tune
+    trials, as many at once as the cluster holds, print the settings with their
+    intervals and a summary, and write the report.
+
+    A study is named by its config (``study_tag``): the same study again continues
+    where it stopped (``resume`` insists that it exists), its finished runs kept and
+    each run once in MLflow, under one parent run."""
     from freezelab.report.build import group_rows
+    from freezelab.sweep.trials import require_fits
+    from freezelab.trainers.launch import init_ray
+    from freezelab.trainers.preflight import check_run
 
     study = load_study(source, overrides)
-    # A fresh name per invocation: reusing a name would resume the old runs.
-    tag = f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+    tag = study_tag(study)
     # Nested under the study, tagged as pretraining: compare and report leave it out.
     pretrain = stage_config(
         study,
@@ -231,38 +258,56 @@ def run_study(
         mlflow={"tags": {STAGE_TAG: PRETRAIN, STUDY_TAG: tag}, "run_name": "pretrain"},
     )
     finetunes = finetune_configs(study, tag)
-    varying = [k for k, values in study.grid.items() if len(values) > 1]
+    # Everything that can be checked before Ray, MLflow or a file: the data, the
+    # model and every policy against it, the storage, what each run asks of the nodes.
+    check_run(pretrain)
+    distinct = {
+        json.dumps([c.policy.to_dict(), c.data.model_dump(mode="json")]): c for c in finetunes
+    }
+    for config in distinct.values():
+        check_run(config, check_weights=False, storage=False)
+    home = RunLocation(pretrain.storage_path, tag)
+    started_before = objectstore.exists(home.file(STUDY_FILE))
+    if resume and not started_before:
+        raise ConfigError(
+            f"study {study.name!r}: nothing to resume: no study {tag} in "
+            f"{redact_uri(pretrain.storage_path)} (a changed config is another study)"
+        )
+    if address or os.environ.get("RAY_ADDRESS"):
+        init_ray(address)  # joining a cluster creates nothing: its nodes are checked next
+    require_fits(finetunes[0], f"study {study.name!r}")
     log.info(
-        f"transfer study {tag}: {len(study.variants or [''])} target variants x "
-        f"{len(study.policies)} policies x "
+        f"{'continuing ' if started_before else ''}transfer study {tag}: "
+        f"{len(study.variants or [''])} target variants x {len(study.policies)} policies x "
         f"{len(grid_points(study.grid))} grid points x {len(study.seeds)} seeds = "
         f"{len(finetunes)} fine-tuning runs; pretraining {pretrain.model.name} on the source task"
     )
+    if not started_before:
+        home.write_file(
+            STUDY_FILE, json.dumps({"tag": tag, "study": study.model_dump(mode="json")})
+        )
     parent = None
     if finetunes[0].mlflow.enabled:
         from freezelab.mlflow.sweep import start_group_run
 
         parent, _ = start_group_run(finetunes[0], tag, "study")
-    ray_was_up = _ray_up()
-    source = train(pretrain, address=address, parent_run_id=parent).outcome
-    if not ray_was_up and _ray_up() and all(c.scaling.num_workers == 0 for c in finetunes):
-        # Every fine-tuning run trains in this process: the local Ray that the
-        # pretraining started would only take CPU from them.
-        import ray
-
-        ray.shutdown()
-    weights = source.weights_file
+    source_model = train(pretrain, address=address, parent_run_id=parent).outcome
     log.info(
-        f"source model val_acc {source.metrics.get('val_acc', float('nan')):.3f}; weights {weights}"
+        f"source model val_acc {source_model.metrics.get('val_acc', float('nan')):.3f}; "
+        f"weights {source_model.weights_file}"
     )
-    rows = []
-    for number, config in enumerate(finetunes, 1):
-        config = config.model_copy(
-            update={"model": config.model.model_copy(update={"weights": weights})}
+    init_ray(address)
+    runs = [_on_driver(c, source_model.weights_file) for c in finetunes]
+    rows, failed = _fine_tune(study, tag, runs, parent)
+    if not rows:
+        if parent is not None:
+            from freezelab.mlflow.sweep import fail_group_run
+
+            fail_group_run(finetunes[0], parent)
+        raise StudyFailed(
+            f"study {tag}: none of its {len(runs)} fine-tuning runs finished. "
+            f"First error: {failed[0][1]}"
         )
-        log.info(f"fine-tuning run {number}/{len(finetunes)}: {config.name}")
-        tracked = train(config, address=address, parent_run_id=parent)
-        rows.append(study_row(config, tracked, varying))
     groups = group_rows(rows)
     print(format_study(tag, rows, groups))
     if study.register_best_as and parent is not None:
@@ -277,54 +322,80 @@ def run_study(
         finish_study_run(finetunes[0], parent, groups[0], report.summary, rows)
         log.info(f"report of the study: {report.index}")
         log.info(f"compare the runs in the MLflow UI: {study_page(uri, parent)}")
-    return rows
+    if failed:
+        log.warning(
+            f"{len(failed)} of {len(runs)} fine-tuning run(s) failed (listed above); the "
+            "tables and the summary come from the runs that finished"
+        )
+    return StudyOutcome(tag, rows, failed, parent)
 
 
-def _ray_up() -> bool:
-    import ray
+class StudyFailed(FreezelabError):
+    """Every fine-tuning run of a study failed: there is nothing to compare."""
 
-    return ray.is_initialized()
+    exit_code = 1
 
 
-def study_row(config: TrainConfig, tracked: Any, varying: list[str]) -> dict[str, Any]:
-    """A fine-tuning run as the study's tables (and ``group_rows``) read it."""
-    from freezelab.report.consequences import history_from_epochs, run_measures
-    from freezelab.report.runs import head_groups_of
+def _fine_tune(
+    study: StudyConfig, tag: str, runs: list[TrainConfig], parent: str | None
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Every fine-tuning run as a Tune trial (continued, if the study ran before): the
+    rows of the runs that finished, in the study's order, and the runs that failed."""
+    from ray import tune
 
-    m = tracked.outcome.metrics
-    total = m["trainable_params"] + m["frozen_params"]
+    from freezelab.mlflow.tracking import source_tags
+    from freezelab.sweep.trials import fit_trials, plan_trials, trial_outcomes
+
+    plan = plan_trials(runs[0], study.max_concurrent, f"study {study.name!r}")
+    runs = [_overridden(c, plan.overrides) for c in runs]
+    log.info(
+        f"fine-tuning: {len(runs)} runs, up to {plan.concurrent} at once, "
+        f"{plan.describe(runs[0].scaling.num_workers)}"
+    )
+    varying = tuple(k for k, values in study.grid.items() if len(values) > 1)
+    home = RunLocation(runs[0].storage_path, tag)
+    grid = fit_trials(
+        StudyTrials({c.name: c.to_dict() for c in runs}, varying, source_tags()),
+        plan,
+        {"trial": tune.grid_search([{"name": c.name} for c in runs])},
+        name=tag,
+        storage_path=runs[0].storage_path,
+        parent_run_id=parent,
+        resume=tune.Tuner.can_restore(home.directory),
+        epochs=runs[0].epochs,
+        count=len(runs),
+        kind="study",
+    )
+    errors = {t["trial"]["name"]: t["error"] for t in trial_outcomes(grid)}
+    rows, failed = [], []
+    for config in runs:
+        row = read_row(config)
+        if row is None:
+            failed.append((config.name, errors.get(config.name) or "did not finish"))
+            log.warning(f"fine-tuning run {config.name} failed: {failed[-1][1]}")
+        else:
+            rows.append(row)
+    return rows, failed
+
+
+def _on_driver(config: TrainConfig, weights: str | None) -> TrainConfig:
+    """A fine-tuning config as its trial runs it: the pretrained weights, and MLflow's
+    store as the driver resolves it (a trial's working directory is Ray's, not this
+    one)."""
+    from freezelab.mlflow.tracking import resolve_tracking_uri
+
+    model = config.model.model_copy(update={"weights": weights})
+    uri = resolve_tracking_uri(config.mlflow.tracking_uri)
+    tracking = config.mlflow.model_copy(update={"tracking_uri": uri})
+    return config.model_copy(update={"model": model, "mlflow": tracking})
+
+
+def _overridden(config: TrainConfig, overrides: tuple[str, ...]) -> TrainConfig:
+    """``config`` with the trial plan's overrides (workers, their resources, threads)."""
     data = config.to_dict()
-    setting = ", ".join(f"{key}={_lookup(data, key)}" for key in varying)
-    policy = config.policy.label()
-    variant = config.mlflow.tags.get(VARIANT_TAG, "")
-    train_time = m.get("train_time_s", float("nan"))
-    return {
-        "policy": policy,
-        "setting": setting,
-        "setting_key": json.dumps([variant, config.policy.to_dict(), setting], sort_keys=True),
-        "label": policy + (f" [{setting}]" if setting else ""),
-        "seed": config.seed,
-        "run_name": config.name,
-        "run_id": tracked.run_id,
-        "model_uri": tracked.model_uri,
-        "status": "FINISHED",
-        "val_acc": m["val_acc"],
-        "best_val_acc": m["best_val_acc"],
-        "train_time_s": train_time,
-        "wall_time_s": tracked.wall_time_s,
-        "images_per_s": m.get("train_images", 0) / train_time if train_time > 0 else float("nan"),
-        "trainable_share": m["trainable_params"] / total,
-        "backbone_drift": _mean_backbone_drift(m),
-        "cka": None,
-        "variant": variant,
-        **run_measures(history_from_epochs(tracked.outcome.history), head_groups_of(config)),
-    }
-
-
-def _lookup(data: dict[str, Any], dotted: str) -> Any:
-    for part in dotted.split("."):
-        data = data[part]
-    return data
+    for override in overrides:
+        apply_override(data, override)
+    return validate_config(data, origin=f"run {config.name!r}")
 
 
 def study_page(uri: str, parent_run_id: str) -> str:
@@ -388,8 +459,3 @@ def format_study(tag: str, rows: list[dict[str, Any]], groups: list[dict[str, An
         ]
     paragraphs = summarize_variants(groups).split("\n\n")
     return "\n".join(lines + ["\n\n".join(textwrap.fill(p, width=100) for p in paragraphs)])
-
-
-def _mean_backbone_drift(metrics: dict[str, Any]) -> float:
-    values = [v for k, v in metrics.items() if k.startswith("drift/") and k != "drift/head"]
-    return sum(values) / len(values) if values else 0.0

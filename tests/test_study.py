@@ -1,4 +1,5 @@
-"""The transfer study behind `freezelab demo`, shrunk to seconds (local mode)."""
+"""The transfer study behind `freezelab demo`, shrunk to seconds: the pretraining in
+this process, the fine-tuning runs as Tune trials on the shared Ray session."""
 
 import math
 from pathlib import Path
@@ -14,10 +15,11 @@ from freezelab.study import finetune_configs, format_study, load_study, run_stud
 SMALL = SMALL_STUDY
 
 
+@pytest.mark.ray
 def test_study_pretrains_then_compares_policies_on_each_variant_and_writes_a_report(
-    tmp_path, capsys
+    ray_session, tmp_path, capsys
 ):
-    rows = run_study(None, overrides=SMALL)
+    rows = run_study(None, overrides=SMALL).rows
     out = capsys.readouterr().out
     # the built-in study's two target variants, each policy on each
     assert [(r["variant"], r["policy"]) for r in rows] == [
@@ -103,7 +105,8 @@ def test_study_pretrains_then_compares_policies_on_each_variant_and_writes_a_rep
     assert len(compare_rows("freezelab", uri, with_pretraining=True)) == 5
 
 
-def test_study_repeats_seeds_over_a_grid_and_registers_the_best_run(tmp_path, capsys):
+@pytest.mark.ray
+def test_study_repeats_seeds_over_a_grid_and_registers_the_best_run(ray_session, tmp_path, capsys):
     rows = run_study(
         None,
         overrides=[
@@ -114,7 +117,7 @@ def test_study_repeats_seeds_over_a_grid_and_registers_the_best_run(tmp_path, ca
             "grid={optimizer.lr: [0.001, 0.1]}",
             "register_best_as=study-best",
         ],
-    )
+    ).rows
     out = " ".join(capsys.readouterr().out.split())  # the summary is wrapped
     assert len(rows) == 2 * 2 * 2
     assert {(r["policy"], r["setting"], r["seed"]) for r in rows} == {

@@ -22,6 +22,7 @@ DRIVER = shutil.which("chromedriver")
 
 pytestmark = [
     pytest.mark.browser,
+    pytest.mark.ray,
     pytest.mark.skipif(
         not (CHROMIUM and DRIVER),
         reason="headless Chromium is not installed (apt-get install chromium chromium-driver; "
@@ -31,7 +32,7 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
+def study(tmp_path_factory, ray_session):
     """A study tracked by a real server: its URI, rows and parent run."""
     root = tmp_path_factory.mktemp("ui")
     server = Server(root / "server")
@@ -40,7 +41,9 @@ def study(tmp_path_factory):
     previous = Path.cwd()
     os.chdir(root)
     try:
-        rows = run_study(None, overrides=[*SMALL_STUDY, f"base.mlflow.tracking_uri={server.uri}"])
+        rows = run_study(
+            None, overrides=[*SMALL_STUDY, f"base.mlflow.tracking_uri={server.uri}"]
+        ).rows
         yield server.uri, rows
     finally:
         os.chdir(previous)
