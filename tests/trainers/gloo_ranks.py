@@ -29,9 +29,7 @@ def _rank(rank: int, world_size: int, store: str, case: str, results) -> None:
 
     # A file rendezvous: a port chosen up front can be taken by another process before
     # the ranks listen on it (EADDRINUSE on a busy machine).
-    dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=world_size
-    )
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
         torch.manual_seed(0)
         model = timm.create_model("test_resnet", num_classes=3)
