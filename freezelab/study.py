@@ -218,7 +218,7 @@ def run_study(
     """Pretrain once, fine-tune every (policy, grid point, seed), print the settings
     with their intervals and a summary, and write the report. Returns one row per
     fine-tuning run."""
-    from freezelab.report.build import group_rows
+    from freezelab.report.rows import group_rows
 
     study = load_study(source, overrides)
     # A fresh name per invocation: reusing a name would resume the old runs.
@@ -372,7 +372,8 @@ def format_study(tag: str, rows: list[dict[str, Any]], groups: list[dict[str, An
     """For each target variant: each run, each setting with its interval, the summary
     in words; then one paragraph per consequence of not freezing."""
     from freezelab.report import format_settings
-    from freezelab.report.build import by_variant, summarize_variants
+    from freezelab.report.build import summarize_variants
+    from freezelab.report.rows import by_variant
 
     lines = []
     for variant, members in by_variant(groups).items():

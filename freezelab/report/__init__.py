@@ -8,10 +8,10 @@ from freezelab.report.build import (
     Report,
     build_report,
     format_settings,
-    pareto_front,
     summarize,
 )
 from freezelab.report.cka import backbone_cka, linear_cka
+from freezelab.report.rows import pareto_front
 from freezelab.report.runs import ReportError
 
 __all__ = [

@@ -14,7 +14,6 @@ import logging
 import math
 import re
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,15 @@ from typing import Any
 from freezelab import objectstore
 from freezelab.redact import redact_uri
 from freezelab.report.cka import backbone_cka
-from freezelab.report.consequences import consequences, group_measures, run_measures
+from freezelab.report.consequences import consequences
+from freezelab.report.rows import (
+    by_variant,
+    group_rows,
+    number_or,
+    pareto_front,
+    table_row,
+    time_and_accuracy,
+)
 from freezelab.report.runs import (
     ReportError,
     RunRecord,
@@ -31,7 +38,6 @@ from freezelab.report.runs import (
     resolve_target,
 )
 from freezelab.stats import difference
-from freezelab.stats import summarize as stats_summary
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +117,7 @@ def build_report(
             table_row(r, *similarity.get(r.run_id, (None, "CKA not computed")), settings[r.run_id])
             for r in records
         ),
-        key=lambda row: (-_number(row["val_acc"], -math.inf), _number(row["train_time_s"])),
+        key=lambda row: (-number_or(row["val_acc"], -math.inf), number_or(row["train_time_s"])),
     )
     groups = group_rows(rows, notes)
     by_id = {r.run_id: r for r in records}
@@ -165,122 +171,6 @@ def build_report(
     )
 
 
-def table_row(
-    record: RunRecord, cka: float | None, cka_source: str, setting: tuple[str, str] = ("", "")
-) -> dict[str, Any]:
-    """The report's table row of a run: every number is read from its MLflow metrics.
-    ``setting`` is the run's (key, label) from ``settings_of``: runs that share it are
-    repeats of one setting (they differ in their seed only)."""
-    key, label = setting
-    return {
-        "policy": record.policy,
-        "setting": label,
-        "setting_key": key or record.policy,
-        "label": record.policy + (f" [{label}]" if label else ""),
-        "variant": record.variant,
-        "started": record.start_time,
-        "run_name": record.run_name,
-        "run_id": record.run_id,
-        "seed": record.params.get("seed"),
-        "status": record.status,
-        "val_acc": record.val_acc,
-        "best_val_acc": record.best_val_acc,
-        "epochs_to_best": record.epochs_to_best,
-        "epochs": record.epochs,
-        "train_time_s": record.train_time_s,
-        "images_per_s": record.images_per_s,
-        "trainable_share": record.trainable_share,
-        "backbone_drift": record.backbone_drift,
-        "cka": cka,
-        "cka_source": cka_source,
-        **run_measures(record.history, record.head_groups),
-    }
-
-
-# Means over a setting's runs of these run columns.
-AVERAGED = (
-    "best_val_acc",
-    "train_time_s",
-    "images_per_s",
-    "trainable_share",
-    "backbone_drift",
-    "cka",
-)
-
-
-def group_rows(rows: list[dict[str, Any]], notes: list[str] | None = None) -> list[dict[str, Any]]:
-    """One row per setting (a policy and the values of the other params that vary),
-    best mean val_acc first: n, mean, std and 95% interval of the final val_acc over
-    its finished runs, and the means of the other columns. ``best_of_policy`` marks
-    each policy's best setting, the one the summary compares."""
-    finished = [r for r in rows if r["status"] == "FINISHED"]
-    counted = finished or rows
-    if notes is not None:
-        if finished and len(finished) < len(rows):
-            notes.append(
-                "left out of the settings' statistics (not FINISHED): "
-                + ", ".join(f"{r['run_name']} ({r['status']})" for r in rows if r not in finished)
-            )
-        elif not finished:
-            notes.append("no run has FINISHED: the statistics use the runs as they stand")
-    members: dict[str, list[dict[str, Any]]] = {}
-    # Variants in the order their runs started (the order of `rows` without start times).
-    first_row: dict[str, float] = {}
-    for index, row in enumerate(rows):
-        variant, started = row.get("variant", ""), row.get("started") or index
-        first_row[variant] = min(first_row.get(variant, math.inf), started)
-    for row in counted:
-        if not math.isnan(_number(row["val_acc"], math.nan)):
-            members.setdefault(row["setting_key"], []).append(row)
-    groups = []
-    for runs in members.values():
-        values = [r["val_acc"] for r in runs]
-        stats = stats_summary(values)
-        group = {
-            "variant": runs[0].get("variant", ""),
-            "first_row": first_row[runs[0].get("variant", "")],
-            "policy": runs[0]["policy"],
-            "setting": runs[0]["setting"],
-            "label": runs[0]["label"],
-            "values": values,
-            "val_acc": stats.mean,
-            "std": stats.std,
-            "n": stats.n,
-            "ci95_low": stats.ci95_low,
-            "ci95_high": stats.ci95_high,
-            "run_ids": [r["run_id"] for r in runs],
-        }
-        for key in AVERAGED:
-            measured = [r[key] for r in runs if not math.isnan(_number(r[key], math.nan))]
-            group[key] = sum(measured) / len(measured) if measured else None
-        group_measures(group, runs)
-        group["ci95"]["val_acc"] = (
-            None if stats.ci95_low is None else (stats.ci95_low, stats.ci95_high)
-        )
-        groups.append(group)
-    groups.sort(key=lambda g: (-g["val_acc"], _number(g["train_time_s"])))
-    seen = set()
-    for group in groups:
-        # A target variant is another task, not a setting to choose: each policy's best
-        # setting is chosen within each variant.
-        key = (group["variant"], group["policy"])
-        group["best_of_policy"] = key not in seen
-        seen.add(key)
-        group["settings_of_policy"] = sum((g["variant"], g["policy"]) == key for g in groups)
-    return groups
-
-
-def by_variant(groups: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """The settings of each target variant, best first, the variants in the order of
-    their runs (a study's order: from the target closest to the source)."""
-    variants: dict[str, list[dict[str, Any]]] = {}
-    for group in sorted(groups, key=lambda g: g["first_row"]):
-        variants.setdefault(group["variant"], [])
-    for group in groups:
-        variants[group["variant"]].append(group)
-    return variants
-
-
 def summarize_variants(groups: list[dict[str, Any]]) -> str:
     """:func:`summarize` of each target variant, then the four consequences."""
     variants = by_variant(groups)
@@ -313,22 +203,6 @@ def _similarities(
     return results
 
 
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the (cost, accuracy) points no other point beats on both (lower
-    cost, higher accuracy), cheapest first. Points with a NaN are never on it.
-
-    >>> pareto_front([(1.0, 0.5), (2.0, 0.9), (3.0, 0.8), (0.5, 0.5)])
-    [3, 1]
-    """
-    valid = [i for i, (c, a) in enumerate(points) if not (math.isnan(c) or math.isnan(a))]
-    front, best = [], -math.inf
-    for i in sorted(valid, key=lambda i: (points[i][0], -points[i][1])):
-        if points[i][1] > best:
-            front.append(i)
-            best = points[i][1]
-    return front
-
-
 def summarize(groups: list[dict[str, Any]]) -> str:
     """A few sentences from the settings (``group_rows``, best first): the winner and
     its interval, which differences its runs settle, its cost, what each policy kept.
@@ -356,17 +230,17 @@ def summarize(groups: list[dict[str, Any]]) -> str:
     )
     if len(best) > 1:
         sentences.append(_differences(winner, best[1:]))
-    fastest = min(best, key=lambda g: _number(g["train_time_s"]))
+    fastest = min(best, key=lambda g: number_or(g["train_time_s"]))
     if fastest is winner:
         sentences.append("The winner was also the fastest policy.")
-    elif _number(winner["train_time_s"], 0) > 0 and _number(fastest["train_time_s"], 0) > 0:
+    elif number_or(winner["train_time_s"], 0) > 0 and number_or(fastest["train_time_s"], 0) > 0:
         sentences.append(
             f"The cost of winning: {winner['train_time_s'] / fastest['train_time_s']:.1f}x the "
             f"training time of the fastest policy, {fastest['label']} "
             f"({_seconds(fastest['train_time_s'])}, val_acc {fastest['val_acc']:.4f})."
         )
     if len(best) > 1:
-        front = pareto_front(_points(best))
+        front = pareto_front(time_and_accuracy(best))
         names = ", ".join(best[i]["label"] for i in front)
         sentences.append(f"On the accuracy/compute Pareto front: {names}.")
     sentences.append(_kept(best))
@@ -433,7 +307,7 @@ def _differences(winner: dict[str, Any], others: list[dict[str, Any]]) -> str:
 def _kept(groups: list[dict[str, Any]]) -> str:
     parts = []
     for group in groups:
-        drift, cka = _number(group["backbone_drift"], math.nan), group["cka"]
+        drift, cka = number_or(group["backbone_drift"], math.nan), group["cka"]
         measured = cka is not None and not math.isnan(cka)
         if not measured:
             amount = "intact" if drift == 0 else "changed"
@@ -521,16 +395,16 @@ def _accuracy_vs_time(groups: list[dict[str, Any]], rows: list[dict[str, Any]], 
     figure = _figure(7, 4.5)
     ax = figure.add_subplot()
     ax.scatter(
-        [_number(r["train_time_s"], math.nan) for r in rows],
-        [_number(r["val_acc"], math.nan) for r in rows],
+        [number_or(r["train_time_s"], math.nan) for r in rows],
+        [number_or(r["val_acc"], math.nan) for r in rows],
         color=colors,
         s=12,
         alpha=0.45,
         zorder=2,
     )
-    front = pareto_front(_points(groups))
+    front = pareto_front(time_and_accuracy(groups))
     for i, group in enumerate(groups):
-        x, y = _number(group["train_time_s"], math.nan), group["val_acc"]
+        x, y = number_or(group["train_time_s"], math.nan), group["val_acc"]
         error = None
         if group["ci95_low"] is not None:
             error = [[y - group["ci95_low"]], [group["ci95_high"] - y]]
@@ -551,7 +425,7 @@ def _accuracy_vs_time(groups: list[dict[str, Any]], rows: list[dict[str, Any]], 
         ys = [groups[i]["val_acc"] for i in front]
         ax.step(xs, ys, where="post", linestyle="--", color="gray", label="Pareto front", zorder=1)
         ax.legend(loc="lower right", fontsize=8)
-    times = [t for t, _ in _points(groups) if 0 < t < math.inf]
+    times = [t for t, _ in time_and_accuracy(groups) if 0 < t < math.inf]
     if times and max(times) / min(times) > 20:
         ax.set_xscale("log")
     ax.set_xlabel("training time per run (s, train_time_s)")
@@ -890,10 +764,6 @@ def _format(value: Any, fmt: Any) -> str:
     return fmt(value) if callable(fmt) else fmt.format(value)
 
 
-def _points(groups: list[dict[str, Any]]) -> list[tuple[float, float]]:
-    return [(_number(g["train_time_s"]), _number(g["val_acc"], math.nan)) for g in groups]
-
-
 def _log_on_parent(client: Any, parent_run_id: str | None, directory: Path) -> bool:
     if parent_run_id is None:
         log.info("report not logged to MLflow: the runs have no sweep parent run")
@@ -915,12 +785,8 @@ def _json_safe(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def _number(value: Any, missing: float = math.inf) -> float:
-    return missing if value is None or math.isnan(value) else float(value)
-
-
 def _seconds(value: float | None) -> str:
-    value = _number(value, math.nan)
+    value = number_or(value, math.nan)
     if math.isnan(value):
         return "an unknown time"
     return f"{value:.3g} s" if value < 10 else f"{value:.0f} s"
@@ -931,7 +797,7 @@ def _percent(share: float | None) -> str:
 
 
 def _rate(images_per_s: float | None) -> str:
-    value = _number(images_per_s, math.nan)
+    value = number_or(images_per_s, math.nan)
     return "images/s unknown" if math.isnan(value) else f"{value:.0f} images/s"
 
 
