@@ -372,8 +372,8 @@ def format_study(tag: str, rows: list[dict[str, Any]], groups: list[dict[str, An
     """For each target variant: each run, each setting with its interval, the summary
     in words; then one paragraph per consequence of not freezing."""
     from freezelab.report import format_settings
-    from freezelab.report.build import summarize_variants
     from freezelab.report.rows import by_variant
+    from freezelab.report.summary import summarize_variants
 
     lines = []
     for variant, members in by_variant(groups).items():
