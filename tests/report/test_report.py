@@ -20,7 +20,7 @@ import torch
 from freezelab.api import train
 from freezelab.policies import from_dict
 from freezelab.report import ReportError, build_report, linear_cka, pareto_front, summarize
-from freezelab.report.build import FIGURES
+from freezelab.report.figures import FIGURES
 from freezelab.report.runs import find_weights, load_record, resolve_target
 from freezelab.trainers.config import validate_config
 from tests.conftest import TINY, merge
@@ -259,7 +259,7 @@ def test_docstring_examples(name):
 def test_figures_draw_labels_with_dollar_signs_as_text(tmp_path):
     # A patterns policy's regex label holds "$" twice: matplotlib would read it as math
     # text and fail; the report draws every label as plain text.
-    from freezelab.report.build import draw_figures
+    from freezelab.report.figures import draw_figures
     from freezelab.report.rows import group_rows, table_row
     from freezelab.report.runs import RunRecord
 
