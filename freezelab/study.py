@@ -243,7 +243,7 @@ def run_study(
     A study is named by its config (``study_tag``): the same study again continues
     where it stopped (``resume`` insists that it exists), its finished runs kept and
     each run once in MLflow, under one parent run."""
-    from freezelab.report.build import group_rows
+    from freezelab.report.rows import group_rows
     from freezelab.sweep.trials import require_fits
     from freezelab.trainers.launch import init_ray
     from freezelab.trainers.preflight import check_run
@@ -443,7 +443,8 @@ def format_study(tag: str, rows: list[dict[str, Any]], groups: list[dict[str, An
     """For each target variant: each run, each setting with its interval, the summary
     in words; then one paragraph per consequence of not freezing."""
     from freezelab.report import format_settings
-    from freezelab.report.build import by_variant, summarize_variants
+    from freezelab.report.rows import by_variant
+    from freezelab.report.summary import summarize_variants
 
     lines = []
     for variant, members in by_variant(groups).items():

@@ -9,7 +9,7 @@ import pytest
 from small_study import SMALL_STUDY
 
 from freezelab.errors import ConfigError
-from freezelab.report.build import group_rows
+from freezelab.report.rows import group_rows
 from freezelab.study import finetune_configs, format_study, load_study, run_study
 
 SMALL = SMALL_STUDY

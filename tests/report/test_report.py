@@ -20,7 +20,7 @@ import torch
 from freezelab.api import train
 from freezelab.policies import from_dict
 from freezelab.report import ReportError, build_report, linear_cka, pareto_front, summarize
-from freezelab.report.build import FIGURES
+from freezelab.report.figures import FIGURES
 from freezelab.report.runs import find_weights, load_record, resolve_target
 from freezelab.trainers.config import validate_config
 from tests.conftest import TINY, merge
@@ -249,7 +249,7 @@ def test_pareto_front():
 
 
 @pytest.mark.parametrize(
-    "name", ["freezelab.report.build", "freezelab.report.cka", "freezelab.report.consequences"]
+    "name", ["freezelab.report.rows", "freezelab.report.cka", "freezelab.report.consequences"]
 )
 def test_docstring_examples(name):
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
@@ -259,7 +259,8 @@ def test_docstring_examples(name):
 def test_figures_draw_labels_with_dollar_signs_as_text(tmp_path):
     # A patterns policy's regex label holds "$" twice: matplotlib would read it as math
     # text and fail; the report draws every label as plain text.
-    from freezelab.report.build import draw_figures, group_rows, table_row
+    from freezelab.report.figures import draw_figures
+    from freezelab.report.rows import group_rows, table_row
     from freezelab.report.runs import RunRecord
 
     label = r"patterns(include=['layer4$', '^fc_$'])"
@@ -307,7 +308,7 @@ def _row(policy, lr, seed, val_acc, time=1.0, status="FINISHED"):
 
 
 def test_settings_group_seeds_and_each_policy_enters_at_its_best_lr():
-    from freezelab.report.build import group_rows
+    from freezelab.report.rows import group_rows
     from freezelab.stats import summarize as stats
 
     rows = [
@@ -337,7 +338,7 @@ def test_settings_group_seeds_and_each_policy_enters_at_its_best_lr():
 
 
 def test_summary_says_which_differences_exceed_their_interval():
-    from freezelab.report.build import group_rows
+    from freezelab.report.rows import group_rows
 
     rows = [
         *(_row("full", 0.01, s, v) for s, v in enumerate([0.80, 0.82, 0.81])),
@@ -389,8 +390,8 @@ def _measured_row(
 
 
 def test_consequence_paragraphs_cite_the_measured_numbers():
-    from freezelab.report.build import by_variant, group_rows
     from freezelab.report.consequences import consequences
+    from freezelab.report.rows import by_variant, group_rows
 
     rows = []
     for seed in range(3):
@@ -451,8 +452,8 @@ def test_consequence_paragraphs_cite_the_measured_numbers():
 
 
 def test_consequences_say_what_was_not_measured():
-    from freezelab.report.build import by_variant, group_rows
     from freezelab.report.consequences import consequences
+    from freezelab.report.rows import by_variant, group_rows
 
     rows = [_row("full", 0.1, 0, 0.8), _row("head_only", 0.1, 0, 0.7)]
     for row in rows:
