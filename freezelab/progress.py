@@ -82,10 +82,12 @@ class Progress:
         self._finished = self._failed = 0
         self._expected: int | None = None
 
-    def expect(self, label: str, total: int | None) -> None:
-        """A sweep: ``total`` trials (None: unknown) counted as they finish."""
+    def expect(self, label: str, total: int | None, done: int = 0) -> None:
+        """A sweep: ``total`` trials (None: unknown) counted as they finish, ``done`` of
+        them finished already (a resumed sweep's)."""
         self._sweep = True
         self._expected = total
+        self._finished = done
         if self.live:
             from tqdm import tqdm
 

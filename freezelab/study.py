@@ -258,14 +258,9 @@ def run_study(
         mlflow={"tags": {STAGE_TAG: PRETRAIN, STUDY_TAG: tag}, "run_name": "pretrain"},
     )
     finetunes = finetune_configs(study, tag)
-    # Everything that can be checked before Ray, MLflow or a file: the data, the
-    # model and every policy against it, the storage, what each run asks of the nodes.
-    check_run(pretrain)
-    distinct = {
-        json.dumps([c.policy.to_dict(), c.data.model_dump(mode="json")]): c for c in finetunes
-    }
-    for config in distinct.values():
-        check_run(config, check_weights=False, storage=False)
+    # Everything that can be checked before Ray, MLflow or a file: the study to resume,
+    # what each run asks of the nodes, the data, the model and every policy against
+    # it, the storage.
     home = RunLocation(pretrain.storage_path, tag)
     started_before = objectstore.exists(home.file(STUDY_FILE))
     if resume and not started_before:
@@ -276,6 +271,12 @@ def run_study(
     if address or os.environ.get("RAY_ADDRESS"):
         init_ray(address)  # joining a cluster creates nothing: its nodes are checked next
     require_fits(finetunes[0], f"study {study.name!r}")
+    distinct = {
+        json.dumps([c.policy.to_dict(), c.data.model_dump(mode="json")]): c for c in finetunes
+    }
+    for config in distinct.values():
+        check_run(config, check_weights=False, storage=False)
+    check_run(pretrain)
     log.info(
         f"{'continuing ' if started_before else ''}transfer study {tag}: "
         f"{len(study.variants or [''])} target variants x {len(study.policies)} policies x "

@@ -41,31 +41,34 @@ class TrialProgress(tune.Callback):
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_progress": None}
 
-    @property
-    def progress(self) -> Progress:
+    def progress(self, trials: list) -> Progress:
+        """The display, made at the first event: trials that a resumed group finished
+        before it was stopped count as finished."""
         if self._progress is None:
             self._progress = Progress()
-            self._progress.expect(self.group, self.trials)
+            done = sum(1 for t in trials if t.status == "TERMINATED")
+            self._progress.expect(self.group, self.trials, done=done)
         return self._progress
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.progress.start(trial.trial_id, self.label(trial.config), self.epochs)
+        self.progress(trials).start(trial.trial_id, self.label(trial.config), self.epochs)
 
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
     ) -> None:
-        if trial.trial_id not in self.progress:  # a trial restored mid-way
+        if trial.trial_id not in self.progress(trials):  # a trial restored mid-way
             self.on_trial_start(iteration, trials, trial)
-        self.progress.update(trial.trial_id, result)
+        self.progress(trials).update(trial.trial_id, result)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         ran = int(trial.last_result.get("training_iteration") or 0)
         stopped = f"stopped after {ran} of {self.epochs} epoch(s)" if ran < self.epochs else None
-        self.progress.finish(trial.trial_id, stopped)
+        self.progress(trials).finish(trial.trial_id, stopped)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         error = trial.get_error() or "no error text saved"
-        self.progress.finish(trial.trial_id, f"failed: {self.error_line(error)}", failed=True)
+        line = f"failed: {self.error_line(error)}"
+        self.progress(trials).finish(trial.trial_id, line, failed=True)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         if self._progress is not None:

@@ -7,6 +7,7 @@ freezelab refuse to start, before any MLflow run or checkpoint exists."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -199,3 +200,54 @@ def test_the_storage_check_accepts_s3_that_every_node_reaches(
     assert "accepted on 2 nodes" in result.stdout
     left = [k for k in list_keys(s3_endpoint, s3_bucket) if not k.endswith("/")]
     assert left == [], "the marker was not cleaned up"
+
+
+def test_a_study_spreads_its_fine_tuning_runs_over_both_nodes(
+    two_nodes, tmp_path: Path, freezelab_cli
+) -> None:
+    from freezelab.study import DEFAULT_STUDY
+    from freezelab.trainers.config import apply_override
+    from tests.mlflow.servers import Server
+
+    # A tracking server, so that trials may log from either node (a sqlite file would
+    # pin them to the driver's); one CPU per node: one in-process run on each at once.
+    server = Server(tmp_path / "server")
+    (tmp_path / "server").mkdir()
+    server.start()
+    try:
+        study = json.loads(json.dumps(DEFAULT_STUDY))
+        for override in [
+            "base.model.name=test_resnet",
+            "base.scaling.num_workers=0",
+            "base.batch_size=32",
+            f"base.storage_path={tmp_path / 'shared' / 'runs'}",
+            f"base.mlflow.tracking_uri={server.uri}",
+            "pretrain.epochs=1",
+            "finetune.epochs=2",
+            "variants={}",
+            "seeds=[0, 1]",
+            "policies=[{type: full}, {type: head_only}]",
+            "register_best_as=null",
+        ]:
+            apply_override(study, override)
+        path = tmp_path / "study.yaml"
+        path.write_text(yaml.safe_dump(study))
+        result = freezelab_cli(
+            "demo", "--config", str(path), "--address", two_nodes.address, timeout=500
+        )
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+        assert "4 runs, up to 2 at once" in result.stdout
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=server.uri)
+        experiment = client.get_experiment_by_name("freezelab").experiment_id
+        runs = client.search_runs([experiment], "tags.`freezelab.stage` = 'finetune'")
+        assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+        nodes = {node.node_id for node in [two_nodes.head_node, *two_nodes.worker_nodes]}
+        where = [r.data.tags["ray.node_id"] for r in runs]
+        # Runs per node, for BENCHMARKS.md: printed with -s.
+        print({node[:12]: where.count(node) for node in nodes})
+        assert set(where) == nodes
+        assert len(list((tmp_path / "shared" / "runs").glob("*/study_row.json"))) == 4
+    finally:
+        server.stop()
