@@ -33,7 +33,8 @@ LAYERS = {
     # `freezelab advise`: its measurements and rules beside the trainers; its
     # orchestration (checks, a Ray task, the MLflow run) with the other orchestration.
     "freezelab.advise": 2,
-    "freezelab.advise.run": 5,
+    "freezelab.advise_run": 5,
+    "freezelab.submit": 5,
     "freezelab.mlflow": 3,
     "freezelab.report": 3,
     "freezelab.sweep": 4,
