@@ -313,6 +313,7 @@ def test_a_wrong_token_is_refused_with_how_to_get_the_right_one(
 
 
 @pytest.mark.ray
+@pytest.mark.timeout(1200)  # two jobs, 400 s each
 def test_two_jobs_of_one_upload_keep_their_own_results_at_freezelab_home(
     head, tmp_path: Path
 ) -> None:
