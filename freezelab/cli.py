@@ -286,7 +286,7 @@ def _sweep(args: argparse.Namespace) -> int:
 def _submit(args: argparse.Namespace) -> int:
     import os
 
-    from freezelab.cluster.submit import follow_job, prepare_job, print_warnings, submit_job
+    from freezelab.submit import follow_job, prepare_job, print_warnings, submit_job
 
     address = (
         args.address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
@@ -377,7 +377,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _advise(args: argparse.Namespace) -> int:
     import contextlib
 
-    from freezelab.advise.run import run_advise
+    from freezelab.advise_run import run_advise
 
     # JSON is stdout's only line: the progress lines go to stderr then.
     quiet = (

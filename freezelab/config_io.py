@@ -11,7 +11,7 @@ file and what is wrong with it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, model_validator
@@ -108,6 +108,11 @@ class ConfigModel(BaseModel):
                 ):
                     raise ValueError(f"{name}: expected a number, got {value!r}")
         return data
+
+
+def config_kind(path: str | Path) -> Literal["train", "sweep"]:
+    """``sweep`` for a sweep file (it has a ``space``), ``train`` for a train config."""
+    return "sweep" if "space" in read_mapping(path) else "train"
 
 
 def _wants_number(annotation: Any) -> bool:

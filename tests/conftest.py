@@ -8,6 +8,7 @@ shares the session-scoped ``ray_session``; loop logic runs in one process withou
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import pytest
@@ -47,6 +48,24 @@ def _work_in_tmp(tmp_path, monkeypatch):
     (./mlruns) and any relative path land there, never in the checkout."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def _ray_is_up() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+@pytest.fixture(autouse=True)
+def _ray_only_where_marked(request):
+    """A test that starts or joins Ray in this process carries the ``ray`` marker, so
+    that the fast loop (``-m "not ray"``) never starts one. A Ray that a subprocess
+    starts is not seen here: such tests are marked by hand."""
+    marked = request.node.get_closest_marker("ray") is not None
+    if not marked and "ray_session" in request.fixturenames:
+        pytest.fail("uses the ray_session fixture without @pytest.mark.ray")
+    was_up = _ray_is_up()
+    yield
+    if not marked and not was_up and _ray_is_up():
+        pytest.fail("started Ray in this process without @pytest.mark.ray")
 
 
 @pytest.fixture

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from freezelab.cluster.submit import config_kind, prepare_job, shipped_runtime_env
+from freezelab.config_io import config_kind
+from freezelab.submit import prepare_job, shipped_runtime_env
 from freezelab.trainers.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -113,7 +114,7 @@ def test_a_sweeps_base_takes_overrides_as_freezelab_sweep_does() -> None:
 def test_the_default_token_file_is_sent_only_under_ray_auth_mode_token(
     tmp_path: Path, monkeypatch
 ) -> None:
-    from freezelab.cluster.submit import auth_token
+    from freezelab.submit import auth_token
 
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray" / "auth_token").write_text("local-secret\n")
@@ -312,6 +313,7 @@ def test_a_wrong_token_is_refused_with_how_to_get_the_right_one(
 
 
 @pytest.mark.ray
+@pytest.mark.timeout(1200)  # two jobs, 400 s each
 def test_two_jobs_of_one_upload_keep_their_own_results_at_freezelab_home(
     head, tmp_path: Path
 ) -> None:
@@ -399,7 +401,7 @@ def test_train_without_an_address_never_joins_the_head_that_ray_start_left(head)
 
 
 def test_submit_warns_of_credentials_and_a_large_upload(tmp_path: Path) -> None:
-    from freezelab.cluster.submit import upload_warnings
+    from freezelab.submit import upload_warnings
 
     (tmp_path / ".env").write_text("AWS_SECRET_ACCESS_KEY=x\n")
     (tmp_path / "keys").mkdir()

@@ -13,7 +13,7 @@ import yaml
 
 import freezelab
 from freezelab.cli import _parser
-from freezelab.cluster.submit import TEMPLATES, shipped_runtime_env
+from freezelab.submit import TEMPLATES, shipped_runtime_env
 from freezelab.sweep.space import load_sweep, validate_space
 
 ROOT = Path(__file__).resolve().parents[2]

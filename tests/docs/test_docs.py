@@ -335,6 +335,7 @@ def test_the_advise_command(capsys):
     assert client.get_run(run_id).data.tags["freezelab.stage"] == "advise"
 
 
+@pytest.mark.ray
 def test_the_tiny_sweep(ray_session, capsys):
     command = next(c for c in RUN if RUN[c] == "test_the_tiny_sweep")
     smaller = "overrides=[scaling.num_workers=1, epochs=2, data.train_per_class=8]"
@@ -377,6 +378,7 @@ def _kill_session(process: subprocess.Popen) -> None:
 
 
 @pytest.mark.ray
+@pytest.mark.timeout(1200)  # up to 300 s to the kill, 600 s to resume
 def test_the_optuna_sweep_resumes_after_a_kill(tmp_path):
     """The README's Optuna sweep, killed (SIGKILL, its Ray with it) while its second
     trial trains, then resumed: Tune restores the searcher's state from the sweep
@@ -552,8 +554,9 @@ def _run_all(commands: list[list[str]]) -> list[subprocess.CompletedProcess]:
         for words in commands
     ]
     results = []
+    deadline = time.monotonic() + 600  # they run at once: one budget for all
     for words, process in zip(commands, processes, strict=True):
-        out, err = process.communicate(timeout=600)
+        out, err = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
         result = subprocess.CompletedProcess(words, process.returncode, out, err)
         assert result.returncode == 0, out[-4000:] + err[-4000:]
         results.append(result)
@@ -617,6 +620,7 @@ def test_the_vgg16_twins_as_ray_jobs(cluster, capsys):
 
 
 @pytest.mark.ray
+@pytest.mark.timeout(1500)  # two rounds of jobs, 600 s each
 def test_freezelab_submit_as_documented(cluster):
     """The README's `freezelab submit` trains; the Dockerfile's and the cluster
     launcher's variants submit the same config again, and resume it as finished."""

@@ -253,7 +253,7 @@ def test_a_storage_path_on_s3_that_cannot_be_used_is_one_line_before_anything(
 
 def test_submit_warns_of_s3_storage_it_cannot_open_here(tmp_path, s3_bucket):
     # The cluster may hold the only credentials: the job checks the storage there.
-    from freezelab.cluster.submit import _validate
+    from freezelab.submit import _validate
 
     path = _config_file(tmp_path, f"s3://no-such-{s3_bucket}/runs")
     name, warnings = _validate("train", path, [])

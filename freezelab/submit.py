@@ -23,10 +23,11 @@ from typing import Any, Literal
 
 import yaml
 
-from freezelab.config_io import read_mapping
+from freezelab.config_io import config_kind, read_mapping
 from freezelab.errors import ConfigError
 
-TEMPLATES = Path(__file__).with_name("templates")
+# The templates stay in cluster/, where the docs and the package data name them.
+TEMPLATES = Path(__file__).parent / "cluster" / "templates"
 RUNTIME_ENV_FILE = TEMPLATES / "runtime_env.yaml"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -48,11 +49,6 @@ class Job:
 def shipped_runtime_env() -> dict[str, Any]:
     """The runtime environment of ``runtime_env.yaml`` (its excludes)."""
     return yaml.safe_load(RUNTIME_ENV_FILE.read_text())
-
-
-def config_kind(path: str | Path) -> Literal["train", "sweep"]:
-    """``sweep`` for a sweep file (it has a ``space``), ``train`` for a train config."""
-    return "sweep" if "space" in read_mapping(path) else "train"
 
 
 def prepare_job(

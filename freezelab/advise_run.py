@@ -1,6 +1,7 @@
 """``freezelab advise`` put in order: read and check the input, rank on the driver or
-on one Ray worker, log the MLflow run. (This module sits above MLflow; the rest of
-``freezelab.advise`` below it.)
+on one Ray worker, log the MLflow run. (This module is orchestration, beside ``api``
+and ``study``; the measurements it puts in order live in ``freezelab.advise``, below
+MLflow.)
 
 Everything that can be wrong with the input fails before any MLflow run or file is
 created, in one line: the config or sweep file, the model and its weights, the data,
@@ -40,7 +41,7 @@ def prepare(
 ) -> tuple[TrainConfig, list[FreezePolicy], str]:
     """The config to measure on, the candidates (validated), and where they came from
     (``default`` or ``sweep NAME``): every check, nothing created."""
-    from freezelab.cluster.submit import config_kind
+    from freezelab.config_io import config_kind
     from freezelab.trainers.config import load_config
     from freezelab.trainers.data import num_classes_of
     from freezelab.trainers.preflight import build_unallocated, check_run
