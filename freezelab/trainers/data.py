@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,141 +24,16 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator, model_validator
 from torch.utils.data import DataLoader, Dataset
 
 from freezelab import objectstore
-from freezelab.config_io import ConfigModel
 from freezelab.trainers import image_files
+from freezelab.trainers.config import ALL_DIGITS, DataConfig
 from freezelab.trainers.image_files import DataError
-from freezelab.trainers.shifts import SHIFT_KINDS, ShiftedImages, parse_shift
+from freezelab.trainers.shifts import ShiftedImages, parse_shift
 
-_ALL_DIGITS = tuple(range(10))
-# Fields that mean something for one kind only: set for another kind they are a mistake.
-_KIND_OF_FIELD = {
-    "root": "image_folder",
-    "classes": "digits",
-    "num_samples": "synthetic",
-    "num_classes": "synthetic",
-    "image_size": "synthetic",
-}
-_REQUIRED_FIELDS = {
-    "image_folder": ("root",),
-    "digits": (),
-    "synthetic": ("num_samples", "num_classes"),
-}
 # timm's default minimum crop (8% of the area) can cut an 8x8 digit out of its own image.
 _TENSOR_CROP_SCALE = (0.35, 1.0)
-
-
-class DataConfig(ConfigModel):
-    """Which dataset, how it is split, and how it is shown to the model.
-
-    >>> DataConfig(kind="synthetic", num_samples=64, num_classes=4).val_fraction
-    0.2
-    """
-
-    kind: Literal["image_folder", "digits", "synthetic"]
-    seed: int = Field(0, ge=0)
-    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)  # unused when root has train/ and val/
-    augment: bool = False
-    num_workers: int = Field(0, ge=0)
-    input_size: int | None = Field(None, ge=1)  # square side; wins over the model's own size
-    train_per_class: int | None = Field(None, ge=1)  # few-shot cap, any kind
-    root: str | None = None
-    classes: tuple[int, ...] | None = None  # digits to keep, relabelled 0.. in this order
-    num_samples: int | None = Field(None, ge=2)
-    num_classes: int | None = Field(None, ge=2)
-    image_size: int | None = Field(None, ge=1)  # generated side, resized to the input size
-    # Input-level shifts (``freezelab.trainers.shifts``): ``shift`` changes the task's
-    # own images, train and val; each of ``eval_shifts`` is a shifted copy of the val
-    # set, reported as val_acc/<shift>; each of ``eval_sets`` (name: image folder with
-    # the same class folders) is reported as val_acc/<name>.
-    shift: str | None = None
-    eval_shifts: tuple[str, ...] = ()
-    eval_sets: dict[str, str] = Field(default_factory=dict)
-    # How images reach the loop: a DataLoader per worker (torch), Ray Data's streaming
-    # reads and preprocessing on any node's CPUs (ray_data), or auto (``resolve_loader``).
-    loader: Literal["auto", "torch", "ray_data"] = "auto"
-    # Ray Data: an image that cannot be decoded is skipped (and counted in the logs)
-    # instead of failing the run with its file's name.
-    skip_corrupt: bool = False
-
-    @field_validator("shift")
-    @classmethod
-    def _valid_shift(cls, value: str | None) -> str | None:
-        return None if value is None else parse_shift(value).name
-
-    @field_validator("eval_shifts")
-    @classmethod
-    def _valid_shifts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        names = tuple(parse_shift(text).name for text in value)
-        repeated = sorted({name for name in names if names.count(name) > 1})
-        if repeated:
-            raise ValueError(f"eval_shifts repeat {repeated}")
-        return names
-
-    @field_validator("eval_sets")
-    @classmethod
-    def _valid_set_names(cls, value: dict[str, str]) -> dict[str, str]:
-        for name in value:
-            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-                raise ValueError(
-                    f"eval_sets name {name!r}: letters, digits, '_', '.' and '-' only "
-                    "(it names the metric val_acc/<name>)"
-                )
-            if name.partition(":")[0] in SHIFT_KINDS:
-                raise ValueError(f"eval_sets name {name!r} is the name of a shift")
-        return value
-
-    @field_validator("classes")
-    @classmethod
-    def _valid_digits(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
-        if value is None:
-            return value
-        outside = [digit for digit in value if digit not in _ALL_DIGITS]
-        if outside:
-            raise ValueError(f"digit classes must be in 0..9, got {outside}")
-        repeated = sorted({digit for digit in value if value.count(digit) > 1})
-        if repeated:
-            raise ValueError(f"digit classes must be distinct, {repeated} repeated")
-        if len(value) < 2:
-            raise ValueError(f"at least 2 digit classes are needed, got {list(value)}")
-        return value
-
-    @model_validator(mode="after")
-    def _fields_match_kind(self) -> DataConfig:
-        for name, kind in _KIND_OF_FIELD.items():
-            if getattr(self, name) is not None and kind != self.kind:
-                raise ValueError(f"{name} applies to kind {kind!r} only, not {self.kind!r}")
-        for name in _REQUIRED_FIELDS[self.kind]:
-            if getattr(self, name) is None:
-                raise ValueError(f"{name} is required when kind is {self.kind!r}")
-        if self.kind != "image_folder" and self.loader == "ray_data":
-            raise ValueError(f"loader 'ray_data' reads image folders, not kind {self.kind!r}")
-        if self.kind != "image_folder" and self.skip_corrupt:
-            raise ValueError(f"skip_corrupt applies to kind 'image_folder' only, not {self.kind!r}")
-        if self.kind == "image_folder" and objectstore.is_uri(self.root):
-            if self.loader == "torch":
-                raise ValueError(
-                    f"root {self.root!r} is a URI: loader 'torch' reads local or mounted "
-                    "folders; use loader 'ray_data' (or 'auto')"
-                )
-        if self.loader == "torch" and self.skip_corrupt:
-            raise ValueError("skip_corrupt needs loader 'ray_data' (or 'auto' on a URI)")
-        if self.loader != "torch" and self.kind == "image_folder":
-            shifted = ["shift"] * bool(self.shift) + ["eval_shifts"] * bool(self.eval_shifts)
-            if shifted and (self.loader == "ray_data" or objectstore.is_uri(self.root)):
-                raise ValueError(
-                    f"{' and '.join(shifted)}: not available with loader 'ray_data' yet; "
-                    "use a local folder with loader 'torch'"
-                )
-        if self.kind == "synthetic" and self.num_samples < 2 * self.num_classes:
-            raise ValueError(
-                f"num_samples={self.num_samples} leaves fewer than 2 samples per class for "
-                f"num_classes={self.num_classes}; the train/val split needs at least 2"
-            )
-        return self
 
 
 def resolve_loader(config: DataConfig, nodes: int) -> Literal["torch", "ray_data"]:
@@ -196,7 +70,7 @@ def num_classes_of(config: DataConfig) -> int:
     3
     """
     if config.kind == "digits":
-        return len(config.classes or _ALL_DIGITS)
+        return len(config.classes or ALL_DIGITS)
     if config.kind == "synthetic":
         return config.num_classes
     if objectstore.is_uri(config.root):
@@ -641,7 +515,7 @@ def _digit_pixels(size: tuple[int, int], interpolation: str) -> torch.Tensor:
 
 def _digit_datasets(config: DataConfig, spec: _InputSpec) -> tuple[Dataset, Dataset]:
     _, digit_of = _digits()
-    digits = config.classes or _ALL_DIGITS
+    digits = config.classes or ALL_DIGITS
     label_of = {digit: label for label, digit in enumerate(digits)}
     chosen = [i for i, digit in enumerate(digit_of) if digit in label_of]
     labels = [label_of[digit_of[i]] for i in chosen]

@@ -14,8 +14,8 @@ from PIL import Image
 from pydantic import ValidationError
 from sklearn.datasets import load_digits
 
+from freezelab.trainers.config import DataConfig
 from freezelab.trainers.data import (
-    DataConfig,
     DataError,
     build_datasets,
     input_size_of,

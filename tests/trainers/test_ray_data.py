@@ -14,8 +14,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from freezelab.trainers import ray_data
-from freezelab.trainers.config import validate_config
-from freezelab.trainers.data import DataConfig, DataError, build_datasets, resolve_loader
+from freezelab.trainers.config import DataConfig, validate_config
+from freezelab.trainers.data import DataError, build_datasets, resolve_loader
 from freezelab.trainers.image_files import image_files
 from freezelab.trainers.launch import run_training
 from tests.conftest import TINY, merge
