@@ -70,6 +70,8 @@ class ModelSection(_Section):
         return self
 
 
+# A data section's kinds: a new kind adds its fields here (``kind`` and these two tables)
+# and its source in ``datasets.py`` (``SOURCES``).
 ALL_DIGITS = tuple(range(10))
 # Fields that mean something for one kind only: set for another kind they are a mistake.
 _KIND_OF_FIELD = {

@@ -18,6 +18,7 @@ from freezelab.trainers.config import DataConfig, validate_config
 from freezelab.trainers.data import DataError, build_datasets, resolve_loader
 from freezelab.trainers.image_files import image_files
 from freezelab.trainers.launch import run_training
+from freezelab.trainers.transforms import input_spec
 from tests.conftest import TINY, merge
 
 
@@ -69,7 +70,7 @@ def test_listing_split_and_tensors_match_the_dataloader_path(folder):
     paths = [Path(p) for p, _ in train.dataset.samples]
     assert [Path(p) for p, _ in table.train] == [paths[i] for i in train.indices]
     # The Ray Data transform gives the DataLoader's tensors, bit for bit.
-    spec = ray_data._input_spec(config, model)
+    spec = input_spec(config, model)
     decode = ray_data.DecodeImages(str(folder), spec, train=False, skip_corrupt=False)
     rows = decode(
         {
