@@ -74,6 +74,18 @@ def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def per_rank(value: torch.Tensor, rank: int, world_size: int) -> list[float]:
+    """Every rank's ``value`` (a scalar tensor), by rank, on every rank: a sum across
+    ranks of a vector that holds this rank's value at its own index.
+
+    >>> per_rank(torch.tensor(36.0), rank=0, world_size=1)
+    [36.0]
+    """
+    values = torch.zeros(world_size, dtype=torch.float64, device=value.device)
+    values[rank] = value
+    return all_reduce(values).tolist()
+
+
 @torch.no_grad()
 def average_buffers(model: nn.Module, world_size: int) -> None:
     """Average every floating-point buffer (BatchNorm's running statistics) across

@@ -41,6 +41,7 @@ from freezelab.trainers.ddp import (
     SingleProcess,
     all_reduce,
     average_buffers,
+    per_rank,
     placement,
     replicas_in_sync,
 )
@@ -240,6 +241,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if probe_start is not None:  # None: resumed from a checkpoint without it
                 extra["source_probe_acc_start"] = probe_start
                 extra["forgetting"] = probe_start - extra["source_probe_acc"]
+        # This epoch's training images on each rank: the run's proof of its world size.
+        rank_images = per_rank(totals[2], rank, world_size)
         totals = all_reduce(totals)
         so_far = history[-1] if history else {}
         metrics = {
@@ -258,6 +261,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             # The run's cost so far (README, "What a run costs"): summed over epochs.
             "train_time_s": so_far.get("train_time_s", 0.0) + train_time,
             "train_images": so_far.get("train_images", 0) + int(totals[2]),
+            **{
+                f"train_images/rank{r}": so_far.get(f"train_images/rank{r}", 0) + int(images)
+                for r, images in enumerate(rank_images)
+            },
             "train_flops": so_far.get("train_flops", 0) + step_flops * steps_per_epoch * world_size,
             "trainable_share": plan.trainable_params / plan.total_params,
             "trainable_params": plan.trainable_params,
@@ -266,6 +273,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "peak_memory_mb": _peak_memory_mb(device),
             "replicas_in_sync": replicas_in_sync(model, world_size),
             "nodes": len({w["node_id"] for w in workers}),
+            "world_size": world_size,
             **{f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups},
             **{
                 f"drift/{name}": value
