@@ -172,7 +172,8 @@ def _train_images(args) -> int:
     """Training images per trial-epoch (digits capped at ``per_class`` per digit)."""
     import timm
 
-    from freezelab.trainers.data import DataConfig, build_datasets
+    from freezelab.trainers.config import DataConfig
+    from freezelab.trainers.data import build_datasets
 
     data = DataConfig(kind="digits", input_size=args.size, train_per_class=args.per_class)
     return len(build_datasets(data, timm.create_model("test_resnet"))[0])

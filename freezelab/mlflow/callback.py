@@ -123,7 +123,7 @@ def _append(path: str, text: str) -> None:
 
 
 # Health checks and bookkeeping: run-level tags in MLflow, not charts of a constant.
-AS_TAGS = ("nodes", "replicas_in_sync", "feature_cache")
+AS_TAGS = ("nodes", "world_size", "replicas_in_sync", "feature_cache")
 
 
 def epoch_metrics(report: dict[str, Any]) -> list[Any]:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,15 +19,17 @@ from pydantic import (
     model_validator,
 )
 
+from freezelab import objectstore
 from freezelab.config_io import ConfigModel, parse_yaml, read_mapping
 from freezelab.env import resolve_result_path
 from freezelab.errors import ConfigError, describe_validation_error
 from freezelab.policies import AnyPolicy, FreezePolicy, PolicyError, from_dict
 from freezelab.redact import redact_config
-from freezelab.trainers.data import DataConfig
+from freezelab.trainers.shifts import SHIFT_KINDS, parse_shift
 
 __all__ = [
     "ConfigError",
+    "DataConfig",
     "TrainConfig",
     "apply_override",
     "deep_merge",
@@ -64,6 +67,134 @@ class ModelSection(_Section):
     def _one_source(self) -> ModelSection:
         if self.pretrained and self.weights:
             raise ValueError("set either pretrained or weights, not both")
+        return self
+
+
+# A data section's kinds: a new kind adds its fields here (``kind`` and these two tables)
+# and its source in ``datasets.py`` (``SOURCES``).
+ALL_DIGITS = tuple(range(10))
+# Fields that mean something for one kind only: set for another kind they are a mistake.
+_KIND_OF_FIELD = {
+    "root": "image_folder",
+    "classes": "digits",
+    "num_samples": "synthetic",
+    "num_classes": "synthetic",
+    "image_size": "synthetic",
+}
+_REQUIRED_FIELDS = {
+    "image_folder": ("root",),
+    "digits": (),
+    "synthetic": ("num_samples", "num_classes"),
+}
+
+
+class DataConfig(ConfigModel):
+    """Which dataset, how it is split, and how it is shown to the model.
+
+    >>> DataConfig(kind="synthetic", num_samples=64, num_classes=4).val_fraction
+    0.2
+    """
+
+    kind: Literal["image_folder", "digits", "synthetic"]
+    seed: int = Field(0, ge=0)
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)  # unused when root has train/ and val/
+    augment: bool = False
+    num_workers: int = Field(0, ge=0)
+    input_size: int | None = Field(None, ge=1)  # square side; wins over the model's own size
+    train_per_class: int | None = Field(None, ge=1)  # few-shot cap, any kind
+    root: str | None = None
+    classes: tuple[int, ...] | None = None  # digits to keep, relabelled 0.. in this order
+    num_samples: int | None = Field(None, ge=2)
+    num_classes: int | None = Field(None, ge=2)
+    image_size: int | None = Field(None, ge=1)  # generated side, resized to the input size
+    # Input-level shifts (``freezelab.trainers.shifts``): ``shift`` changes the task's
+    # own images, train and val; each of ``eval_shifts`` is a shifted copy of the val
+    # set, reported as val_acc/<shift>; each of ``eval_sets`` (name: image folder with
+    # the same class folders) is reported as val_acc/<name>.
+    shift: str | None = None
+    eval_shifts: tuple[str, ...] = ()
+    eval_sets: dict[str, str] = Field(default_factory=dict)
+    # How images reach the loop: a DataLoader per worker (torch), Ray Data's streaming
+    # reads and preprocessing on any node's CPUs (ray_data), or auto (``resolve_loader``).
+    loader: Literal["auto", "torch", "ray_data"] = "auto"
+    # Ray Data: an image that cannot be decoded is skipped (and counted in the logs)
+    # instead of failing the run with its file's name.
+    skip_corrupt: bool = False
+
+    @field_validator("shift")
+    @classmethod
+    def _valid_shift(cls, value: str | None) -> str | None:
+        return None if value is None else parse_shift(value).name
+
+    @field_validator("eval_shifts")
+    @classmethod
+    def _valid_shifts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        names = tuple(parse_shift(text).name for text in value)
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"eval_shifts repeat {repeated}")
+        return names
+
+    @field_validator("eval_sets")
+    @classmethod
+    def _valid_set_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+                raise ValueError(
+                    f"eval_sets name {name!r}: letters, digits, '_', '.' and '-' only "
+                    "(it names the metric val_acc/<name>)"
+                )
+            if name.partition(":")[0] in SHIFT_KINDS:
+                raise ValueError(f"eval_sets name {name!r} is the name of a shift")
+        return value
+
+    @field_validator("classes")
+    @classmethod
+    def _valid_digits(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if value is None:
+            return value
+        outside = [digit for digit in value if digit not in ALL_DIGITS]
+        if outside:
+            raise ValueError(f"digit classes must be in 0..9, got {outside}")
+        repeated = sorted({digit for digit in value if value.count(digit) > 1})
+        if repeated:
+            raise ValueError(f"digit classes must be distinct, {repeated} repeated")
+        if len(value) < 2:
+            raise ValueError(f"at least 2 digit classes are needed, got {list(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _fields_match_kind(self) -> DataConfig:
+        for name, kind in _KIND_OF_FIELD.items():
+            if getattr(self, name) is not None and kind != self.kind:
+                raise ValueError(f"{name} applies to kind {kind!r} only, not {self.kind!r}")
+        for name in _REQUIRED_FIELDS[self.kind]:
+            if getattr(self, name) is None:
+                raise ValueError(f"{name} is required when kind is {self.kind!r}")
+        if self.kind != "image_folder" and self.loader == "ray_data":
+            raise ValueError(f"loader 'ray_data' reads image folders, not kind {self.kind!r}")
+        if self.kind != "image_folder" and self.skip_corrupt:
+            raise ValueError(f"skip_corrupt applies to kind 'image_folder' only, not {self.kind!r}")
+        if self.kind == "image_folder" and objectstore.is_uri(self.root):
+            if self.loader == "torch":
+                raise ValueError(
+                    f"root {self.root!r} is a URI: loader 'torch' reads local or mounted "
+                    "folders; use loader 'ray_data' (or 'auto')"
+                )
+        if self.loader == "torch" and self.skip_corrupt:
+            raise ValueError("skip_corrupt needs loader 'ray_data' (or 'auto' on a URI)")
+        if self.loader != "torch" and self.kind == "image_folder":
+            shifted = ["shift"] * bool(self.shift) + ["eval_shifts"] * bool(self.eval_shifts)
+            if shifted and (self.loader == "ray_data" or objectstore.is_uri(self.root)):
+                raise ValueError(
+                    f"{' and '.join(shifted)}: not available with loader 'ray_data' yet; "
+                    "use a local folder with loader 'torch'"
+                )
+        if self.kind == "synthetic" and self.num_samples < 2 * self.num_classes:
+            raise ValueError(
+                f"num_samples={self.num_samples} leaves fewer than 2 samples per class for "
+                f"num_classes={self.num_classes}; the train/val split needs at least 2"
+            )
         return self
 
 

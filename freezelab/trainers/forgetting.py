@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from freezelab.trainers.data import DataConfig, build_datasets
+from freezelab.trainers.config import DataConfig
+from freezelab.trainers.data import build_datasets
 from freezelab.trainers.feature_cache import classifier_inputs
 
 

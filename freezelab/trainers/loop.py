@@ -1,13 +1,14 @@
 """The per-worker training function that Ray Train runs on every rank.
 
 It reads top to bottom: set up, resume, the epoch loop, report. The freeze plan of
-each epoch is derived from (policy, model, epoch); when it changes, the model is
-re-wrapped in DDP and the optimizer rebuilt, because DDP only synchronizes the
-parameters that required grad when it was built.
+each epoch is derived from (policy, model, epoch); when it changes, the loop enters a
+new phase (``phase.enter_phase``): among other things the model is re-wrapped in DDP
+and the optimizer rebuilt, because DDP only synchronizes the parameters that required
+grad when it was built.
 
 The Ray-specific steps stand out as in Ray Train's own examples: [1] prepare the data
-(``prepare_data_loader``, or with Ray Data this rank's dataset shards,
-``ray_data.rank_batches``), [2] prepare the model (the DDP wrapper), [3] report through
+(``prepare_data_loader``, or with Ray Data this rank's dataset shards: ``rank_data.py``),
+[2] prepare the model (the DDP wrapper, at every change of phase), [3] report through
 the reporter that the caller chose (``reporting.py``); the rest is plain PyTorch.
 """
 
@@ -18,9 +19,7 @@ import logging
 import random
 import resource
 import time
-from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,34 +27,30 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
+from torch.utils.data import BatchSampler, DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from freezelab.env import log_level
-from freezelab.policies import FreezePlan, apply
-from freezelab.policies.apply import adapt_norm_statistics
+from freezelab.policies import FreezePlan
 from freezelab.trainers import checkpoint as ckpt
-from freezelab.trainers import ray_data
 from freezelab.trainers.config import TrainConfig, validate_config
-from freezelab.trainers.data import (
-    build_datasets,
-    build_eval_sets,
-    train_transform_is_deterministic,
+from freezelab.trainers.data import build_datasets, build_eval_sets
+from freezelab.trainers.ddp import (
+    SingleProcess,
+    all_reduce,
+    average_buffers,
+    per_rank,
+    placement,
+    replicas_in_sync,
 )
-from freezelab.trainers.feature_cache import FeatureCache, cache_blocker, classifier_of
+from freezelab.trainers.feature_cache import FeatureCache, classifier_of
 from freezelab.trainers.forgetting import SourceProbe, source_data
-from freezelab.trainers.gradients import GradientMeter
 from freezelab.trainers.models import build_for_config
-from freezelab.trainers.optim import (
-    build_optimizer,
-    load_state_by_name,
-    lr_factor,
-    set_lr,
-    state_by_name,
-)
+from freezelab.trainers.optim import lr_factor, set_lr, state_by_name
+from freezelab.trainers.phase import Phase, enter_phase, same_phase
+from freezelab.trainers.rank_data import eval_loaders, rank_data
 from freezelab.trainers.reporting import RayTrainReporter, Reporter
 
 log = logging.getLogger(__name__)
@@ -73,14 +68,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     reporter: Reporter = loop_config.get("reporter") or RayTrainReporter()
     in_process = bool(loop_config.get("in_process"))
     shards = loop_config.get("ray_data")
-    context = _SingleProcess() if in_process else ray.train.get_context()
+    context = SingleProcess() if in_process else ray.train.get_context()
     if not in_process:
         # Ray Train sets a worker's root logger to INFO, with a line per report
         # ("Reporting training result ..."): shown only with -v.
         logging.getLogger().setLevel(log_level())
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = _local_device(config) if in_process else ray.train.torch.get_device()
-    workers = _placement(context, device)
+    workers = placement(context, device)
     if rank == 0 and world_size > 1:
         nodes = sorted({str(w["node_id"])[:12] for w in workers})
         log.info(f"{world_size} workers on {len(nodes)} node(s): {', '.join(nodes)}")
@@ -97,22 +92,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         train_set, val_set = None, SimpleNamespace(classes=shards["classes"])
     eval_sets = build_eval_sets(config.data, model, val_set)
     probe = _source_probe(config, model, device) if rank == 0 else None
-    deterministic = train_transform_is_deterministic(config.data)
     model.to(device)
     if config.performance.channels_last:
         model.to(memory_format=torch.channels_last)
     eval_batch = _eval_batch_size(config, device)
     # [1] prepare the data: a seeded DataLoader (prepared by Ray Train), or this rank's
     # Ray Data shards, read and decoded by Ray Data's tasks on any node's CPUs.
-    data = _rank_data(config, shards, train_set, val_set, rank, world_size, eval_batch, in_process)
-    eval_loaders = {
-        name: DataLoader(
-            _Indexed(torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))),
-            batch_size=eval_batch,
-            num_workers=config.data.num_workers,
-        )
-        for name, dataset in eval_sets.items()
-    }
+    data = rank_data(config, shards, train_set, val_set, rank, world_size, eval_batch, in_process)
+    extra_loaders = eval_loaders(eval_sets, rank, world_size, eval_batch, config.data.num_workers)
 
     # -- resume ------------------------------------------------------------------
     start_epoch, step, optimizer_state, best_val_acc, probe_start = 0, 0, {}, None, None
@@ -139,13 +126,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     # -- the epoch loop ------------------------------------------------------------
     plan: FreezePlan | None = None
-    meter: GradientMeter | None = None
-    optimizer: torch.optim.Optimizer | None = None
-    trained: nn.Module = model
-    eager: nn.Module = model
-    cache: FeatureCache | None = None
-    val_cache: FeatureCache | None = None
-    eval_caches: dict[str, FeatureCache | None] = {}
+    phase: Phase | None = None
     scaler = torch.amp.GradScaler(device.type, enabled=config.performance.amp == "fp16")
     steps_per_epoch = -(-data.rows_per_epoch // config.batch_size)
     counted_flops: dict[tuple[str, bool], int] = {}  # a step's FLOPs by (phase, cached)
@@ -153,29 +134,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _seed_everything(config.seed, epoch=epoch, rank=rank)
         data.set_epoch(epoch)
         epoch_plan = config.policy.plan(model, epoch)
-        if plan is None or epoch_plan.signature() != plan.signature() or epoch_plan.bn != plan.bn:
-            apply(model, epoch_plan)
-            starts = _phase_starts(config, model, epoch_plan, epoch)
-            if starts and "adapt" in epoch_plan.bn.values():
-                # AdaBN: frozen norm layers take the statistics of the target's data.
-                adapt_norm_statistics(
-                    model, epoch_plan, (batch[0].to(device) for batch in data.train)
-                )
-                _average_buffers(model, world_size)
-            optimizer = build_optimizer(model, epoch_plan, config.optimizer, previous=optimizer)
-            load_state_by_name(optimizer, optimizer_state)
-            optimizer_state = {}
-            cache = _new_cache(config, model, epoch_plan, deterministic, data.train_size, rank)
-            meter = _gradient_meter(config, model, epoch_plan, starts)
-            val_cache = FeatureCache(data.val_size) if cache is not None else None
-            eval_caches = {
-                name: FeatureCache(len(loader.dataset)) if cache is not None else None
-                for name, loader in eval_loaders.items()
-            }
-            # [2] prepare the model: DDP registers only what requires grad right now.
-            target = classifier_of(model) if cache is not None else model
-            eager = _wrap(target, world_size, device)
-            trained = _compiled(eager, config)
+        if plan is None or not same_phase(plan, epoch_plan):
+            phase = enter_phase(
+                config,
+                model,
+                epoch_plan,
+                epoch,
+                data=data,
+                eval_sizes={name: len(loader.dataset) for name, loader in extra_loaders.items()},
+                previous=phase.optimizer if phase is not None else None,
+                optimizer_state=optimizer_state,
+                device=device,
+                rank=rank,
+                world_size=world_size,
+            )
+            optimizer_state = {}  # a resumed state goes into the first phase's optimizer only
             if rank == 0 and plan is not None:
                 # Each epoch's line names its phase; this says when, with -v.
                 log.debug(
@@ -185,7 +158,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     epoch_plan.phase,
                 )
         plan = epoch_plan
-        assert optimizer is not None
+        assert phase is not None
+        optimizer, cache, meter = phase.optimizer, phase.cache, phase.meter
 
         model.train()
         started = time.perf_counter()
@@ -222,7 +196,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     inputs = cache.features_for(model, images, labels, indices) if cache else images
                 with _autocast(config, device):
                     # The counted step runs eager: FLOPs of the ops, not of compiled kernels.
-                    logits = (eager if index == 0 and count else trained)(inputs)
+                    logits = (phase.eager if index == 0 and count else phase.trained)(inputs)
                     loss = F.cross_entropy(
                         logits, labels, label_smoothing=config.optimizer.label_smoothing
                     )
@@ -252,14 +226,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         # Every rank evaluates, and rank 0 saves, the same model: BatchNorm statistics
         # that each rank updated on its own batches are averaged first.
-        _average_buffers(model, world_size)
-        val_loss, val_acc, val_images = _evaluate(model, data.val, device, config, val_cache)
+        average_buffers(model, world_size)
+        val_loss, val_acc, val_images = _evaluate(model, data.val, device, config, phase.val_cache)
         last = epoch == config.epochs - 1
         extra: dict[str, float] = {}
         if last or (epoch + 1) % config.metrics.eval_every == 0:
-            for name, loader in eval_loaders.items():
+            for name, loader in extra_loaders.items():
                 _, extra[f"val_acc/{name}"], _ = _evaluate(
-                    model, loader, device, config, eval_caches[name]
+                    model, loader, device, config, phase.eval_caches[name]
                 )
         every = config.forgetting.every
         if probe is not None and (last or (every and (epoch + 1) % every == 0)):
@@ -267,7 +241,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if probe_start is not None:  # None: resumed from a checkpoint without it
                 extra["source_probe_acc_start"] = probe_start
                 extra["forgetting"] = probe_start - extra["source_probe_acc"]
-        totals = _all_reduce(totals)
+        # This epoch's training images on each rank: the run's proof of its world size.
+        rank_images = per_rank(totals[2], rank, world_size)
+        totals = all_reduce(totals)
         so_far = history[-1] if history else {}
         metrics = {
             "epoch": epoch,
@@ -285,14 +261,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             # The run's cost so far (README, "What a run costs"): summed over epochs.
             "train_time_s": so_far.get("train_time_s", 0.0) + train_time,
             "train_images": so_far.get("train_images", 0) + int(totals[2]),
+            **{
+                f"train_images/rank{r}": so_far.get(f"train_images/rank{r}", 0) + int(images)
+                for r, images in enumerate(rank_images)
+            },
             "train_flops": so_far.get("train_flops", 0) + step_flops * steps_per_epoch * world_size,
             "trainable_share": plan.trainable_params / plan.total_params,
             "trainable_params": plan.trainable_params,
             "frozen_params": plan.total_params - plan.trainable_params,
             "feature_cache": int(use_cached),
             "peak_memory_mb": _peak_memory_mb(device),
-            "replicas_in_sync": _replicas_in_sync(model, world_size),
+            "replicas_in_sync": replicas_in_sync(model, world_size),
             "nodes": len({w["node_id"] for w in workers}),
+            "world_size": world_size,
             **{f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups},
             **{
                 f"drift/{name}": value
@@ -327,110 +308,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         reporter.report(metrics, write)
 
 
-class _SingleProcess:
-    """The Train context of a run in one process: rank 0 of 1."""
-
-    def get_world_rank(self) -> int:
-        return 0
-
-    def get_world_size(self) -> int:
-        return 1
-
-    def get_local_rank(self) -> int:
-        return 0
-
-    def get_node_rank(self) -> int:
-        return 0
-
-
-@dataclass(frozen=True)
-class _RankData:
-    """What one rank reads: batches of ``(images, labels, row indices)`` to train on and
-    to validate, and the order of its training rows, a function of (seed, epoch)."""
-
-    train: Iterable[Any]
-    val: Iterable[Any]
-    train_size: int  # rows of the whole training set: the feature cache's keys
-    val_size: int  # rows of this rank's validation shard
-    rows_per_epoch: int  # this rank's training rows in an epoch
-    set_epoch: Callable[[int], None]
-    cached_order: Callable[[], Iterable[int]]  # the epoch's rows, for cached features
-
-
-def _rank_data(
-    config: TrainConfig,
-    shards: dict[str, Any] | None,
-    train_set: Dataset | None,
-    val_set: Dataset,
-    rank: int,
-    world_size: int,
-    eval_batch: int,
-    in_process: bool,
-) -> _RankData:
-    if shards is not None:
-        # Ray Data: its order per epoch is seeded as the sampler's is (ray_data.py says
-        # what stays exact on resume).
-        train, val = ray_data.rank_batches(
-            shards, rank, world_size, config.batch_size, eval_batch, config.seed
-        )
-        return _RankData(
-            train=train,
-            val=val,
-            train_size=shards["train_size"],
-            val_size=len(val.rows),
-            rows_per_epoch=len(train.rows),
-            set_epoch=train.set_epoch,
-            cached_order=train.cached_order,
-        )
-    import ray.train.torch
-
-    # Ray's own sampler ignores the run's seed; this one is seeded and also used on a
-    # single process, so the order of samples depends only on (seed, epoch).
-    sampler = DistributedSampler(
-        train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=config.seed
-    )
-    train = DataLoader(
-        _Indexed(train_set),
-        batch_size=config.batch_size,
-        sampler=sampler,
-        num_workers=config.data.num_workers,
-    )
-    if not in_process:
-        train = ray.train.torch.prepare_data_loader(train)
-    # A disjoint stride of the validation set per rank: the whole set, no padding.
-    val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world_size))
-    val = DataLoader(
-        _Indexed(val_shard), batch_size=eval_batch, num_workers=config.data.num_workers
-    )
-    return _RankData(
-        train=train,
-        val=val,
-        train_size=len(train_set),
-        val_size=len(val_shard),
-        rows_per_epoch=len(sampler),
-        set_epoch=sampler.set_epoch,
-        cached_order=lambda: sampler,
-    )
-
-
 def _local_device(config: TrainConfig) -> torch.device:
     if config.scaling.use_gpu and torch.cuda.is_available():
         return torch.device("cuda", 0)
     return torch.device("cpu")
-
-
-class _Indexed(Dataset):
-    """Adds the dataset index to each item: the feature cache is keyed by it."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        image, label = self.dataset[index]
-        return image, label, index
 
 
 def _seed_everything(seed: int, epoch: int = -1, rank: int = 0) -> None:
@@ -440,44 +321,6 @@ def _seed_everything(seed: int, epoch: int = -1, rank: int = 0) -> None:
     random.seed(value)
     np.random.seed(value)
     torch.manual_seed(value)
-
-
-def _new_cache(
-    config: TrainConfig,
-    model: nn.Module,
-    plan: FreezePlan,
-    deterministic: bool,
-    size: int,
-    rank: int,
-) -> FeatureCache | None:
-    if not config.performance.feature_cache:
-        return None
-    blocker = cache_blocker(model, plan, deterministic)
-    if blocker is not None:
-        if rank == 0 and plan.trainable_param_names <= {
-            n for g in plan.groups if g.is_head for n in g.param_names
-        }:
-            log.info(f"frozen-feature cache off: {blocker}")
-        return None
-    return FeatureCache(size)
-
-
-def _phase_starts(config: TrainConfig, model: nn.Module, plan: FreezePlan, epoch: int) -> bool:
-    """True when ``epoch`` is the first of its phase (not when a run resumes inside one)."""
-    if epoch == 0:
-        return True
-    before = config.policy.plan(model, epoch - 1)
-    return before.signature() != plan.signature() or before.bn != plan.bn
-
-
-def _gradient_meter(
-    config: TrainConfig, model: nn.Module, plan: FreezePlan, starts: bool
-) -> GradientMeter | None:
-    """A meter for a phase. Its early steps are the phase's first ones: a run resumed
-    in the middle of a phase records none."""
-    if not config.metrics.gradients:
-        return None
-    return GradientMeter(model, plan, config.metrics.early_steps if starts else 0)
 
 
 def _source_probe(
@@ -504,26 +347,6 @@ def _eval_batch_size(config: TrainConfig, device: torch.device) -> int:
     if device.type == "cpu":
         return max(config.batch_size, CPU_EVAL_BATCH)
     return config.batch_size
-
-
-def _wrap(module: nn.Module, world_size: int, device: torch.device) -> nn.Module:
-    if world_size <= 1:
-        return module
-    device_ids = [device.index] if device.type == "cuda" else None
-    # Every trainable parameter of every policy takes part in the forward pass, so
-    # DDP's slow unused-parameter search stays off.
-    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
-
-
-def _compiled(trained: nn.Module, config: TrainConfig) -> nn.Module:
-    """``performance.compile``: the training step's module through ``torch.compile``,
-    anew at every change of phase (what requires grad changed, and the graphs of the
-    phase before are dropped rather than kept against dynamo's recompile limit).
-    Evaluation stays eager; the weights are the same tensors either way."""
-    if not config.performance.compile:
-        return trained
-    torch.compiler.reset()
-    return torch.compile(trained)
 
 
 def _autocast(config: TrainConfig, device: torch.device):
@@ -566,39 +389,8 @@ def _evaluate(
             ]
         )
     model.train()
-    totals = _all_reduce(totals)
+    totals = all_reduce(totals)
     return float(totals[0] / totals[2]), float(totals[1] / totals[2]), int(totals[2])
-
-
-def _placement(context, device: torch.device) -> list[dict[str, Any]]:
-    """Where each rank runs (ranks, Ray node id, IP, hostname, device), gathered on every
-    rank. Ray Train's node_rank comes from the IP address; the node id also tells apart
-    Ray nodes that share one machine."""
-    import socket
-
-    import ray
-
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    me = {
-        "rank": rank,
-        "local_rank": context.get_local_rank(),
-        "node_rank": context.get_node_rank(),
-        "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
-        "node_ip": ray.util.get_node_ip_address() if ray.is_initialized() else None,
-        "hostname": socket.gethostname(),
-        "device": str(device),
-    }
-    if world_size == 1:
-        return [me]
-    gathered: list[Any] = [None] * world_size
-    dist.all_gather_object(gathered, me)
-    return sorted(gathered, key=lambda w: w["rank"])
-
-
-def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor
 
 
 @torch.no_grad()
@@ -616,44 +408,6 @@ def _drift(
         base = sum(float(initial[n].float().pow(2).sum()) for n in group.param_names)
         drift[group.name] = (delta / base) ** 0.5 if base > 0 else delta**0.5
     return drift
-
-
-@torch.no_grad()
-def _average_buffers(model: nn.Module, world_size: int) -> None:
-    """Average every floating-point buffer (BatchNorm's running statistics) across
-    ranks, as timm's ``distribute_bn(..., reduce=True)`` does. DDP broadcasts rank 0's
-    buffers at each forward, then each rank updates them on its own batch, so after the
-    last step they differ. Averaging keeps the statistics of every rank's data, where
-    broadcasting rank 0's would keep a single shard's. Identical buffers stay exact."""
-    if world_size <= 1 or not dist.is_initialized():
-        return
-    for buffer in model.buffers():
-        if buffer.is_floating_point():
-            # In float64, so buffers that agree stay bit-exact for any number of ranks.
-            total = buffer.double()
-            dist.all_reduce(total, op=dist.ReduceOp.SUM)
-            buffer.copy_(total / world_size)
-
-
-@torch.no_grad()
-def _replicas_in_sync(model: nn.Module, world_size: int) -> int:
-    """1 when every rank holds bit-identical parameters and buffers (BatchNorm's
-    statistics too), else 0 (always 1 on one rank).
-
-    The checksum sums each tensor's bytes as integers: equal bits give equal sums.
-    """
-    if world_size <= 1 or not dist.is_initialized():
-        return 1
-    tensors = [*model.parameters(), *model.buffers()]
-    sums = torch.stack(
-        [
-            t.detach().reshape(-1).contiguous().view(torch.uint8).to(torch.int64).sum()
-            for t in tensors
-        ]
-    ).to(torch.int64)
-    gathered = [torch.empty_like(sums) for _ in range(world_size)]
-    dist.all_gather(gathered, sums)
-    return int(all(torch.equal(gathered[0], other) for other in gathered[1:]))
 
 
 def _peak_memory_mb(device: torch.device) -> float:

@@ -2,7 +2,7 @@
 timm's transform on any node's CPUs, and each rank's batches from its dataset shard.
 
 The driver lists the folder (``image_files``), splits it with the DataLoader path's own
-seeded functions (``data.folder_split``), and builds one dataset per rank and split:
+seeded functions (``splits.folder_split``), and builds one dataset per rank and split:
 ``train_<rank>`` holds that rank's rows of a seeded permutation of the training set,
 padded to equal length as ``DistributedSampler`` pads, so every rank takes the same
 number of steps; ``val_<rank>`` holds every ``world_size``-th validation row, as the
@@ -34,14 +34,10 @@ import torch
 
 from freezelab import objectstore
 from freezelab.trainers import image_files
-from freezelab.trainers.data import (
-    DataConfig,
-    DataError,
-    _input_spec,
-    _InputSpec,
-    folder_split,
-    folder_transform,
-)
+from freezelab.trainers.config import DataConfig
+from freezelab.trainers.image_files import DataError
+from freezelab.trainers.splits import folder_split
+from freezelab.trainers.transforms import InputSpec, folder_transform, input_spec
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +108,7 @@ def shard_info(config: Any, world_size: int) -> dict[str, Any]:
         logging.DEBUG
     )
     table = image_table(config.data)
-    spec = _input_spec(config.data, _unallocated_model(config, len(table.classes)))
+    spec = input_spec(config.data, _unallocated_model(config, len(table.classes)))
     if spec.channels not in (1, 3):
         raise DataError(
             f"the model takes {spec.channels} input channels; image_folder gives 1 or 3"
@@ -155,7 +151,7 @@ def _unallocated_model(config: Any, num_classes: int) -> torch.nn.Module:
         return build_for_config(config, with_weights=False, num_classes=num_classes)
 
 
-def _dataset(rows: list[tuple[str, int, int]], data: DataConfig, spec: _InputSpec, train: bool):
+def _dataset(rows: list[tuple[str, int, int]], data: DataConfig, spec: InputSpec, train: bool):
     import ray.data
 
     items = [{"file": file, "label": label, "index": index} for file, label, index in rows]
@@ -180,7 +176,7 @@ class DecodeImages:
     as a blank row marked ``ok = False``, which the loop drops (and counts)."""
 
     root: str
-    spec: _InputSpec
+    spec: InputSpec
     train: bool
     skip_corrupt: bool
 

@@ -78,6 +78,7 @@ def test_run_logs_params_metrics_artifacts_and_model(tiny_config, sqlite_uri):
     # health checks are tags, not charts of a constant
     assert run.data.tags["freezelab.replicas_in_sync"] == "1"
     assert "nodes" not in run.data.metrics and "feature_cache" not in run.data.metrics
+    assert run.data.tags["freezelab.world_size"] == "1" and "world_size" not in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "policy.json", "phases"} <= artifacts
     phases = {a.path for a in client.list_artifacts(run.info.run_id, "phases")}

@@ -1,4 +1,5 @@
-"""Two gloo ranks on this machine, for checks of the loop's DDP helpers without Ray.
+"""Two gloo ranks on this machine, for checks of the DDP helpers (``trainers/ddp.py``)
+without Ray.
 
 Run as a script (``python gloo_ranks.py CASE``) so the ranks never share a process
 with a test's Ray session; it prints each rank's result as JSON.
@@ -25,7 +26,7 @@ def _rank(rank: int, world_size: int, store: str, case: str, results) -> None:
     import torch.distributed as dist
 
     from freezelab.policies import apply, from_dict
-    from freezelab.trainers.loop import _average_buffers, _replicas_in_sync, _wrap
+    from freezelab.trainers.ddp import average_buffers, replicas_in_sync, wrap
 
     # A file rendezvous: a port chosen up front can be taken by another process before
     # the ranks listen on it (EADDRINUSE on a busy machine).
@@ -38,20 +39,20 @@ def _rank(rank: int, world_size: int, store: str, case: str, results) -> None:
             torch.manual_seed(100 + rank)
             with torch.no_grad():
                 model(torch.randn(4, 3, 32, 32))  # updates running statistics only
-            before = _replicas_in_sync(model, world_size)
-            _average_buffers(model, world_size)
-            results[rank] = [before, _replicas_in_sync(model, world_size)]
+            before = replicas_in_sync(model, world_size)
+            average_buffers(model, world_size)
+            results[rank] = [before, replicas_in_sync(model, world_size)]
             return
         apply(model, from_dict({"type": "head_only"}).plan(model, 0))
-        wrapped = _wrap(model, world_size, torch.device("cpu"))
+        wrapped = wrap(model, world_size, torch.device("cpu"))
         apply(model, from_dict({"type": "full", "bn": "eval"}).plan(model, 0))
         if case == "rebuilt":
-            wrapped = _wrap(model, world_size, torch.device("cpu"))
+            wrapped = wrap(model, world_size, torch.device("cpu"))
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
         torch.manual_seed(100 + rank)  # each rank its own batch, as under a sampler
         wrapped(torch.randn(4, 3, 32, 32)).logsumexp(1).mean().backward()
         optimizer.step()
-        results[rank] = _replicas_in_sync(model, world_size)
+        results[rank] = replicas_in_sync(model, world_size)
     finally:
         dist.destroy_process_group()
 

@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 
 from freezelab.policies import PolicyError, apply, from_dict
 from freezelab.policies.apply import adapt_norm_statistics
-from freezelab.trainers.config import ConfigError
-from freezelab.trainers.data import DataConfig, build_datasets, build_eval_sets
+from freezelab.trainers.config import ConfigError, DataConfig
+from freezelab.trainers.data import build_datasets, build_eval_sets
 from freezelab.trainers.launch import run_training
 from freezelab.trainers.models import build_for_config
 from freezelab.trainers.shifts import ShiftedImages, parse_shift

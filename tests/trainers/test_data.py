@@ -14,8 +14,8 @@ from PIL import Image
 from pydantic import ValidationError
 from sklearn.datasets import load_digits
 
+from freezelab.trainers.config import DataConfig
 from freezelab.trainers.data import (
-    DataConfig,
     DataError,
     build_datasets,
     input_size_of,
@@ -416,3 +416,11 @@ def test_wrapped_model_takes_the_size_of_its_backbone():
     train, _, _ = build_datasets(_synthetic(), Wrapper())
 
     assert train[0][0].shape == (3, 160, 160)
+
+
+def test_every_kind_of_data_section_has_a_source():
+    from typing import get_args
+
+    from freezelab.trainers.datasets import SOURCES
+
+    assert set(SOURCES) == set(get_args(DataConfig.model_fields["kind"].annotation))

@@ -14,6 +14,17 @@ from tests.conftest import TINY, merge
 TWO_WORKERS = {"scaling": {"num_workers": 2}}
 
 
+def assert_two_ranks_split(metrics: dict, train_size: int, epochs: int) -> None:
+    """The run had two ranks, and each trained on its half of the training set every
+    epoch (``DistributedSampler`` pads an odd set to equal halves): what one rank alone
+    would report differs (world_size 1, a single rank0 with every image)."""
+    assert metrics["world_size"] == 2
+    half = -(-train_size // 2)
+    assert metrics["train_images/rank0"] == metrics["train_images/rank1"] == half * epochs
+    assert metrics["train_images"] == 2 * half * epochs
+    assert "train_images/rank2" not in metrics
+
+
 @pytest.mark.ray
 def test_cli_trains_two_workers_end_to_end(ray_session, tmp_path, capsys):
     path = tmp_path / "tiny.yaml"
@@ -35,6 +46,11 @@ def test_cli_trains_two_workers_end_to_end(ray_session, tmp_path, capsys):
     assert "run cli-2w: 2 epochs, policy gradual" in out
     checkpoints = list((tmp_path / "runs" / "cli-2w").glob("checkpoint_*/model.safetensors"))
     assert checkpoints, "Ray Train wrote no checkpoint under storage_path/name"
+    from freezelab.trainers import checkpoint as ckpt
+
+    last = max((ckpt.read_state(path.parent) for path in checkpoints), key=lambda s: s["epoch"])
+    # TINY: 3 digit classes of 24 training images, 2 epochs.
+    assert_two_ranks_split(last["metrics"], train_size=72, epochs=2)
 
 
 @pytest.mark.ray
@@ -50,6 +66,7 @@ def test_replicas_identical_after_unfreeze(ray_session, tiny_config):
     outcome = run_training(config)
     assert outcome.metrics["phase"] == "unfrozen_2"
     assert outcome.metrics["replicas_in_sync"] == 1
+    assert_two_ranks_split(outcome.metrics, train_size=72, epochs=3)
 
 
 def _gloo_ranks(case: str) -> dict[str, object]:
@@ -89,6 +106,8 @@ def test_two_workers_match_one_process_on_the_same_global_batch(ray_session, tin
     }
     one = run_training(tiny_config(name="one", batch_size=16, **common))
     two = run_training(tiny_config(name="two", batch_size=8, **common, **TWO_WORKERS))
+    assert one.metrics["world_size"] == 1 and one.metrics["train_images/rank0"] == 96
+    assert_two_ranks_split(two.metrics, train_size=96, epochs=1)
     assert one.metrics["val_acc"] == pytest.approx(two.metrics["val_acc"], abs=0.05)
     a, b = load_file(one.weights_file), load_file(two.weights_file)
     torch.testing.assert_close(a["fc.weight"], b["fc.weight"], rtol=1e-4, atol=1e-5)
@@ -140,6 +159,7 @@ def test_reported_accuracy_is_the_saved_models_with_batchnorm_on_two_workers(
     )
     outcome = run_training(config)
     assert outcome.metrics["replicas_in_sync"] == 1
+    assert_two_ranks_split(outcome.metrics, train_size=90, epochs=2)
     model = build_for_config(config)
     ckpt.load_model_weights(outcome.checkpoint_dir, model)
     model.eval()

@@ -14,10 +14,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from freezelab.trainers import ray_data
-from freezelab.trainers.config import validate_config
-from freezelab.trainers.data import DataConfig, DataError, build_datasets, resolve_loader
+from freezelab.trainers.config import DataConfig, validate_config
+from freezelab.trainers.data import DataError, build_datasets, resolve_loader
 from freezelab.trainers.image_files import image_files
 from freezelab.trainers.launch import run_training
+from freezelab.trainers.transforms import input_spec
 from tests.conftest import TINY, merge
 
 
@@ -69,7 +70,7 @@ def test_listing_split_and_tensors_match_the_dataloader_path(folder):
     paths = [Path(p) for p, _ in train.dataset.samples]
     assert [Path(p) for p, _ in table.train] == [paths[i] for i in train.indices]
     # The Ray Data transform gives the DataLoader's tensors, bit for bit.
-    spec = ray_data._input_spec(config, model)
+    spec = input_spec(config, model)
     decode = ray_data.DecodeImages(str(folder), spec, train=False, skip_corrupt=False)
     rows = decode(
         {
@@ -216,8 +217,11 @@ def test_two_workers_train_from_s3_with_ray_data(
     assert np.isfinite(outcome.metrics["val_loss"]) and 0 <= outcome.metrics["val_acc"] <= 1
     local = build_datasets(_data(folder, val_fraction=0.25), timm.create_model("test_resnet"))
     assert ray_data.image_table(config.data).classes == local[0].classes
-    # Every train row once per epoch (padded to 2 x 9 rows), the whole val set.
+    # Every train row once per epoch (padded to 2 x 9 rows), the whole val set: on two
+    # ranks, each with its 9 rows an epoch.
     assert outcome.metrics["train_images"] == 2 * 2 * 9
+    assert outcome.metrics["world_size"] == 2
+    assert outcome.metrics["train_images/rank0"] == outcome.metrics["train_images/rank1"] == 2 * 9
     assert outcome.metrics["val_images"] == len(local[1]) == 6
 
 
@@ -248,6 +252,11 @@ def test_two_workers_killed_after_an_epoch_resume_to_the_uninterrupted_weights(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.metrics["val_acc"] == whole.metrics["val_acc"]
     assert resumed.metrics["replicas_in_sync"] == 1
+    # Two ranks before and after the restart, each with its 9 rows an epoch.
+    for outcome in (whole, resumed):
+        assert outcome.metrics["world_size"] == 2
+        assert outcome.metrics["train_images/rank0"] == 3 * 9
+        assert outcome.metrics["train_images/rank1"] == 3 * 9
 
 
 # -- corrupt images --------------------------------------------------------------------
