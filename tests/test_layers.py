@@ -45,6 +45,7 @@ LAYERS = {
     "freezelab.sweep": 5,
     "freezelab.api": 6,
     "freezelab.study": 6,
+    "freezelab.study_trials": 6,
     "freezelab.submit": 6,
     "freezelab.advise_run": 6,
     "freezelab.cli": 7,
