@@ -66,9 +66,10 @@ DEFAULT_STUDY: dict[str, Any] = {
             "eval_shifts": ["rotate:30", "gaussian_noise:0.3", "blur:1", "contrast:0.3"],
         },
         "optimizer": {"lr": 0.02},
-        # One process per fine-tuning run (num_workers: 0, no Ray Train): the pretraining
-        # shows data-parallel training; twelve short runs would spend most of their
-        # time starting worker groups.
+        # One process per fine-tuning run (num_workers: 0, no Ray Train: a Tune trial
+        # trains in its own process), as many at once as the CPUs hold. The pretraining
+        # shows data-parallel training; short runs would spend most of their time
+        # starting worker groups.
         "scaling": {"num_workers": 0},
         "metrics": {"eval_every": 4},
         # A run of ten seconds resumes from its middle or its end: a checkpoint per
@@ -89,6 +90,8 @@ DEFAULT_STUDY: dict[str, Any] = {
     ],
     # The model the study hands over, as models:/transfer-study-best@champion.
     "register_best_as": "transfer-study-best",
+    # Three repeats of each (variant, policy): the tables give each setting an interval.
+    "seeds": [0, 1, 2],
 }
 
 
@@ -243,7 +246,8 @@ def run_study(
     A study is named by its config (``study_tag``): the same study again continues
     where it stopped (``resume`` insists that it exists), its finished runs kept and
     each run once in MLflow, under one parent run."""
-    from freezelab.report.rows import group_rows
+    import ray
+
     from freezelab.sweep.trials import require_fits
     from freezelab.trainers.launch import init_ray
     from freezelab.trainers.preflight import check_run
@@ -268,6 +272,7 @@ def run_study(
             f"study {study.name!r}: nothing to resume: no study {tag} in "
             f"{redact_uri(pretrain.storage_path)} (a changed config is another study)"
         )
+    ray_was_up = ray.is_initialized()
     if address or os.environ.get("RAY_ADDRESS"):
         init_ray(address)  # joining a cluster creates nothing: its nodes are checked next
     require_fits(finetunes[0], f"study {study.name!r}")
@@ -283,6 +288,26 @@ def run_study(
         f"{len(grid_points(study.grid))} grid points x {len(study.seeds)} seeds = "
         f"{len(finetunes)} fine-tuning runs; pretraining {pretrain.model.name} on the source task"
     )
+    try:
+        return _run(study, tag, pretrain, finetunes, started_before, address)
+    finally:
+        if not ray_was_up and ray.is_initialized():
+            ray.shutdown()  # the Ray this study started or joined; a cluster stays up
+
+
+def _run(
+    study: StudyConfig,
+    tag: str,
+    pretrain: TrainConfig,
+    finetunes: list[TrainConfig],
+    started_before: bool,
+    address: str | None,
+) -> StudyOutcome:
+    """Record the study, pretrain, fine-tune, then print, register and report."""
+    from freezelab.report.rows import group_rows
+    from freezelab.trainers.launch import init_ray
+
+    home = RunLocation(pretrain.storage_path, tag)
     if not started_before:
         home.write_file(
             STUDY_FILE, json.dumps({"tag": tag, "study": study.model_dump(mode="json")})
