@@ -271,6 +271,7 @@ def fit_trials(
     its finished trials and reruns the others, each resuming its own Train run.
     ``count`` is the number of trials the display expects (None: unknown)."""
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from freezelab.sweep.progress import TrialProgress
 
@@ -295,6 +296,9 @@ def fit_trials(
                 scheduler=scheduler,
                 num_samples=num_samples,
                 max_concurrent_trials=plan.concurrent,
+                # A trial's process (torch, MLflow and freezelab imported) trains the
+                # next trial too: starting one costs seconds, as much as a short run.
+                reuse_actors=True,
             ),
             run_config=tune.RunConfig(
                 name=name,
@@ -303,13 +307,34 @@ def fit_trials(
                 callbacks=[
                     TrialProgress(
                         f"{kind} {name!r}", count, epochs, _TrialLabel(trials), error_line
-                    )
+                    ),
+                    # Tune's own result files (its analysis reads them), without its
+                    # TensorBoard files: MLflow has every metric, and the driver's CPU
+                    # goes to the trials.
+                    CSVLoggerCallback(),
+                    JsonLoggerCallback(),
                 ],
                 verbose=1 if verbose() else 0,
             ),
         )
-    with quiet_tune():
+    # The loggers are those of the callbacks above: without this, Tune adds its
+    # TensorBoard logger to them (the callbacks of a restored group included).
+    with quiet_tune(), _environ(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1"):
         return tuner.fit()
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @dataclass(frozen=True)
@@ -330,19 +355,14 @@ def quiet_tune() -> Iterator[None]:
     if verbose():
         yield
         return
-    saved = os.environ.get("RAY_AIR_NEW_OUTPUT")
     tune_logger = logging.getLogger("ray.tune")
     level = tune_logger.level
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     tune_logger.setLevel(logging.WARNING)
     try:
-        yield
+        with _environ(RAY_AIR_NEW_OUTPUT="0"):
+            yield
     finally:
         tune_logger.setLevel(level)
-        if saved is None:
-            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
-        else:
-            os.environ["RAY_AIR_NEW_OUTPUT"] = saved
 
 
 def trial_outcomes(grid) -> list[dict[str, Any]]:

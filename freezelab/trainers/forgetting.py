@@ -21,7 +21,28 @@ from torch.utils.data import DataLoader, Dataset
 
 from freezelab.trainers.config import DataConfig
 from freezelab.trainers.data import build_datasets
-from freezelab.trainers.feature_cache import classifier_inputs
+from freezelab.trainers.feature_cache import classifier_inputs, classifier_of
+
+# The probe's accuracy at the start of a run, by (backbone weights, source task).
+_STARTS: dict[tuple[str, tuple[str, int, str]], float] = {}
+
+
+def _backbone_digest(model: nn.Module) -> str:
+    """A digest of every parameter and buffer outside the classifier: what the
+    classifier's input (the probe's features) depends on."""
+    import hashlib
+
+    try:
+        head = {id(t) for t in classifier_of(model).parameters()}
+    except TypeError:  # no get_classifier(): the whole model, so no reuse across heads
+        head = set()
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if id(tensor) in head:
+            continue
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 class SourceProbe:
@@ -38,6 +59,17 @@ class SourceProbe:
     ):
         self.train, self.val, _ = build_datasets(source, model)
         self.device, self.max_iter, self.batch_size = device, max_iter, batch_size
+        self.source_key = (source.model_dump_json(), max_iter, str(device))
+
+    def accuracy_at_start(self, model: nn.Module) -> float:
+        """``accuracy`` of the pretrained backbone, fitted once per process for equal
+        backbone weights and source task: the fit is deterministic, so a process that
+        starts several runs from one pretrained model (a study's trials, one after the
+        other) reuses it."""
+        key = (_backbone_digest(model), self.source_key)
+        if key not in _STARTS:
+            _STARTS[key] = self.accuracy(model)
+        return _STARTS[key]
 
     def accuracy(self, model: nn.Module) -> float:
         from sklearn.linear_model import LogisticRegression

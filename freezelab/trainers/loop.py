@@ -122,7 +122,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             log.info(f"resuming {config.name} at epoch {start_epoch} (step {step})")
 
     if probe is not None and not resumed:
-        probe_start = probe.accuracy(model)  # what the backbone knows of the source task
+        probe_start = probe.accuracy_at_start(model)  # what the backbone knows of the source
 
     # -- the epoch loop ------------------------------------------------------------
     plan: FreezePlan | None = None
