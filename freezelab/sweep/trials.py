@@ -128,7 +128,8 @@ def trial_resources_for(
     resources of each Train worker.
 
     A trial that trains in its own process (``local``, see ``in_process``) takes a
-    share of the CPUs.
+    share of the CPUs: one CPU when the cluster has whole CPUs, whatever the cap on
+    trials at once.
     Otherwise the trial only drives a TorchTrainer: it takes a sliver of a CPU and no
     GPU, and its workers hold the real resources. Unless ``resources_per_worker`` is
     set, a CPU worker gets what is left of its trial's share, so trials and workers
@@ -139,11 +140,12 @@ def trial_resources_for(
 
     totals = ray.cluster_resources()
     if local:
+        # A CPU each, however many run at once (max_concurrent only caps how many): a
+        # run's torch threads, and so its numbers, never depend on the runs beside it.
         cpus = totals.get("CPU", 1.0)
-        concurrent = max(1, int(cpus))
-        if max_concurrent:
-            concurrent = min(concurrent, max_concurrent)
-        return {"CPU": round(cpus / concurrent, 3)}, concurrent, {}
+        fits = max(1, int(cpus))
+        concurrent = min(fits, max_concurrent) if max_concurrent else fits
+        return {"CPU": round(cpus / fits, 3)}, concurrent, {}
     workers = max(1, base.scaling.num_workers)
     if base.scaling.resources_per_worker is None and not base.scaling.use_gpu:
         cpus = totals.get("CPU", 1.0)

@@ -74,6 +74,12 @@ def _every_path_delivers_images(rows: Rows) -> None:
     assert all(p["images_per_s"] > 0 and p["images_per_core_s"] > 0 for p in paths.values())
 
 
+def _runs_side_by_side_give_the_same_accuracies(rows: Rows) -> None:
+    # Section 8: a run's accuracies do not depend on the runs beside it.
+    assert all(row["same_accuracies"] for row in rows if "same_accuracies" in row), rows
+    assert rows[0]["runs"] == 4, rows[0]
+
+
 # name: (the table's title, the claim checked on its rows or None where the smoke sizes
 # cannot show one, and the marks it needs)
 SCRIPTS: dict[str, tuple[str, Callable[[Rows], None] | None, tuple]] = {
@@ -95,6 +101,11 @@ SCRIPTS: dict[str, tuple[str, Callable[[Rows], None] | None, tuple]] = {
     ),
     "advise_vs_sweep": ("advise_vs_sweep: ", _advise_costs_a_fraction_of_the_sweep, ()),
     "data_throughput": ("data_throughput: ", _every_path_delivers_images, (pytest.mark.ray,)),
+    "study_concurrency": (
+        "study_concurrency: ",
+        _runs_side_by_side_give_the_same_accuracies,
+        (pytest.mark.ray,),
+    ),
 }
 
 
