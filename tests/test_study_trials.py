@@ -166,3 +166,19 @@ def test_bad_study_input_is_refused_before_ray_mlflow_or_a_file(
     assert "\n" not in str(err.value)
     assert ray.is_initialized() == was_up
     assert sorted(p.name for p in Path.cwd().iterdir()) == []
+
+
+@pytest.mark.ray
+def test_a_study_none_of_whose_runs_finished_fails_with_the_first_error(ray_session, monkeypatch):
+    import freezelab.study as study_module
+    from freezelab.study import StudyFailed
+
+    def every_run_failed(study, tag, runs, parent):
+        return [], [(run.name, "RuntimeError: boom") for run in runs]
+
+    monkeypatch.setattr(study_module, "_fine_tune", every_run_failed)
+    with pytest.raises(StudyFailed, match="none of its 4 fine-tuning runs finished.*boom"):
+        run_study(None, overrides=FOUR_RUNS)
+    assert StudyFailed.exit_code == 1
+    parents, finetunes = _study_runs(f"sqlite:///{Path.cwd()}/mlflow.db")
+    assert len(parents) == 1 and parents[0].info.status == "FAILED" and finetunes == []
