@@ -275,7 +275,9 @@ def run_study(
     ray_was_up = ray.is_initialized()
     if address or os.environ.get("RAY_ADDRESS"):
         init_ray(address)  # joining a cluster creates nothing: its nodes are checked next
-    require_fits(finetunes[0], f"study {study.name!r}")
+    scalings = {c.scaling.model_dump_json(): c for c in finetunes}
+    for config in scalings.values():
+        require_fits(config, f"study {study.name!r}")
     distinct = {
         json.dumps([c.policy.to_dict(), c.data.model_dump(mode="json")]): c for c in finetunes
     }
