@@ -139,18 +139,16 @@ def fail_group_run(base: Any, run_id: str) -> None:
 
 
 def best_trial_model_uri(client: Any, base: Any, run_name: str) -> str | None:
-    import mlflow
-
     experiment_id = experiment_id_for(client, base.mlflow.experiment)
     run_id = find_run_by_key(
         client, experiment_id, RunLocation(base.storage_path, run_name).mlflow_key()
     )
     if not run_id:
         return None
-    models = mlflow.search_logged_models(
-        experiment_ids=[experiment_id],
-        filter_string=f"source_run_id = '{run_id}'",
-        output_format="list",
+    # The client's search, not the fluent one: that reads the process's tracking URI,
+    # which need not be the config's.
+    models = client.search_logged_models(
+        experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'"
     )
     return models[0].model_uri if models else None
 
