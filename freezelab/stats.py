@@ -43,6 +43,17 @@ def summarize(values: Sequence[float]) -> Summary:
     return Summary(n, mean, std, mean - half, mean + half)
 
 
+def with_interval(mean: float, low: float | None, high: float | None, n: int) -> str:
+    """A mean and its 95% interval as freezelab writes them.
+
+    >>> with_interval(0.81, 0.7852, 0.8348, 3), with_interval(0.81, None, None, 1)
+    ('0.8100 ± 0.0248 (95% interval, n=3)', '0.8100 (n=1, no interval)')
+    """
+    if low is None or high is None:
+        return f"{mean:.4f} (n={n}, no interval)"
+    return f"{mean:.4f} ± {(high - low) / 2:.4f} (95% interval, n={n})"
+
+
 def t_quantile_975(degrees_of_freedom: int) -> float:
     """The 97.5% quantile of Student's t: the half-width factor of a 95% interval."""
     return _t_ppf_975(degrees_of_freedom)

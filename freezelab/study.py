@@ -440,17 +440,35 @@ def study_page(uri: str, parent_run_id: str) -> str:
 
 
 def _register_best(base: TrainConfig, rows: list[dict[str, Any]], groups, name: str) -> None:
-    """Register the best run of the best setting: the model the study hands over."""
-    from freezelab.mlflow.run import register
+    """Register the best run of the best setting: the model the study hands over, with
+    the verdict of that setting against each other policy's best setting on the same
+    target, as the summary compares them (``mlflow.verdict``)."""
     from freezelab.mlflow.tracking import resolve_tracking_uri
+    from freezelab.mlflow.verdict import register_winner
 
-    members = [r for r in rows if r["run_id"] in groups[0]["run_ids"] and r["model_uri"]]
+    winner = groups[0]
+    members = [r for r in rows if r["run_id"] in winner["run_ids"] and r["model_uri"]]
     if not members:
         log.warning(f"no logged model to register as {name}")
         return
     best = max(members, key=lambda r: r["val_acc"])
-    register(
-        resolve_tracking_uri(base.mlflow.tracking_uri), best["model_uri"], name, base.mlflow.alias
+    rivals = [
+        g
+        for g in groups
+        if g["best_of_policy"] and g["variant"] == winner["variant"] and g is not winner
+    ]
+    register_winner(
+        resolve_tracking_uri(base.mlflow.tracking_uri),
+        best["model_uri"],
+        name,
+        base.mlflow.alias,
+        chosen_by=f"study {base.mlflow.tags.get(STUDY_TAG, base.name)}",
+        policy=winner["policy"],
+        setting=winner["setting"],
+        variant=winner["variant"],
+        metric="val_acc",
+        values=winner["values"],
+        others={g["policy"]: g["values"] for g in rivals},
     )
     log.info(f"registered run {best['run_name']} ({best['label']}) as {name}")
 

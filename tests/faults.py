@@ -66,3 +66,26 @@ class RecordEnv(RayTrainReporter):
         if not path.exists():
             path.write_text(os.environ.get(self.variable, "<unset>"))
         super().report(metrics, write_checkpoint)
+
+
+class KeepDdpWrapper(RayTrainReporter):
+    """Ray Train: the loop's DDP wrapper outlives every change of phase, as if the loop
+    forgot to wrap the model again when it unfreezes (Lightning issue 20340): the
+    parameters that start training later are never synchronized, and the replicas
+    drift apart. Installed on each rank when the loop asks where to resume, before its
+    first phase; it needs ``performance.feature_cache: false``, so that every phase
+    wraps the same module."""
+
+    def resume_from(self):
+        from freezelab.trainers import phase
+
+        built = phase.wrap
+        kept: dict[int, object] = {}
+
+        def keep_first(module, world_size, device):
+            if id(module) not in kept:
+                kept[id(module)] = built(module, world_size, device)
+            return kept[id(module)]
+
+        phase.wrap = keep_first
+        return super().resume_from()

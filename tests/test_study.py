@@ -138,6 +138,13 @@ def test_study_repeats_seeds_over_a_grid_and_registers_the_best_run(ray_session,
     version = client.get_model_version_by_alias("study-best", "champion")
     assert version.run_id == best["run_id"]
     assert f"registered run {best['run_name']}" in out
+    # with the verdict of its setting against the other policy's best setting
+    assert version.tags["freezelab.policy"] == groups[0]["policy"]
+    assert version.tags["freezelab.separated"] in ("true", "false")
+    tag = client.get_run(best["run_id"]).data.tags["freezelab.study"]
+    assert version.description.startswith(
+        f"The winner of study {tag}: policy {groups[0]['policy']} [{groups[0]['setting']}]"
+    )
     # each run's seed is the one its name says
     runs = {r["run_id"]: client.get_run(r["run_id"]) for r in rows}
     for row in rows:

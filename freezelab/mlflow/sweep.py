@@ -14,8 +14,9 @@ from typing import Any
 
 import yaml
 
-from freezelab.mlflow.run import RUN_KEY_TAG, experiment_id_for, find_run_by_key, register
+from freezelab.mlflow.run import RUN_KEY_TAG, experiment_id_for, find_run_by_key
 from freezelab.mlflow.tracking import STAGE_TAG, ensure_reachable, resolve_tracking_uri, run_tags
+from freezelab.mlflow.verdict import register_winner
 from freezelab.redact import redact_config, redact_text
 from freezelab.trainers.location import RunLocation
 
@@ -101,8 +102,36 @@ def finish_sweep_run(sweep: Any, base: Any, outcome: Any) -> None:
     if sweep.register_best_as and best is not None:
         model_uri = best_trial_model_uri(client, base, best["run_name"])
         if model_uri:
-            register(uri, model_uri, sweep.register_best_as, base.mlflow.alias)
+            _register_winner(sweep, base, outcome, uri, model_uri)
+        else:
+            log.warning(
+                f"no logged model of trial {best['run_name']} to register as "
+                f"{sweep.register_best_as}"
+            )
     client.set_terminated(run_id)
+
+
+def _register_winner(sweep: Any, base: Any, outcome: Any, uri: str, model_uri: str) -> None:
+    """Register the best trial's model with the verdict of its setting against each
+    other policy's best setting (``verdict.register_winner``)."""
+    from freezelab.policies import from_dict
+
+    best = outcome.best_row
+    label = from_dict(best["policy"]).label()
+    values = outcome.compared.get(label) or [best["metric"]]
+    register_winner(
+        uri,
+        model_uri,
+        sweep.register_best_as,
+        base.mlflow.alias,
+        chosen_by=f"sweep {sweep.name}",
+        policy=label,
+        setting=", ".join(f"{k}={v}" for k, v in sorted(outcome.best_params.items())),
+        variant="",  # a sweep has one target
+        metric=sweep.metric,
+        values=values,
+        others={k: v for k, v in outcome.compared.items() if k != label},
+    )
 
 
 def finish_study_run(
@@ -139,18 +168,16 @@ def fail_group_run(base: Any, run_id: str) -> None:
 
 
 def best_trial_model_uri(client: Any, base: Any, run_name: str) -> str | None:
-    import mlflow
-
     experiment_id = experiment_id_for(client, base.mlflow.experiment)
     run_id = find_run_by_key(
         client, experiment_id, RunLocation(base.storage_path, run_name).mlflow_key()
     )
     if not run_id:
         return None
-    models = mlflow.search_logged_models(
-        experiment_ids=[experiment_id],
-        filter_string=f"source_run_id = '{run_id}'",
-        output_format="list",
+    # The client's search, not the fluent one: that reads the process's tracking URI,
+    # which need not be the config's.
+    models = client.search_logged_models(
+        experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'"
     )
     return models[0].model_uri if models else None
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from freezelab.report.consequences import consequences
 from freezelab.report.rows import by_variant, number_or, pareto_front, time_and_accuracy
-from freezelab.stats import difference
+from freezelab.stats import difference, with_interval
 
 # CKA at or above this counts as "the representation kept intact" in the summary.
 INTACT_CKA = 0.999
@@ -101,10 +101,7 @@ def val_acc_with_interval(group: dict[str, Any], short: bool = False) -> str:
         if group["ci95_low"] is None:
             return f"{group['val_acc']:.4f}"
         return f"{group['val_acc']:.4f} ± {(group['ci95_high'] - group['ci95_low']) / 2:.4f}"
-    if group["ci95_low"] is None:
-        return f"{group['val_acc']:.4f} (n={group['n']}, no interval)"
-    half = (group["ci95_high"] - group["ci95_low"]) / 2
-    return f"{group['val_acc']:.4f} ± {half:.4f} (95% interval, n={group['n']})"
+    return with_interval(group["val_acc"], group["ci95_low"], group["ci95_high"], group["n"])
 
 
 def _differences(winner: dict[str, Any], others: list[dict[str, Any]]) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -26,6 +26,8 @@ class SweepOutcome:
     parent_run_id: str | None
     failed: int = 0  # trials that ended with an error
     best_row: dict[str, Any] | None = None  # the best run of the best setting
+    # The metric's values of the best setting, then of each other policy's best setting.
+    compared: dict[str, list[float]] = field(default_factory=dict)
 
 
 def trial_run_name(sweep_name: str, choice: dict[str, Any]) -> str:
@@ -70,14 +72,28 @@ def best_row(finished: list[dict[str, Any]], sweep: SweepConfig) -> dict[str, An
     are ranked on the mean of the metric over their seeds; without seeds, each trial is
     a setting of its own."""
     sign = 1 if sweep.mode == "max" else -1
+    return max(_settings(finished, sweep)[0], key=lambda r: sign * r["metric"])
+
+
+def compared(finished: list[dict[str, Any]], sweep: SweepConfig) -> dict[str, list[float]]:
+    """The metric's values (one per seed) of the best setting, then of each other
+    policy's best setting, by policy label: what the registered winner is judged on."""
+    values: dict[str, list[float]] = {}
+    for rows in _settings(finished, sweep):
+        values.setdefault(from_dict(rows[0]["policy"]).label(), [r["metric"] for r in rows])
+    return values
+
+
+def _settings(finished: list[dict[str, Any]], sweep: SweepConfig) -> list[list[dict[str, Any]]]:
+    """The finished trials by setting, the best mean first."""
+    sign = 1 if sweep.mode == "max" else -1
     settings: dict[str, list[dict[str, Any]]] = {}
     for row in finished:
         params = {k: v for k, v in row["params"].items() if k != "seed"}
         settings.setdefault(json.dumps([row["policy"], params], sort_keys=True), []).append(row)
-    best = max(
-        settings.values(), key=lambda rows: sign * sum(r["metric"] for r in rows) / len(rows)
+    return sorted(
+        settings.values(), key=lambda rows: -sign * sum(r["metric"] for r in rows) / len(rows)
     )
-    return max(best, key=lambda r: sign * r["metric"])
 
 
 def format_results(rows: list[dict[str, Any]], sweep: SweepConfig) -> str:

@@ -21,6 +21,7 @@ from freezelab.sweep.results import (
     SweepOutcome,
     best_row,
     choice_of,
+    compared,
     format_results,
     result_rows,
     trial_run_name,
@@ -119,7 +120,14 @@ def run_sweep(
     best = best_row(finished, sweep)
     best_params = {k: v for k, v in best["params"].items() if k != "seed"}
     outcome = SweepOutcome(
-        rows, best["policy"], best_params, directory, parent, len(failed), best_row=best
+        rows,
+        best["policy"],
+        best_params,
+        directory,
+        parent,
+        len(failed),
+        best_row=best,
+        compared=compared(finished, sweep),
     )
     write_best(outcome)
     _finish_parent(sweep, base, outcome)

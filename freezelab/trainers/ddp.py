@@ -1,7 +1,7 @@
 """What the ranks of a run share: the DDP wrapper, sums and averages across ranks, the
-replica check, and where each rank runs. On one rank (or without a process group)
-every function here is the identity or its one-rank answer, so the loop calls them
-unconditionally.
+replica check (and the error of replicas that disagree), and where each rank runs. On
+one rank (or without a process group) every function here is the identity or its
+one-rank answer, so the loop calls them unconditionally.
 
 >>> import torch
 >>> model = torch.nn.Linear(2, 2)
@@ -16,6 +16,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from freezelab.errors import FreezelabError
+from freezelab.policies.groups import LayerGroup, group_of_module
 
 
 class SingleProcess:
@@ -103,22 +106,71 @@ def average_buffers(model: nn.Module, world_size: int) -> None:
             buffer.copy_(total / world_size)
 
 
-@torch.no_grad()
 def replicas_in_sync(model: nn.Module, world_size: int) -> int:
     """1 when every rank holds bit-identical parameters and buffers (BatchNorm's
-    statistics too), else 0 (always 1 on one rank).
+    statistics too), else 0 (always 1 on one rank)."""
+    return int(not differing_tensors(model, world_size))
+
+
+@torch.no_grad()
+def differing_tensors(model: nn.Module, world_size: int) -> list[str]:
+    """The names of the parameters and buffers whose bits differ between ranks: the
+    same list on every rank, since each compares every rank's checksums (empty on one
+    rank).
 
     The checksum sums each tensor's bytes as integers: equal bits give equal sums.
     """
     if world_size <= 1 or not dist.is_initialized():
-        return 1
-    tensors = [*model.parameters(), *model.buffers()]
+        return []
+    named = [*model.named_parameters(), *model.named_buffers()]
     sums = torch.stack(
         [
             t.detach().reshape(-1).contiguous().view(torch.uint8).to(torch.int64).sum()
-            for t in tensors
+            for _, t in named
         ]
     ).to(torch.int64)
     gathered = [torch.empty_like(sums) for _ in range(world_size)]
     dist.all_gather(gathered, sums)
-    return int(all(torch.equal(gathered[0], other) for other in gathered[1:]))
+    differs = torch.stack([other != gathered[0] for other in gathered[1:]]).any(0)
+    return [name for (name, _), flag in zip(named, differs.tolist(), strict=True) if flag]
+
+
+def groups_holding(names: list[str], groups: tuple[LayerGroup, ...]) -> list[str]:
+    """The layer groups, input to output, that hold the parameters or buffers
+    ``names`` (a buffer belongs to the group of its module); a name in no group stands
+    for itself, after them."""
+    found: list[str] = []
+    loose: list[str] = []
+    for name in names:
+        group = next((g for g in groups if name in g.param_names), None)
+        group = group or group_of_module(groups, name.rpartition(".")[0])
+        if group is None:
+            loose.append(name)
+        elif group.name not in found:
+            found.append(group.name)
+    order = [g.name for g in groups]
+    return sorted(found, key=order.index) + loose
+
+
+class ReplicasDivergedError(FreezelabError):
+    """The ranks of a data-parallel run no longer hold the same model: a failure of the
+    run (exit code 1), raised on every rank after the epoch's report, so that no model
+    is handed over.
+
+    >>> print(ReplicasDivergedError(1, 3, ["layer3", "layer4"]))  # doctest: +ELLIPSIS
+    epoch 2/3: the ranks' replicas no longer agree: ... in layer group(s) layer3, layer4; ...
+    """
+
+    exit_code = 1
+
+    def __init__(self, epoch: int, epochs: int, groups: list[str]):
+        self.epoch, self.epochs, self.groups = epoch, epochs, list(groups)
+        super().__init__(
+            f"epoch {epoch + 1}/{epochs}: the ranks' replicas no longer agree: parameters or "
+            f"buffers differ between ranks in layer group(s) {', '.join(self.groups)}; no model "
+            "is handed over"
+        )
+
+    def __reduce__(self):
+        # Ray Train pickles a worker's exception to the driver: rebuilt from its fields.
+        return (type(self), (self.epoch, self.epochs, self.groups))

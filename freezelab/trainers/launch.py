@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from freezelab.env import LOG_LEVEL_ENV, log_level
-from freezelab.errors import ConfigError
+from freezelab.errors import ConfigError, FreezelabError
 from freezelab.progress import followed
 from freezelab.redact import redact_uri
 from freezelab.trainers import checkpoint as ckpt
@@ -125,6 +125,7 @@ def _fit(
         LoggingConfig,
         RunConfig,
         ScalingConfig,
+        TrainingFailedError,
     )
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -174,7 +175,13 @@ def _fit(
             worker_runtime_env={"env_vars": dict(env_vars)} if env_vars else None,
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as err:
+        raised = _freezelab_error_of(err)
+        if raised is None:
+            raise
+        raise raised from err
     directory = None
     if result.checkpoint is not None:
         # On object storage the checkpoint's path is within its filesystem (bucket/key).
@@ -186,6 +193,17 @@ def _fit(
             inside = directory.strip("/").removeprefix(root.strip("/"))
             directory = objectstore.join(where.storage_path, inside)
     return outcome_of(config.name, directory, metrics=result.metrics)
+
+
+def _freezelab_error_of(err: Exception) -> FreezelabError | None:
+    """The error a worker raised as freezelab's own (a ``FreezelabError``: one line for
+    the CLI, with its exit code), None for any other. Ray Train wraps each rank's
+    exception in a ``WorkerGroupError``; the lowest rank's is the one raised."""
+    failures = getattr(err, "worker_failures", None) or {}
+    for rank in sorted(failures):
+        if isinstance(failures[rank], FreezelabError):
+            return failures[rank]
+    return None
 
 
 def _run_in_process(

@@ -10,6 +10,8 @@ The Ray-specific steps stand out as in Ray Train's own examples: [1] prepare the
 (``prepare_data_loader``, or with Ray Data this rank's dataset shards: ``rank_data.py``),
 [2] prepare the model (the DDP wrapper, at every change of phase), [3] report through
 the reporter that the caller chose (``reporting.py``); the rest is plain PyTorch.
+Replicas that stop agreeing (the replica check, ``ddp.py``) fail the run on every rank
+right after that epoch's report, which saves no checkpoint.
 """
 
 from __future__ import annotations
@@ -38,12 +40,14 @@ from freezelab.trainers import checkpoint as ckpt
 from freezelab.trainers.config import TrainConfig, validate_config
 from freezelab.trainers.data import build_datasets, build_eval_sets
 from freezelab.trainers.ddp import (
+    ReplicasDivergedError,
     SingleProcess,
     all_reduce,
     average_buffers,
+    differing_tensors,
+    groups_holding,
     per_rank,
     placement,
-    replicas_in_sync,
 )
 from freezelab.trainers.feature_cache import FeatureCache, classifier_of
 from freezelab.trainers.forgetting import SourceProbe, source_data
@@ -241,6 +245,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if probe_start is not None:  # None: resumed from a checkpoint without it
                 extra["source_probe_acc_start"] = probe_start
                 extra["forgetting"] = probe_start - extra["source_probe_acc"]
+        # The same answer on every rank: each compares every rank's checksums.
+        diverged = differing_tensors(model, world_size)
         # This epoch's training images on each rank: the run's proof of its world size.
         rank_images = per_rank(totals[2], rank, world_size)
         totals = all_reduce(totals)
@@ -271,7 +277,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "frozen_params": plan.total_params - plan.trainable_params,
             "feature_cache": int(use_cached),
             "peak_memory_mb": _peak_memory_mb(device),
-            "replicas_in_sync": replicas_in_sync(model, world_size),
+            "replicas_in_sync": int(not diverged),
             "nodes": len({w["node_id"] for w in workers}),
             "world_size": world_size,
             **{f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups},
@@ -292,7 +298,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         history.append(metrics)
 
         # -- [3] report (a barrier: every rank calls it once per epoch) ------------
-        save = (epoch + 1) % config.checkpoint.every == 0 or epoch == config.epochs - 1
+        # Replicas that disagree are no one model: nothing of theirs is saved.
+        save = not diverged and (
+            (epoch + 1) % config.checkpoint.every == 0 or epoch == config.epochs - 1
+        )
         state = {
             "epoch": epoch,
             "step": step,
@@ -306,6 +315,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         }
         write = partial(_write_checkpoint, model, optimizer, state) if save and rank == 0 else None
         reporter.report(metrics, write)
+        if diverged:
+            # After the report, which every rank reaches: the failed check shows in the
+            # run's metrics, and every rank fails together.
+            raise ReplicasDivergedError(epoch, config.epochs, groups_holding(diverged, plan.groups))
 
 
 def _local_device(config: TrainConfig) -> torch.device:

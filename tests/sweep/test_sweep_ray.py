@@ -201,6 +201,7 @@ def test_a_sweep_with_seeds_runs_each_setting_per_seed(ray_session, tmp_path):
         seeds=[0, 1],
         max_concurrent_trials=2,
         overrides=["epochs=1"],
+        register_best_as="seeded-best",
     )
     outcome = run_sweep(sweep)
     assert outcome.failed == 0, [r["error"] for r in outcome.rows]
@@ -217,6 +218,20 @@ def test_a_sweep_with_seeds_runs_each_setting_per_seed(ray_session, tmp_path):
         for kind in ("head_only", "bitfit")
     }
     assert outcome.best_policy["type"] == max(means, key=means.get)
+    # The winner is registered with the verdict of its two seeds against the other's.
+    assert {k: sorted(v) for k, v in outcome.compared.items()} == {
+        kind: sorted(r["metric"] for r in outcome.rows if r["policy"]["type"] == kind)
+        for kind in ("head_only", "bitfit")
+    }
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    (version,) = mlflow.MlflowClient(uri, registry_uri=uri).search_model_versions(
+        "name = 'seeded-best'"
+    )
+    assert version.tags["freezelab.policy"] == outcome.best_policy["type"]
+    assert version.tags["freezelab.separated"] in ("true", "false")
+    assert version.description.startswith(
+        f"The winner of sweep seeded: policy {outcome.best_policy['type']}, variant -, val_acc "
+    )
 
 
 def test_trials_in_their_own_process_report_every_epoch_to_tune(ray_session, tmp_path, capsys):

@@ -1,5 +1,8 @@
 """Two Ray Train workers on a 2-CPU Ray session: the CLI end to end, replica equality
-after an unfreeze (and its failure without the DDP rebuild), and resource checks."""
+after an unfreeze (and its failure without the DDP rebuild, which fails the run), and
+resource checks."""
+
+from functools import partial
 
 import pytest
 import torch
@@ -69,6 +72,55 @@ def test_replicas_identical_after_unfreeze(ray_session, tiny_config):
     assert_two_ranks_split(outcome.metrics, train_size=72, epochs=3)
 
 
+@pytest.mark.ray
+def test_replicas_that_disagree_fail_the_run_and_hand_over_no_model(
+    ray_session, tmp_path, capsys, monkeypatch
+):
+    import mlflow
+    from faults import KeepDdpWrapper
+
+    import freezelab.api
+    from freezelab.mlflow.run import train_tracked
+
+    # gradual: epoch 1 trains the head, epoch 2 unfreezes layer4, which the kept DDP
+    # wrapper never synchronizes.
+    monkeypatch.setattr(
+        freezelab.api, "train_tracked", partial(train_tracked, reporter=KeepDdpWrapper())
+    )
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    path = tmp_path / "diverge.yaml"
+    config = {
+        "name": "diverge",
+        "storage_path": str(tmp_path / "runs"),
+        "policy": {"type": "gradual", "every": 1},
+        "performance": {"feature_cache": False},
+        "mlflow": {"enabled": True, "tracking_uri": uri, "experiment": "diverge"},
+    }
+    path.write_text(yaml.safe_dump(merge(TINY, merge(config, TWO_WORKERS))))
+    assert main(["train", str(path)]) == 1
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("freezelab ")]
+    assert len(errors) == 1, captured.err
+    assert errors[0].startswith("freezelab train: error: epoch 2/2: ")
+    assert "layer group(s) layer4;" in errors[0] and "no model is handed over" in errors[0]
+    assert "model:" not in captured.out and "checkpoint:" not in captured.out
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("diverge")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FAILED"
+    assert not client.search_logged_models(
+        experiment_ids=[experiment.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}'",
+    )
+    # The epoch whose replicas disagree is charted; its report saved no checkpoint.
+    checks = client.get_metric_history(run.info.run_id, "replicas_in_sync")
+    assert [(m.step, m.value) for m in checks] == [(1, 0.0)]
+    from freezelab.trainers import checkpoint as ckpt
+
+    saved = list((tmp_path / "runs" / "diverge").glob("checkpoint_*/model.safetensors"))
+    assert [ckpt.read_state(f.parent)["epoch"] for f in saved] == [0]
+
+
 def _gloo_ranks(case: str) -> dict[str, object]:
     """Two gloo ranks in processes of their own (``gloo_ranks.py``), never in a
     process that holds a Ray session."""
@@ -90,6 +142,23 @@ def test_replica_check_sees_the_drift_of_an_unfreeze_without_ddp_rebuild(case):
     # Lightning issue 20340: DDP syncs only what required grad when it was built.
     expected = 1 if case == "rebuilt" else 0
     assert _gloo_ranks(case) == {"0": expected, "1": expected}
+
+
+def test_the_error_names_the_groups_that_hold_what_differs():
+    import timm
+
+    from freezelab.policies.groups import layer_groups
+    from freezelab.trainers.ddp import groups_holding
+
+    groups = tuple(layer_groups(timm.create_model("test_resnet", num_classes=3)))
+    differing = [
+        "fc.weight",
+        "layer4.0.bn1.running_mean",  # a buffer: the group of its module
+        "layer4.0.conv1.weight",
+        "layer1.0.bn1.num_batches_tracked",
+        "not.a.module.buffer",
+    ]
+    assert groups_holding(differing, groups) == ["layer1", "layer4", "head", "not.a.module.buffer"]
 
 
 @pytest.mark.ray
