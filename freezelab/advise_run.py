@@ -94,7 +94,7 @@ def run_advise(
 ) -> AdviseOutcome:
     """Check, rank (on one Ray worker when ``address`` is given), and log the advice
     as an MLflow run when the config tracks."""
-    from freezelab.mlflow.run import tracking_available
+    from freezelab.mlflow.tracked import tracking_available
 
     config, candidates, origin = prepare(path, samples=samples, overrides=overrides)
     tracking = tracking_available(config)  # an unreachable required server fails here

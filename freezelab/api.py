@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from freezelab.env import freezelab_home, job_submission_id
-from freezelab.mlflow.run import TrackedOutcome, tracking_available, train_tracked
+from freezelab.mlflow.tracked import TrackedOutcome, tracking_available, train_tracked
 from freezelab.redact import redact_uri
 from freezelab.trainers.config import TrainConfig
 from freezelab.trainers.launch import init_ray, worker_resources

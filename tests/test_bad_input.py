@@ -145,7 +145,7 @@ def test_compare_and_report_against_an_unreachable_server_fail_within_seconds(ca
 def test_an_experiment_named_dotdot_stays_inside_mlruns(tmp_path):
     import mlflow
 
-    from freezelab.mlflow.run import experiment_id_for
+    from freezelab.mlflow.store import experiment_id_for
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.get_experiment(experiment_id_for(client, ".."))

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from freezelab.mlflow.run import experiment_id_for, log_datasets
+from freezelab.mlflow.store import experiment_id_for, log_datasets
 from freezelab.mlflow.tracking import (
     ADVISE,
     STAGE_TAG,

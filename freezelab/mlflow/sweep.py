@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from freezelab.mlflow.run import RUN_KEY_TAG, experiment_id_for, find_run_by_key
+from freezelab.mlflow.store import RUN_KEY_TAG, experiment_id_for, find_run_by_key
 from freezelab.mlflow.tracking import STAGE_TAG, ensure_reachable, resolve_tracking_uri, run_tags
 from freezelab.mlflow.verdict import register_winner
 from freezelab.redact import redact_config, redact_text

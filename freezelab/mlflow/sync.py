@@ -22,7 +22,9 @@ import pyarrow.fs
 
 from freezelab import objectstore
 from freezelab.errors import NotFound
-from freezelab.mlflow.run import RUN_KEY_TAG, SYNC_FILE, TrackedRun, experiment_id_for
+from freezelab.mlflow.run import TrackedRun
+from freezelab.mlflow.store import experiment_id_for, run_key_filter
+from freezelab.mlflow.tracked import SYNC_FILE
 from freezelab.mlflow.tracking import ensure_reachable, resolve_tracking_uri
 from freezelab.redact import redact_uri
 from freezelab.trainers import checkpoint as ckpt
@@ -59,7 +61,7 @@ def finish_from_checkpoint(
         experiment_id = experiment_id_for(client, config.mlflow.experiment)
         found = client.search_runs(
             [experiment_id],
-            filter_string=f"tags.`{RUN_KEY_TAG}` = '{_quote(where.mlflow_key())}'",
+            filter_string=run_key_filter(where.mlflow_key()),
             max_results=1,
         )
         if not found:
@@ -134,7 +136,3 @@ def sync(path: str | Path, tracking_uri: str | None = None) -> list[str]:
         )
         synced.append(record["run_id"])
     return synced
-
-
-def _quote(text: str) -> str:
-    return text.replace("'", "\\'")

@@ -93,7 +93,7 @@ def register_winner(
     ``freezelab.variant``, ``freezelab.separated`` (and ``freezelab.tied_with``), and a
     description that names the policy, the variant, the metric with its interval and
     ``chosen_by`` (``"study NAME"``, ``"sweep NAME"``). Returns the version."""
-    from freezelab.mlflow.run import register, registry_client
+    from freezelab.mlflow.models import register, registry_client
 
     found = verdict(values, others, metric)
     stats = summarize(values)

@@ -210,7 +210,7 @@ def run_trial(
     group's parent run, reporting each epoch to Tune."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from freezelab.mlflow.run import train_tracked
+    from freezelab.mlflow.tracked import train_tracked
 
     if not verbose():
         # The group's driver shows each trial's epochs and end; a trial's own INFO lines

@@ -13,7 +13,7 @@ from servers import Server
 
 from freezelab.api import train
 from freezelab.cli import main
-from freezelab.mlflow.run import SYNC_FILE
+from freezelab.mlflow.tracked import SYNC_FILE
 
 
 @pytest.fixture

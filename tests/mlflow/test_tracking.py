@@ -12,8 +12,12 @@ from servers import Server
 from freezelab.api import train
 from freezelab.cli import main
 from freezelab.mlflow.callback import MlflowMetricsCallback
-from freezelab.mlflow.run import tracking_uri_set
-from freezelab.mlflow.tracking import TrackingUnavailable, flatten_params, resolve_tracking_uri
+from freezelab.mlflow.tracking import (
+    TrackingUnavailable,
+    flatten_params,
+    resolve_tracking_uri,
+    tracking_uri_set,
+)
 from freezelab.trainers import checkpoint as ckpt
 from freezelab.trainers.models import build_for_config
 

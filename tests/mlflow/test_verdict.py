@@ -8,7 +8,9 @@ import mlflow
 import pytest
 import torch
 
-from freezelab.mlflow.run import RUN_KEY_TAG, experiment_id_for, registry_client, tracking_uri_set
+from freezelab.mlflow.models import registry_client
+from freezelab.mlflow.store import RUN_KEY_TAG, experiment_id_for
+from freezelab.mlflow.tracking import tracking_uri_set
 from freezelab.mlflow.verdict import verdict
 from freezelab.trainers.location import RunLocation
 from tests.conftest import TINY, merge

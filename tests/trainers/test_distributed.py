@@ -80,7 +80,7 @@ def test_replicas_that_disagree_fail_the_run_and_hand_over_no_model(
     from faults import KeepDdpWrapper
 
     import freezelab.api
-    from freezelab.mlflow.run import train_tracked
+    from freezelab.mlflow.tracked import train_tracked
 
     # gradual: epoch 1 trains the head, epoch 2 unfreezes layer4, which the kept DDP
     # wrapper never synchronizes.

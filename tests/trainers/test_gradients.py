@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 
-from freezelab.mlflow.run import train_tracked
+from freezelab.mlflow.tracked import train_tracked
 from freezelab.policies import apply, from_dict
 from freezelab.trainers.gradients import GradientMeter
 from freezelab.trainers.launch import run_training

@@ -44,8 +44,9 @@ def test_a_run_on_s3_killed_after_an_epoch_resumes_from_s3_and_is_tracked(
     from faults import KillRankAfterEpoch
 
     from freezelab.api import train
-    from freezelab.mlflow.run import SYNC_FILE, TrackedRun, finish_or_defer
+    from freezelab.mlflow.run import TrackedRun
     from freezelab.mlflow.sync import sync
+    from freezelab.mlflow.tracked import SYNC_FILE, finish_or_defer
 
     storage = f"s3://{s3_bucket}/runs"
     common = {"epochs": 3, "policy": {"type": "gradual", "every": 1}}

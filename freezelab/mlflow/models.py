@@ -1,0 +1,134 @@
+"""A run's model in MLflow: logged from its checkpoint, found again, registered.
+
+The model is logged once per (run, epoch) as a LoggedModel in freezelab's model format
+(``trainers/model_file.py``); finishing a run again finds it instead of logging a copy.
+The registry is always the tracking store's own.
+
+>>> uri = log_checkpoint_model(tracking_uri, run_id, config, checkpoint, step=7)  # doctest: +SKIP
+>>> register(tracking_uri, uri, "transfer-study-best", "champion")  # doctest: +SKIP
+'1'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from typing import Any
+
+from freezelab.mlflow.tracking import tracking_uri_set
+from freezelab.trainers.models import build_for_config
+
+log = logging.getLogger(__name__)
+
+
+def log_checkpoint_model(
+    tracking_uri: str, run_id: str, config: Any, checkpoint_dir: str, step: int = 0
+) -> str:
+    """Log the checkpoint's model as an MLflow model (a LoggedModel) with a signature
+    and an input example, in freezelab's model format (``trainers/model_file.py``):
+    ``mlflow.pytorch.load_model`` returns the ``nn.Module``, the weights are stored once,
+    and no reader runs code from the file.
+
+    ``step`` is the checkpoint's epoch: MLflow links the run's metrics of that step to
+    the model, so the Models tab shows the handed-over model's val_acc, not epoch 0's."""
+    import mlflow
+    import numpy as np
+    import timm
+    import torch
+
+    from freezelab import __version__
+    from freezelab.trainers import checkpoint as ckpt
+    from freezelab.trainers import model_file
+    from freezelab.trainers.data import input_size_of, num_classes_of
+
+    model = build_for_config(config, with_weights=False)
+    ckpt.load_model_weights(checkpoint_dir, model)
+    head = config.model.head.model_dump() if config.model.head else None
+    spec = model_file.spec_of(
+        config.model.name,
+        num_classes_of(config.data),
+        head=head,
+        in_chans=config.model.in_chans,
+        image_size=config.data.input_size,
+    )
+    model_file.attach_spec(model.eval(), spec)
+    example = np.zeros((2, *input_size_of(config.data, model)), dtype=np.float32)
+    with torch.no_grad():
+        output = model(torch.from_numpy(example)).numpy()
+    signature = mlflow.models.infer_signature(example, output)
+    # MLflow warns against pickled models: this one's pickle loads nothing but tensors
+    # and freezelab's rebuild (model_file.py), so the warning would mislead at every run.
+    with (
+        tracking_uri_set(tracking_uri),
+        mlflow.start_run(run_id=run_id),
+        _quiet("mlflow.pytorch"),
+    ):
+        info = mlflow.pytorch.log_model(
+            model,
+            # Named as its run, so the Models tab tells the policies apart.
+            name=re.sub(r"[/:.%\"']", "_", config.mlflow.run_name or config.name),
+            signature=signature,
+            input_example=example,
+            serialization_format="pickle",
+            pickle_module=model_file,
+            step=step,
+            tags={"freezelab.policy": config.policy.label(), "freezelab.epoch": str(step)},
+            pip_requirements=[
+                f"torch=={torch.__version__.split('+')[0]}",
+                f"timm=={timm.__version__}",
+                f"freezelab=={__version__}",
+            ],
+        )
+    return info.model_uri
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def logged_model_uri(client: Any, experiment_id: str, run_id: str, step: int) -> str | None:
+    """The URI of the model this run already logged for ``step``, if any."""
+    for model in client.search_logged_models(
+        experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'"
+    ):
+        if model.tags.get("freezelab.epoch") == str(step):
+            return model.model_uri
+    return None
+
+
+def registry_client(uri: str) -> Any:
+    """A client whose model registry is the tracking store's: without ``registry_uri``,
+    MLflow takes the registry of the first tracking URI the process used."""
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def is_registered(client: Any, name: str, model_uri: str) -> bool:
+    """Whether ``model_uri`` already is a version of registered model ``name``."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = registry_client(client.tracking_uri).search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return False
+    model_id = model_uri.removeprefix("models:/")
+    return any(v.source == model_uri or getattr(v, "model_id", None) == model_id for v in versions)
+
+
+def register(tracking_uri: str, model_uri: str, name: str, alias: str) -> str:
+    import mlflow
+
+    with tracking_uri_set(tracking_uri):
+        version = mlflow.register_model(model_uri, name)
+    registry_client(tracking_uri).set_registered_model_alias(name, alias, version.version)
+    log.info(f"MLflow: registered {name} version {version.version} as @{alias}")
+    return version.version
