@@ -42,10 +42,17 @@ def parser(description: str, repeats: int) -> argparse.ArgumentParser:
 
 
 def training_run_args(
-    description: str, *, repeats: int, model: str, samples: int, batch: int
+    description: str,
+    *,
+    repeats: int,
+    model: str,
+    samples: int,
+    batch: int,
+    smoke: dict[str, Any] | None = None,
 ) -> argparse.Namespace:
     """Parse the arguments of a benchmark built on short training runs; ``--smoke``
-    shrinks them to a tiny model, 32 pixels, 2 epochs and 1 repeat."""
+    shrinks them to a tiny model, 32 pixels, 2 epochs and 1 repeat, or to the sizes in
+    ``smoke`` (argument name to value) where a script's claim needs others."""
     p = parser(description, repeats=repeats)
     p.add_argument("--model", default=model)
     p.add_argument("--size", type=int, default=64, help="input side in pixels")
@@ -55,14 +62,8 @@ def training_run_args(
     args = p.parse_args()
     check_device(args.device)
     if args.smoke:
-        args.model, args.size, args.samples, args.batch, args.epochs, args.repeats = (
-            "test_resnet",
-            32,
-            32,
-            8,
-            2,
-            1,
-        )
+        sizes = {"model": "test_resnet", "size": 32, "samples": 32, "batch": 8, "epochs": 2}
+        vars(args).update({**sizes, "repeats": 1, **(smoke or {})})
     return args
 
 

@@ -35,13 +35,14 @@ def _head_only_step_is_cheaper_than_full(rows: Rows) -> None:
     assert policies["head_only"]["ratio_vs_full"] < 1.0, policies["head_only"]
 
 
-def _cached_epochs_skip_the_backbone(rows: Rows) -> None:
-    # Section 2's speed-up (469x) needs a real backbone; at smoke sizes test_resnet's
-    # backbone costs less than the loop around it. The script itself exits non-zero when
-    # an epoch after the first did not use the cache; here: both sides ran an epoch.
+def _cached_epochs_are_faster(rows: Rows) -> None:
+    # Section 2: the epochs after the first skip the backbone (469x on the full sizes;
+    # 13-73x at the smoke sizes, test_resnet at 128 px, on a loaded 2-core machine). The
+    # script itself exits non-zero when such an epoch did not use the cache.
     sides = _by(rows, "feature_cache")
     assert set(sides) == {"on", "off"}
-    assert all(side["epochs_counted"] >= 1 for side in sides.values())
+    assert all(side["epochs_counted"] >= 3 for side in sides.values())
+    assert sides["on"]["speedup_vs_off"] > 1.5, sides
 
 
 def _cached_head_only_beats_lightnings_frozen_phase(rows: Rows) -> None:
@@ -85,7 +86,7 @@ def _runs_side_by_side_give_the_same_accuracies(rows: Rows) -> None:
 SCRIPTS: dict[str, tuple[str, Callable[[Rows], None] | None, tuple]] = {
     "freeze_compute": ("freeze_compute: ", _head_only_step_is_cheaper_than_full, ()),
     "compile_step": ("compile_step: ", None, ()),
-    "feature_cache": ("feature_cache: ", _cached_epochs_skip_the_backbone, ()),
+    "feature_cache": ("feature_cache: ", _cached_epochs_are_faster, ()),
     "overhead": ("overhead: ", None, ()),
     "ddp_traffic": ("ddp_traffic: ", _traffic_is_the_trainable_params, ()),
     "train_overhead": ("train_overhead: ", None, ()),
