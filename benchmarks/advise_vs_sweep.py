@@ -36,6 +36,20 @@ TASKS: dict[str, dict[str, Any]] = {
     "new-digits-inverted": {"data": {"shift": "invert"}},
     "source-digits-relabelled": {"data": {"classes": [4, 3, 2, 1, 0]}},
 }
+# --smoke: the study shrunk to seconds. A tiny model; a pretraining that only has to
+# give weights (one epoch on 30 images per digit); a tenth of the images for validation;
+# one torch thread (two on a busy 2-core machine wait for each other whenever one is
+# descheduled); three policies, two seeds and four epochs each, so that the sweep costs
+# several times advise's one look at the model (the claim the smoke test reads).
+SMOKE = [
+    "base.model.name=test_resnet",
+    "base.data.val_fraction=0.1",
+    "base.performance.torch_threads=1",
+    "pretrain.epochs=1",
+    "pretrain.data.train_per_class=30",
+    "finetune.epochs=4",
+]
+SMOKE_SEEDS, SMOKE_POLICIES = 2, 3
 # What the benchmark leaves out of the study's fine-tuning runs: measurement it does not
 # read, and MLflow.
 QUIET = {
@@ -62,14 +76,11 @@ def main() -> None:
     args = p.parse_args()
     _common.check_device(args.device)
     if args.smoke:
-        args.seeds = 2
+        args.seeds = SMOKE_SEEDS
     from freezelab.api import train
     from freezelab.study import load_study, stage_config
 
-    overrides = [] if not args.smoke else [
-        "base.model.name=test_resnet", "pretrain.epochs=1", "finetune.epochs=2",
-    ]  # fmt: skip
-    study = load_study(None, overrides)
+    study = load_study(None, SMOKE if args.smoke else [])
     tasks = {name: TASKS[name] for name in (args.tasks[:1] if args.smoke else args.tasks)}
     rows, details = [], []
     with tempfile.TemporaryDirectory() as root:
@@ -139,7 +150,7 @@ def _compare(
     from freezelab.trainers.preflight import build_unallocated
 
     started = time.perf_counter()
-    chosen = [from_dict(p) for p in (policies[:3] if args.smoke else policies)]
+    chosen = [from_dict(p) for p in (policies[:SMOKE_POLICIES] if args.smoke else policies)]
     candidates = distinct_valid(build_unallocated(base), chosen, base.epochs)
     advice = advise(base, candidates)
     advise_s = time.perf_counter() - started
