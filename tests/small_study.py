@@ -1,7 +1,9 @@
 """Overrides that shrink the built-in transfer study to seconds, for the tests that run it."""
 
-# Local mode (no Ray), a tiny model, 1 + 2 epochs, two policies.
+# A tiny model, 1 + 2 epochs, two policies, one seed; the pretraining in the test's
+# process, the fine-tuning runs as Tune trials.
 SMALL_STUDY = [
+    "seeds=[0]",
     "base.model.name=test_resnet",
     "base.scaling.num_workers=0",
     "base.batch_size=32",
