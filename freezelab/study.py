@@ -291,7 +291,7 @@ def run_study(
         f"{len(finetunes)} fine-tuning runs; pretraining {pretrain.model.name} on the source task"
     )
     try:
-        return _run(study, tag, pretrain, finetunes, started_before, address)
+        return _run(study, home, pretrain, finetunes, started_before, address)
     finally:
         if not ray_was_up and ray.is_initialized():
             ray.shutdown()  # the Ray this study started or joined; a cluster stays up
@@ -299,17 +299,18 @@ def run_study(
 
 def _run(
     study: StudyConfig,
-    tag: str,
+    home: RunLocation,
     pretrain: TrainConfig,
     finetunes: list[TrainConfig],
     started_before: bool,
     address: str | None,
 ) -> StudyOutcome:
-    """Record the study, pretrain, fine-tune, then print, register and report."""
+    """Record the study (``home``: its folder, named by its tag), pretrain, fine-tune,
+    then print, register and report."""
     from freezelab.report.rows import group_rows
     from freezelab.trainers.launch import init_ray
 
-    home = RunLocation(pretrain.storage_path, tag)
+    tag = home.name
     if not started_before:
         home.write_file(
             STUDY_FILE, json.dumps({"tag": tag, "study": study.model_dump(mode="json")})
@@ -326,7 +327,7 @@ def _run(
     )
     init_ray(address)
     runs = [_on_driver(c, source_model.weights_file) for c in finetunes]
-    rows, failed = _fine_tune(study, tag, runs, parent)
+    rows, failed = _fine_tune(study, home, runs, parent)
     if not rows:
         if parent is not None:
             from freezelab.mlflow.sweep import fail_group_run
@@ -365,7 +366,7 @@ class StudyFailed(FreezelabError):
 
 
 def _fine_tune(
-    study: StudyConfig, tag: str, runs: list[TrainConfig], parent: str | None
+    study: StudyConfig, home: RunLocation, runs: list[TrainConfig], parent: str | None
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """Every fine-tuning run as a Tune trial (continued, if the study ran before): the
     rows of the runs that finished, in the study's order, and the runs that failed."""
@@ -381,13 +382,12 @@ def _fine_tune(
         f"{plan.describe(runs[0].scaling.num_workers)}"
     )
     varying = tuple(k for k, values in study.grid.items() if len(values) > 1)
-    home = RunLocation(runs[0].storage_path, tag)
     grid = fit_trials(
         StudyTrials({c.name: c.to_dict() for c in runs}, varying, source_tags()),
         plan,
         {"trial": tune.grid_search([{"name": c.name} for c in runs])},
-        name=tag,
-        storage_path=runs[0].storage_path,
+        name=home.name,
+        storage_path=home.storage_path,
         parent_run_id=parent,
         resume=tune.Tuner.can_restore(home.directory),
         epochs=runs[0].epochs,

@@ -28,6 +28,7 @@ from freezelab.env import verbose
 from freezelab.errors import ConfigError
 from freezelab.redact import redact_text, redact_uri
 from freezelab.trainers.launch import worker_env_vars, worker_resources
+from freezelab.trainers.location import RunLocation
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +282,7 @@ def fit_trials(
         tune.with_parameters(run_trial, trials=trials, parent_run_id=parent_run_id),
         plan.placement(),
     )
-    directory = f"{storage_path.rstrip('/')}/{name}"
+    directory = RunLocation(storage_path, name).directory
     if resume:
         log.info(f"resuming {kind} {name!r} from {redact_uri(directory)}")
         tuner = tune.Tuner.restore(
