@@ -14,211 +14,57 @@ with scikit-learn.
 
 from __future__ import annotations
 
-import copy
-import itertools
 import json
 import logging
 import os
-import re
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator
-
 from freezelab import objectstore
 from freezelab.api import train
-from freezelab.config_io import ConfigModel, read_mapping
 from freezelab.console import Column, format_table
-from freezelab.errors import ConfigError, FreezelabError, describe_validation_error
+from freezelab.errors import ConfigError, FreezelabError
 from freezelab.mlflow.tracking import PRETRAIN, STAGE_TAG
-from freezelab.policies import from_dict
 from freezelab.redact import redact_uri
-from freezelab.report.runs import VARIANT_TAG
+from freezelab.study_config import (
+    DEFAULT_STUDY,
+    GRID_FORBIDDEN,
+    STUDY_TAG,
+    StudyConfig,
+    finetune_configs,
+    grid_points,
+    load_study,
+    stage_config,
+)
+from freezelab.study_selection import (
+    GROUP_TAG,
+    Choice,
+    choose,
+    format_choices,
+    load_choices,
+    save_choices,
+)
 from freezelab.study_trials import STUDY_FILE, StudyTrials, read_row, study_tag
-from freezelab.trainers.config import TrainConfig, apply_override, deep_merge, validate_config
+from freezelab.trainers.config import TrainConfig, apply_override, validate_config
 from freezelab.trainers.location import RunLocation
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STUDY: dict[str, Any] = {
-    "name": "transfer-study",
-    "base": {
-        "model": {"name": "resnet18"},
-        "data": {"kind": "digits", "input_size": 32, "val_fraction": 0.3},
-        "batch_size": 16,
-        "scaling": {"num_workers": 2},
-        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0001},
-        "schedule": {"name": "cosine"},
-        "seed": 0,
-    },
-    "pretrain": {
-        "epochs": 4,
-        "data": {"classes": [0, 1, 2, 3, 4]},
-        "policy": {"type": "full"},
-    },
-    "finetune": {
-        "epochs": 8,
-        "data": {
-            "classes": [5, 6, 7, 8, 9],
-            "train_per_class": 20,
-            "eval_shifts": ["rotate:30", "gaussian_noise:0.3", "blur:1", "contrast:0.3"],
-        },
-        "optimizer": {"lr": 0.02},
-        # One process per fine-tuning run (num_workers: 0, no Ray Train: a Tune trial
-        # trains in its own process), as many at once as the CPUs hold. The pretraining
-        # shows data-parallel training; short runs would spend most of their time
-        # starting worker groups.
-        "scaling": {"num_workers": 0},
-        "metrics": {"eval_every": 4},
-        # A run of ten seconds resumes from its middle or its end: a checkpoint per
-        # epoch would cost more than it saves.
-        "checkpoint": {"every": 4},
-    },
-    "variants": {
-        "new-digits": {},
-        "new-digits-inverted": {"data": {"shift": "invert"}},
-    },
-    "policies": [
-        {"type": "full"},
-        {"type": "head_only"},
-        {"type": "last_n", "n": 1},
-        {"type": "surgical", "groups": ["stem", "layer1"]},
-        {"type": "gradual", "every": 2},
-        {"type": "lp_ft", "probe_epochs": 3, "ft_lr_factor": 0.5},
-    ],
-    # The model the study hands over, as models:/transfer-study-best@champion.
-    "register_best_as": "transfer-study-best",
-    # Three repeats of each (variant, policy): the tables give each setting an interval.
-    "seeds": [0, 1, 2],
-}
-
-
-class StudyConfig(ConfigModel):
-    """A base train config, the overrides of each stage, and the policies to compare.
-
-    Every policy is fine-tuned on every target variant (``variants``: name to
-    overrides of ``finetune``, e.g. ``{data: {shift: invert}}``), at every combination
-    of ``grid`` (dotted keys of the fine-tuning config, e.g. ``optimizer.lr``), once per
-    seed in ``seeds``; the report compares each policy at its best combination within
-    each variant, averaged over the seeds. Unless ``finetune`` sets
-    ``forgetting.source``, the pretraining data is the source task that forgetting is
-    measured on.
-    """
-
-    name: str = "transfer-study"
-    base: dict[str, Any]
-    pretrain: dict[str, Any]
-    finetune: dict[str, Any]
-    policies: list[dict[str, Any]] = Field(min_length=1)
-    seeds: list[int] = Field(default=[0], min_length=1)
-    grid: dict[str, list[Any]] = Field(default_factory=dict)
-    variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    register_best_as: str | None = Field(default=None, min_length=1)
-    # Fine-tuning runs at once, at most; None: as many as the cluster's resources hold.
-    max_concurrent: int | None = Field(default=None, ge=1)
-
-    @field_validator("seeds")
-    @classmethod
-    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
-        if len(set(seeds)) != len(seeds):
-            raise ValueError(f"seeds repeat: {seeds}")
-        return seeds
-
-    @field_validator("grid")
-    @classmethod
-    def _grid_keys(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        for key, values in grid.items():
-            if key.split(".")[0] in GRID_FORBIDDEN:
-                raise ValueError(f"grid key {key!r}: the study sets {key.split('.')[0]} itself")
-            if not values:
-                raise ValueError(f"grid key {key!r} has no values")
-        return grid
-
-    @field_validator("variants")
-    @classmethod
-    def _variant_names(cls, variants: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        for name in variants:
-            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-                raise ValueError(
-                    f"variant name {name!r}: letters, digits, '_', '.' and '-' only "
-                    "(it is part of run names)"
-                )
-        return variants
-
-
-STUDY_TAG = "freezelab.study"  # the study's id, on each of its runs
-# What a study sets per run: a grid over them would be overwritten.
-GRID_FORBIDDEN = ("name", "seed", "policy")
-
-
-def load_study(source: str | Path | None, overrides: list[str] | None = None) -> StudyConfig:
-    data = copy.deepcopy(DEFAULT_STUDY)
-    if source is not None:
-        data = read_mapping(source, "a study")
-    for override in overrides or []:
-        apply_override(data, override)
-    try:
-        return StudyConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(
-            describe_validation_error(str(source or "the built-in study"), err, "invalid study")
-        ) from None
-
-
-def stage_config(study: StudyConfig, stage: dict[str, Any], name: str, **extra: Any) -> TrainConfig:
-    merged = deep_merge(deep_merge(study.base, stage), {"name": name, **extra})
-    return validate_config(merged, origin=f"study {study.name!r}, run {name!r}")
-
-
-def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    """Every combination of the grid's values, as {dotted key: value}; one empty
-    combination without a grid."""
-    keys = sorted(grid)
-    return [
-        dict(zip(keys, values, strict=True))
-        for values in itertools.product(*(grid[k] for k in keys))
-    ]
-
-
-def finetune_configs(study: StudyConfig, tag: str) -> list[TrainConfig]:
-    """One config per (variant, policy, grid point, seed), validated before anything
-    trains."""
-    configs = []
-    source = deep_merge(study.base, study.pretrain).get("data")
-    for variant, overrides in (study.variants or {"": {}}).items():
-        for policy in study.policies:
-            for point in grid_points(study.grid):
-                stage = deep_merge(study.finetune, overrides)
-                for key, value in point.items():
-                    apply_override(stage, f"{key}={json.dumps(value)}")
-                if source is not None and "source" not in stage.get("forgetting", {}):
-                    stage = deep_merge(stage, {"forgetting": {"source": source}})
-                tags = {STUDY_TAG: tag, **({VARIANT_TAG: variant} if variant else {})}
-                stage = deep_merge(stage, {"mlflow": {"tags": tags}})
-                suffix = "".join(f"-{k.rsplit('.', 1)[-1]}{v}" for k, v in point.items())
-                for seed in study.seeds:
-                    name = f"{tag}-{variant + '-' if variant else ''}{from_dict(policy).slug()}"
-                    name += suffix + (f"-seed{seed}" if len(study.seeds) > 1 else "")
-                    # What the MLflow UI shows: the policy first, the study in a tag.
-                    shown = [from_dict(policy).label(), variant]
-                    shown += [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in point.items()]
-                    shown += [f"seed={seed}"] if len(study.seeds) > 1 else []
-                    configs.append(
-                        stage_config(
-                            study,
-                            stage,
-                            re.sub(r"[^A-Za-z0-9_.=-]", "_", name),
-                            policy=policy,
-                            seed=seed,
-                            model={"weights": "PENDING"},
-                            mlflow={"run_name": " ".join(filter(None, shown))},
-                        )
-                    )
-    if study.register_best_as and not configs[0].mlflow.log_model:
-        raise ConfigError(f"study {study.name!r}: register_best_as needs mlflow.log_model: true")
-    return configs
+__all__ = [
+    "DEFAULT_STUDY",
+    "GRID_FORBIDDEN",
+    "STUDY_TAG",
+    "StudyConfig",
+    "StudyFailed",
+    "StudyOutcome",
+    "finetune_configs",
+    "format_study",
+    "load_study",
+    "run_study",
+    "stage_config",
+]
 
 
 @dataclass(frozen=True)
@@ -262,6 +108,10 @@ def run_study(
         mlflow={"tags": {STAGE_TAG: PRETRAIN, STUDY_TAG: tag}, "run_name": "pretrain"},
     )
     finetunes = finetune_configs(study, tag)
+    selecting = []
+    if study.select is not None:
+        selecting = finetune_configs(study, tag, selecting=True)
+        _check_selection(study, finetunes[0])
     # Everything that can be checked before Ray, MLflow or a file: the study to resume,
     # what each run asks of the nodes, the data, the model and every policy against
     # it, the storage.
@@ -275,11 +125,12 @@ def run_study(
     ray_was_up = ray.is_initialized()
     if address or os.environ.get("RAY_ADDRESS"):
         init_ray(address)  # joining a cluster creates nothing: its nodes are checked next
-    scalings = {c.scaling.model_dump_json(): c for c in finetunes}
+    scalings = {c.scaling.model_dump_json(): c for c in finetunes + selecting}
     for config in scalings.values():
         require_fits(config, f"study {study.name!r}")
     distinct = {
-        json.dumps([c.policy.to_dict(), c.data.model_dump(mode="json")]): c for c in finetunes
+        json.dumps([c.policy.to_dict(), c.data.model_dump(mode="json")]): c
+        for c in finetunes + selecting
     }
     for config in distinct.values():
         check_run(config, check_weights=False, storage=False)
@@ -289,6 +140,12 @@ def run_study(
         f"{len(study.variants or [''])} target variants x {len(study.policies)} policies x "
         f"{len(grid_points(study.grid))} grid points x {len(study.seeds)} seeds = "
         f"{len(finetunes)} fine-tuning runs; pretraining {pretrain.model.name} on the source task"
+        + (
+            f"; first, each policy's own {', '.join(study.select.grid)} chosen on val from "
+            f"{len(selecting)} selection runs ({study.select.method})"
+            if selecting
+            else ""
+        )
     )
     try:
         return _run(study, home, pretrain, finetunes, started_before, address)
@@ -326,29 +183,50 @@ def _run(
         f"weights {source_model.weights_file}"
     )
     init_ray(address)
-    runs = [_on_driver(c, source_model.weights_file) for c in finetunes]
-    rows, failed = _fine_tune(study, home, runs, parent)
+    weights = source_model.weights_file
+    choices, unchosen = None, []
+    base = finetunes[0]
+    if study.select is not None:
+        choices = load_choices(home)
+        if choices is None:
+            choices = _select(study, home, weights, parent)
+            save_choices(home, choices)
+        else:
+            log.info("selection: made before, read from the study's folder")
+        print(f"each policy's own {', '.join(study.select.grid)}, chosen on val_acc:")
+        print(format_choices(choices, study.select, _group_labels(choices)))
+        finetunes = finetune_configs(study, tag, chosen=choices)
+        labels = _group_labels(choices)
+        unchosen = [(labels[g], c.note) for g, c in choices.items() if c.point is None]
+    runs = [_on_driver(c, weights) for c in finetunes]
+    rows, failed = _fine_tune(study, home, runs, parent) if runs else ([], [])
+    failed = unchosen + failed
+    if choices is not None:
+        for row in rows:
+            choice = choices[row["select_group"]]
+            row["selected"] = choice.describe(study.select)
     if not rows:
         if parent is not None:
             from freezelab.mlflow.sweep import fail_group_run
 
-            fail_group_run(finetunes[0], parent)
+            fail_group_run(base, parent)
         raise StudyFailed(
-            f"study {tag}: none of its {len(runs)} fine-tuning runs finished. "
+            f"study {tag}: none of its {len(runs) or len(failed)} fine-tuning runs finished. "
             f"First error: {failed[0][1]}"
         )
     groups = group_rows(rows)
     print(format_study(tag, rows, groups))
     if study.register_best_as and parent is not None:
-        _register_best(finetunes[0], rows, groups, study.register_best_as)
+        _register_best(base, rows, groups, study.register_best_as)
     if parent is not None:
         from freezelab.mlflow.sweep import finish_study_run
         from freezelab.mlflow.tracking import resolve_tracking_uri
         from freezelab.report import build_report
 
-        uri = resolve_tracking_uri(finetunes[0].mlflow.tracking_uri)
+        uri = resolve_tracking_uri(base.mlflow.tracking_uri)
         report = build_report(parent, out_dir=Path("freezelab_reports") / tag, tracking_uri=uri)
-        finish_study_run(finetunes[0], parent, groups[0], report.summary, rows)
+        best = next(g for g in groups if g["best_of_policy"])
+        finish_study_run(base, parent, best, report.summary, rows)
         log.info(f"report of the study: {report.index}")
         log.info(f"compare the runs in the MLflow UI: {study_page(uri, parent)}")
     if failed:
@@ -370,6 +248,32 @@ def _fine_tune(
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """Every fine-tuning run as a Tune trial (continued, if the study ran before): the
     rows of the runs that finished, in the study's order, and the runs that failed."""
+    log.info(f"fine-tuning: {len(runs)} runs")
+    found, outcomes = _fit_trials(study, home.name, home.storage_path, runs, parent)
+    rows, failed = [], []
+    for config in runs:
+        row = found[config.name]
+        if row is None:
+            failed.append(
+                (config.name, outcomes.get(config.name, {}).get("error") or "did not finish")
+            )
+            log.warning(f"fine-tuning run {config.name} failed: {failed[-1][1]}")
+        else:
+            rows.append({**row, "select_group": config.mlflow.tags.get(GROUP_TAG)})
+    return rows, failed
+
+
+def _fit_trials(
+    study: StudyConfig,
+    name: str,
+    storage_path: str,
+    runs: list[TrainConfig],
+    parent: str | None,
+    scheduler: Any = None,
+    groups: dict[str, str] | None = None,
+) -> tuple[dict[str, dict[str, Any] | None], dict[str, dict[str, Any]]]:
+    """``runs`` as the Tune experiment ``name`` (continued when it exists), in their
+    order: each run's row (None when it did not finish) and Tune's outcome of it."""
     from ray import tune
 
     from freezelab.mlflow.tracking import source_tags
@@ -377,33 +281,95 @@ def _fine_tune(
 
     plan = plan_trials(runs[0], study.max_concurrent, f"study {study.name!r}")
     runs = [_overridden(c, plan.overrides) for c in runs]
-    log.info(
-        f"fine-tuning: {len(runs)} runs, up to {plan.concurrent} at once, "
-        f"{plan.describe(runs[0].scaling.num_workers)}"
-    )
+    log.info(f"up to {plan.concurrent} at once, {plan.describe(runs[0].scaling.num_workers)}")
     varying = tuple(k for k, values in study.grid.items() if len(values) > 1)
+    if study.select is not None:
+        varying += tuple(study.select.grid)
+    entries = [{"name": c.name, **({"group": groups[c.name]} if groups else {})} for c in runs]
     grid = fit_trials(
         StudyTrials({c.name: c.to_dict() for c in runs}, varying, source_tags()),
         plan,
-        {"trial": tune.grid_search([{"name": c.name} for c in runs])},
-        name=home.name,
-        storage_path=home.storage_path,
+        {"trial": tune.grid_search(entries)},
+        name=name,
+        storage_path=storage_path,
         parent_run_id=parent,
-        resume=tune.Tuner.can_restore(home.directory),
+        resume=tune.Tuner.can_restore(RunLocation(storage_path, name).directory),
         epochs=runs[0].epochs,
         count=len(runs),
         kind="study",
+        scheduler=scheduler,
     )
-    errors = {t["trial"]["name"]: t["error"] for t in trial_outcomes(grid)}
-    rows, failed = [], []
-    for config in runs:
-        row = read_row(config)
-        if row is None:
-            failed.append((config.name, errors.get(config.name) or "did not finish"))
-            log.warning(f"fine-tuning run {config.name} failed: {failed[-1][1]}")
-        else:
-            rows.append(row)
-    return rows, failed
+    outcomes = {t["trial"]["name"]: t for t in trial_outcomes(grid)}
+    return {c.name: read_row(c) for c in runs}, outcomes
+
+
+def _select(
+    study: StudyConfig, home: RunLocation, weights: str | None, parent: str | None
+) -> dict[str, Choice]:
+    """The selection stage: each group's runs over ``select.grid``, successive halving
+    within the group (``method: asha``), then each group's choice, printed."""
+    from freezelab.mlflow.sweep import close_stopped_run
+    from freezelab.sweep.schedulers import GroupedASHA, GroupOf
+
+    select = study.select
+    configs = [_on_driver(c, weights) for c in finetune_configs(study, home.name, selecting=True)]
+    members: dict[str, list[TrainConfig]] = {}
+    for config in configs:
+        members.setdefault(config.mlflow.tags[GROUP_TAG], []).append(config)
+    # Each group's first value (the middle of the grid) in every group, then the second:
+    # a group's later values meet rungs its first value has already set.
+    depth = max(len(m) for m in members.values())
+    ordered = [m[i] for i in range(depth) for m in members.values() if i < len(m)]
+    epochs = configs[0].epochs
+    scheduler = None
+    if select.method == "asha":
+        scheduler = GroupedASHA(
+            GroupOf("group"),
+            max_t=epochs,
+            grace_period=select.grace_epochs,
+            reduction_factor=select.reduction_factor,
+        )
+    log.info(
+        f"selection: {len(ordered)} runs over {', '.join(select.grid)} in {len(members)} groups"
+        + (f", compared at epochs {scheduler.rungs()}" if scheduler else "")
+    )
+    rows, outcomes = _fit_trials(
+        study,
+        f"{home.name}-select",
+        home.storage_path,
+        ordered,
+        parent,
+        scheduler,
+        {c.name: c.mlflow.tags[GROUP_TAG] for c in ordered},
+    )
+    for config in ordered:
+        outcome = outcomes.get(config.name, {})
+        if rows[config.name] is None and outcome and not outcome.get("error"):
+            close_stopped_run(
+                config, outcome["epochs"], "successive halving: behind its group at a rung"
+            )
+    return choose(members, rows, outcomes, epochs)
+
+
+def _group_labels(choices: dict[str, Choice]) -> dict[str, str]:
+    """Each selection group as the table names it: the variant, the policy, its grid point."""
+    from freezelab.policies import from_dict
+
+    labels = {}
+    for group in choices:
+        variant, policy, point = json.loads(group)
+        values = " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in point.items())
+        labels[group] = " ".join(filter(None, [variant, from_dict(policy).label(), values]))
+    return labels
+
+
+def _check_selection(study: StudyConfig, config: TrainConfig) -> None:
+    """A selection that can compare: its first rung before the last epoch."""
+    if study.select.method == "asha" and study.select.grace_epochs >= config.epochs:
+        raise ConfigError(
+            f"study {study.name!r}: select.grace_epochs {study.select.grace_epochs} must be "
+            f"below the fine-tuning runs' epochs ({config.epochs})"
+        )
 
 
 def _on_driver(config: TrainConfig, weights: str | None) -> TrainConfig:
@@ -446,7 +412,7 @@ def _register_best(base: TrainConfig, rows: list[dict[str, Any]], groups, name: 
     from freezelab.mlflow.tracking import resolve_tracking_uri
     from freezelab.mlflow.verdict import register_winner
 
-    winner = groups[0]
+    winner = next(g for g in groups if g["best_of_policy"])
     members = [r for r in rows if r["run_id"] in winner["run_ids"] and r["model_uri"]]
     if not members:
         log.warning(f"no logged model to register as {name}")
@@ -466,7 +432,7 @@ def _register_best(base: TrainConfig, rows: list[dict[str, Any]], groups, name: 
         policy=winner["policy"],
         setting=winner["setting"],
         variant=winner["variant"],
-        metric="val_acc",
+        metric=winner["metric"],
         values=winner["values"],
         others={g["policy"]: g["values"] for g in rivals},
     )
@@ -477,11 +443,13 @@ STUDY_COLUMNS = (
     Column("label", "policy [setting]", max_width=48),
     Column("seed"),
     Column("val_acc", fmt="{:.3f}"),
+    Column("test_acc", fmt="{:.3f}"),
     Column("best_val_acc", "best", fmt="{:.3f}"),
     Column("train_time_s", "train_s", fmt="{:.1f}"),
     Column("wall_time_s", "wall_s", fmt="{:.1f}"),
     Column("trainable_share", "trainable", fmt="{:.1%}"),
     Column("backbone_drift", "drift", fmt="{:.3f}"),
+    Column("diverged", "", fmt=lambda d: "DIVERGED" if d else ""),
 )
 
 
@@ -489,7 +457,7 @@ def format_study(tag: str, rows: list[dict[str, Any]], groups: list[dict[str, An
     """For each target variant: each run, each setting with its interval, the summary
     in words; then one paragraph per consequence of not freezing."""
     from freezelab.report import format_settings
-    from freezelab.report.rows import by_variant
+    from freezelab.report.rows import by_variant, diverged_rows
     from freezelab.report.summary import summarize_variants
 
     lines = []
@@ -504,5 +472,5 @@ def format_study(tag: str, rows: list[dict[str, Any]], groups: list[dict[str, An
             format_settings(members),
             "",
         ]
-    paragraphs = summarize_variants(groups).split("\n\n")
+    paragraphs = summarize_variants(groups, diverged_rows(rows)).split("\n\n")
     return "\n".join(lines + ["\n\n".join(textwrap.fill(p, width=100) for p in paragraphs)])

@@ -38,7 +38,7 @@ def compare_rows(
 ) -> list[dict[str, Any]]:
     """The experiment's runs, pretraining runs (tag ``freezelab.stage=pretrain``) aside
     unless ``with_pretraining``."""
-    from freezelab.mlflow.tracking import ADVISE, PRETRAIN, STAGE_TAG, open_store
+    from freezelab.mlflow.tracking import ADVISE, PRETRAIN, SELECT, STAGE_TAG, open_store
 
     client = open_store(tracking_uri)
     found = client.get_experiment_by_name(experiment)
@@ -54,6 +54,8 @@ def compare_rows(
             continue  # a sweep's parent run: its trials are the rows
         if tags.get(STAGE_TAG) == PRETRAIN and not with_pretraining:
             continue  # another task: its accuracy is not comparable
+        if tags.get(STAGE_TAG) == SELECT:
+            continue  # a study's selection run: it chose a learning rate
         if tags.get(STAGE_TAG) == ADVISE:
             continue  # `freezelab advise`: signals, nothing trained
         trainable = metrics.get("trainable_params")

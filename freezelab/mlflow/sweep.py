@@ -138,12 +138,15 @@ def finish_study_run(
     base: Any, run_id: str, best: dict[str, Any], summary: str, rows: list[dict[str, Any]]
 ) -> None:
     """Close a study's parent run with what it found: the best setting (tags
-    ``freezelab.best.*``, metric ``best_val_acc``: its mean last-epoch val_acc), the
+    ``freezelab.best.*``, metric ``best_val_acc``: its mean last-epoch val_acc, and
+    ``best_test_acc`` when the verdict is on a test split), the
     summary as the run's description, and every fine-tuning run's row as an artifact."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(base.mlflow.tracking_uri))
     client.log_metric(run_id, "best_val_acc", float(best["val_acc"]))
+    if best.get("metric") == "test_acc":
+        client.log_metric(run_id, "best_test_acc", float(best["score"]))
     tags = {
         "freezelab.best.policy": best["policy"],
         "freezelab.best.setting": best["setting"] or "-",
@@ -165,6 +168,20 @@ def fail_group_run(base: Any, run_id: str) -> None:
 
     client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(base.mlflow.tracking_uri))
     client.set_terminated(run_id, status="FAILED")
+
+
+def close_stopped_run(config: Any, epochs: int, why: str) -> None:
+    """Close the MLflow run of a trial that Tune stopped before its last epoch (and
+    before it could close its run) as KILLED, saying why in ``freezelab.stopped``."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(config.mlflow.tracking_uri))
+    experiment_id = experiment_id_for(client, config.mlflow.experiment)
+    run_id = find_run_by_key(client, experiment_id, RunLocation.of(config).mlflow_key())
+    if run_id is None or client.get_run(run_id).info.status != "RUNNING":
+        return
+    client.set_tag(run_id, "freezelab.stopped", f"after epoch {epochs} of {config.epochs}: {why}")
+    client.set_terminated(run_id, status="KILLED")
 
 
 def best_trial_model_uri(client: Any, base: Any, run_name: str) -> str | None:

@@ -218,6 +218,8 @@ def _digest(described: dict[str, Any], folder: str | None) -> str:
 
 STAGE_TAG = "freezelab.stage"
 PRETRAIN = "pretrain"
+# A study's selection runs (each policy's own learning rate): the verdict reads none.
+SELECT = "select"
 # `freezelab advise`: signals and a ranking, no training (compare and report skip it).
 ADVISE = "advise"
 

@@ -23,7 +23,7 @@ from freezelab.redact import redact_uri
 from freezelab.report.cka import backbone_cka
 from freezelab.report.figures import MAX_DRIFT_PANELS, draw_figures
 from freezelab.report.page import html_page
-from freezelab.report.rows import group_rows, number_or, table_row
+from freezelab.report.rows import diverged_rows, group_rows, number_or, table_row
 from freezelab.report.runs import (
     ReportError,
     RunRecord,
@@ -126,7 +126,7 @@ def build_report(
     for row in rows:
         row["mlflow_url"] = ui_page(uri, by_id[row["run_id"]].experiment_id, row["run_id"])
     figures = draw_figures(directory, ordered, rows, groups)
-    summary = summarize_variants(groups)
+    summary = summarize_variants(groups, diverged_rows(rows))
     index = directory / "index.html"
     index.write_text(html_page(found.description, rows, groups, figures, summary, notes))
     (directory / "report.json").write_text(

@@ -37,6 +37,7 @@ from freezelab.stats import summarize as stats_summary
 
 EARLY_PREFIX = "early/grad_norm/"
 EVAL_PREFIX = "val_acc/"
+TEST_PREFIX = "test_acc/"  # the same evaluations on the held-out test split
 # Per-run measures that the settings summarize with an interval.
 MEASURES = ("train_flops", "forgetting", "source_probe_acc", "backbone_grad_early")
 FULL, HEAD_ONLY, LP_FT = "full", "head_only", "lp_ft"
@@ -55,11 +56,10 @@ def run_measures(
         key: last(key) for key in ("train_flops", "forgetting", "source_probe_acc")
     }
     measures["source_probe_acc_start"] = last("source_probe_acc_start")
-    measures["evaluations"] = {
-        key.removeprefix(EVAL_PREFIX): last(key)
-        for key in sorted(history)
-        if key.startswith(EVAL_PREFIX)
-    }
+    for field, prefix in (("evaluations", EVAL_PREFIX), ("test_evaluations", TEST_PREFIX)):
+        measures[field] = {
+            key.removeprefix(prefix): last(key) for key in sorted(history) if key.startswith(prefix)
+        }
     backbone = [
         k
         for k in history
@@ -85,15 +85,17 @@ def run_measures(
     return measures
 
 
-def group_measures(group: dict[str, Any], runs: list[dict[str, Any]]) -> None:
+def group_measures(group: dict[str, Any], runs: list[dict[str, Any]], metric: str = "val_acc"):
     """Add each measure's mean and 95% interval over a setting's runs to ``group``:
     ``group[key]`` (mean, or None) and ``group["ci95"][key]`` ((low, high), or None),
-    for ``MEASURES`` and every evaluation set (``eval/<name>``)."""
+    for ``MEASURES`` and every evaluation set (``eval/<name>``: on the test split when
+    the verdict ``metric`` is test_acc, else on the val split)."""
     group.setdefault("ci95", {})
     group.setdefault("measured", {})
-    names = sorted({name for run in runs for name in run.get("evaluations", {})})
+    field = "test_evaluations" if metric == "test_acc" else "evaluations"
+    names = sorted({name for run in runs for name in run.get(field, {})})
     series = {key: [run.get(key) for run in runs] for key in MEASURES}
-    series.update({f"eval/{n}": [run.get("evaluations", {}).get(n) for run in runs] for n in names})
+    series.update({f"eval/{n}": [run.get(field, {}).get(n) for run in runs] for n in names})
     for key, values in series.items():
         present = [float(v) for v in values if v is not None and not math.isnan(float(v))]
         group["measured"][key] = present
@@ -167,7 +169,11 @@ def _shift(best: dict[str, list[dict[str, Any]]]) -> str:
         where = f"on the target '{variant}'" if variant else "on the target task"
         full, frozen = _policy(groups, FULL), _policy(groups, HEAD_ONLY)
         winner = groups[0]
-        sentence = f"{where.capitalize()}, {winner['label']} ranked first (val_acc {_mean_ci(winner, 'val_acc')})"
+        metric = winner["metric"]
+        sentence = (
+            f"{where.capitalize()}, {winner['label']} ranked first "
+            f"({metric} {_mean_ci(winner, metric)})"
+        )
         if full is not None and frozen is not None:
             sentence += (
                 f"; not freezing ({full['label']}) against freezing the backbone "
@@ -189,11 +195,12 @@ def _shift(best: dict[str, list[dict[str, Any]]]) -> str:
     for variant, groups in best.items():
         full, frozen = _policy(groups, FULL), _policy(groups, HEAD_ONLY)
         if full is not None and frozen is not None:
-            gaps[variant] = full["val_acc"] - frozen["val_acc"]
+            gaps[variant] = full["score"] - frozen["score"]
     if len(gaps) > 1:
         largest = max(gaps, key=lambda v: gaps[v])
+        metric = next(iter(best.values()))[0]["metric"]
         parts.append(
-            "The gain of not freezing over freezing the backbone (mean val_acc, full minus "
+            f"The gain of not freezing over freezing the backbone (mean {metric}, full minus "
             "head_only): "
             + ", ".join(f"{gap:+.4f} on '{variant}'" for variant, gap in gaps.items())
             + f"; it was largest on '{largest}'."

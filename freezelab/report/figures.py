@@ -90,7 +90,7 @@ def _accuracy_vs_time(groups: list[dict[str, Any]], rows: list[dict[str, Any]], 
     ax = figure.add_subplot()
     ax.scatter(
         [number_or(r["train_time_s"], math.nan) for r in rows],
-        [number_or(r["val_acc"], math.nan) for r in rows],
+        [number_or(r.get(_metric(groups)), math.nan) for r in rows],
         color=colors,
         s=12,
         alpha=0.45,
@@ -98,7 +98,7 @@ def _accuracy_vs_time(groups: list[dict[str, Any]], rows: list[dict[str, Any]], 
     )
     front = pareto_front(time_and_accuracy(groups))
     for i, group in enumerate(groups):
-        x, y = number_or(group["train_time_s"], math.nan), group["val_acc"]
+        x, y = number_or(group["train_time_s"], math.nan), group["score"]
         error = None
         if group["ci95_low"] is not None:
             error = [[y - group["ci95_low"]], [group["ci95_high"] - y]]
@@ -116,14 +116,14 @@ def _accuracy_vs_time(groups: list[dict[str, Any]], rows: list[dict[str, Any]], 
         ax.annotate(group["label"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
     if len(front) > 1:
         xs = [groups[i]["train_time_s"] for i in front]
-        ys = [groups[i]["val_acc"] for i in front]
+        ys = [groups[i]["score"] for i in front]
         ax.step(xs, ys, where="post", linestyle="--", color="gray", label="Pareto front", zorder=1)
         ax.legend(loc="lower right", fontsize=8)
     times = [t for t, _ in time_and_accuracy(groups) if 0 < t < math.inf]
     if times and max(times) / min(times) > 20:
         ax.set_xscale("log")
     ax.set_xlabel("training time per run (s, train_time_s)")
-    ax.set_ylabel("val_acc at the last epoch")
+    ax.set_ylabel(f"{_metric(groups)} of the model each run hands over")
     repeats = max(g["n"] for g in groups) > 1
     ax.set_title(
         "Accuracy against training compute"
@@ -252,8 +252,13 @@ def _bars_with_intervals(ax: Any, groups: list[dict[str, Any]], key: str, color_
     return bool(shown)
 
 
+def _metric(groups: list[dict[str, Any]]) -> str:
+    """The verdict metric of the settings (``rows.verdict_metric``)."""
+    return groups[0]["metric"] if groups else "val_acc"
+
+
 def _shift_accuracy(groups: list[dict[str, Any]], color_of) -> Any:
-    """(2): val_acc on the target and under each shift or extra set, per policy."""
+    """(2): the verdict metric on the target and under each shift or extra set, per policy."""
     evaluations = sorted({n for g in groups for n in g.get("evaluations", [])})
     variants = by_variant(groups)
     panels = [(v, None) for v in variants] + [(v, n) for v in variants for n in evaluations]
@@ -264,12 +269,13 @@ def _shift_accuracy(groups: list[dict[str, Any]], color_of) -> Any:
     axes = figure.subplots(lines, columns, squeeze=False).flatten()
     for ax, (variant, name) in zip(axes, panels, strict=False):
         members = variants[variant]
+        metric = _metric(groups)
         if name is None:
-            drawn = _bars_with_intervals(ax, members, "val_acc", color_of)
-            title = "val_acc"
+            drawn = _bars_with_intervals(ax, members, metric, color_of)
+            title = metric
         else:
             drawn = _bars_with_intervals(ax, members, f"eval/{name}", color_of)
-            title = f"val_acc/{name}"
+            title = f"{metric}/{name}"
         ax.set_title(title + (f" (target {variant!r})" if variant else ""), fontsize=9)
         ax.set_xlim(0, 1.0)
         ax.grid(alpha=0.3, axis="x")

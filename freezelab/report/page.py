@@ -13,13 +13,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-from freezelab.report.summary import val_acc_with_interval
+from freezelab.report.summary import score_with_interval
 
 # (key, header, format) of the settings table: one row per policy and setting.
 SETTING_COLUMNS = (
     ("label", "policy [setting]", str),
     ("n", "runs", "{}"),
-    ("mean_ci95", "val_acc (mean ± 95% interval)", str),
+    ("mean_ci95", "verdict: mean ± 95% interval", str),
     ("std", "std", "{:.4f}"),
     ("best_val_acc", "best-epoch val_acc (mean)", "{:.4f}"),
     ("train_time_s", "training time (s, mean)", "{:.2f}"),
@@ -34,6 +34,7 @@ COLUMNS = (
     ("seed", "seed", str),
     ("run_name", "run", str),
     ("val_acc", "val_acc", "{:.4f}"),
+    ("test_acc", "test_acc", "{:.4f}"),
     ("best_val_acc", "best val_acc", "{:.4f}"),
     ("epochs_to_best", "epochs to best", "{}"),
     ("train_time_s", "training time (s)", "{:.2f}"),
@@ -75,7 +76,7 @@ def html_page(
 
     from freezelab.mlflow.tracking import LOCAL_UI
 
-    shown = [{**g, "mean_ci95": val_acc_with_interval(g)} for g in groups]
+    shown = [{**g, "mean_ci95": score_with_interval(g)} for g in groups]
     images = "".join(
         f'<figure><img src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}"'
         f' alt="{escape(name)}" data-file="{escape(path.name)}">'
@@ -97,8 +98,11 @@ img {{ max-width: 100%; }} figure {{ margin: 1.5em 0; }} figcaption {{ color: #5
 <h2>Summary</h2><div id="summary">{paragraphs}</div>
 <h2>Policies and settings</h2>
 <p>One row per policy and setting (the values of the params that vary, the seed aside),
-best first. val_acc is the last epoch's, the accuracy of the model a run hands over; its
-95% interval is Student's t over the setting's finished runs.</p>
+best first by the verdict, {escape(shown[0]["metric"] if shown else "val_acc")}: test_acc,
+when the data has a test split, is the held-out accuracy of the model a run hands over, which
+no choice read; val_acc is the last epoch's accuracy on the val split, on which every choice
+(learning rate, setting, checkpoint) was made. The 95% interval is Student's t over the
+setting's finished runs that did not diverge.</p>
 {_table("settings", SETTING_COLUMNS, shown)}
 <h2>Runs</h2>
 {_table("runs", COLUMNS, rows)}

@@ -48,6 +48,10 @@ def table_row(
         "seed": record.params.get("seed"),
         "status": record.status,
         "val_acc": record.val_acc,
+        "test_acc": record.test_acc,
+        "diverged": record.diverged_reason is not None,
+        "diverged_reason": record.diverged_reason,
+        "selected": record.selected,
         "best_val_acc": record.best_val_acc,
         "epochs_to_best": record.epochs_to_best,
         "epochs": record.epochs,
@@ -61,13 +65,27 @@ def table_row(
     }
 
 
-def group_rows(rows: list[dict[str, Any]], notes: list[str] | None = None) -> list[dict[str, Any]]:
-    """One row per setting (a policy and the values of the other params that vary),
-    best mean val_acc first: n, mean, std and 95% interval of the final val_acc over
-    its finished runs, and the means of the other columns. ``best_of_policy`` marks
-    each policy's best setting, the one the summary compares."""
+def verdict_metric(rows: list[dict[str, Any]]) -> str:
+    """What the verdict ranks on: ``test_acc`` (the held-out test split, which no choice
+    reads) when every run has it, else ``val_acc``."""
+    measured = [r for r in rows if r.get("status", "FINISHED") == "FINISHED"] or rows
+    has_test = all(not math.isnan(number_or(r.get("test_acc"), math.nan)) for r in measured)
+    return "test_acc" if measured and has_test else "val_acc"
+
+
+def group_rows(
+    rows: list[dict[str, Any]], notes: list[str] | None = None, metric: str | None = None
+) -> list[dict[str, Any]]:
+    """One row per setting (a policy and the values of the other params that vary):
+    n, mean (``score``), std and 95% interval of the verdict ``metric`` (default
+    ``verdict_metric``) over its finished runs that did not diverge, the mean val_acc,
+    and the means of the other columns; best verdict first. ``best_of_policy`` marks
+    each policy's setting with the best mean val_acc (chosen on val, never on test):
+    the one the summary compares. Diverged runs are left out, and named in ``notes``."""
     finished = [r for r in rows if r["status"] == "FINISHED"]
-    counted = finished or rows
+    healthy = [r for r in finished if not r.get("diverged")]
+    counted = healthy or finished or rows
+    metric = metric or verdict_metric(counted)
     if notes is not None:
         if finished and len(finished) < len(rows):
             notes.append(
@@ -76,6 +94,14 @@ def group_rows(rows: list[dict[str, Any]], notes: list[str] | None = None) -> li
             )
         elif not finished:
             notes.append("no run has FINISHED: the statistics use the runs as they stand")
+        diverged = [r for r in finished if r.get("diverged")]
+        if diverged and healthy:
+            notes.append(
+                "left out of the ranking and the consequences (diverged): "
+                + "; ".join(f"{r['run_name']} ({r.get('diverged_reason')})" for r in diverged)
+            )
+        elif diverged:
+            notes.append("every finished run diverged: the statistics use them as they stand")
     members: dict[str, list[dict[str, Any]]] = {}
     # Variants in the order their runs started (the order of `rows` without start times).
     first_row: dict[str, float] = {}
@@ -83,11 +109,11 @@ def group_rows(rows: list[dict[str, Any]], notes: list[str] | None = None) -> li
         variant, started = row.get("variant", ""), row.get("started") or index
         first_row[variant] = min(first_row.get(variant, math.inf), started)
     for row in counted:
-        if not math.isnan(number_or(row["val_acc"], math.nan)):
+        if not math.isnan(number_or(row.get(metric), math.nan)):
             members.setdefault(row["setting_key"], []).append(row)
     groups = []
     for runs in members.values():
-        values = [r["val_acc"] for r in runs]
+        values = [r[metric] for r in runs]
         stats = stats_summary(values)
         group = {
             "variant": runs[0].get("variant", ""),
@@ -95,8 +121,10 @@ def group_rows(rows: list[dict[str, Any]], notes: list[str] | None = None) -> li
             "policy": runs[0]["policy"],
             "setting": runs[0]["setting"],
             "label": runs[0]["label"],
+            "metric": metric,
             "values": values,
-            "val_acc": stats.mean,
+            "score": stats.mean,
+            "val_acc": stats_summary([r["val_acc"] for r in runs]).mean,
             "std": stats.std,
             "n": stats.n,
             "ci95_low": stats.ci95_low,
@@ -106,21 +134,28 @@ def group_rows(rows: list[dict[str, Any]], notes: list[str] | None = None) -> li
         for key in AVERAGED:
             measured = [r[key] for r in runs if not math.isnan(number_or(r[key], math.nan))]
             group[key] = sum(measured) / len(measured) if measured else None
-        group_measures(group, runs)
-        group["ci95"]["val_acc"] = (
+        group[metric] = stats.mean
+        group["selected"] = runs[0].get("selected")
+        group_measures(group, runs, metric)
+        group["ci95"][metric] = (
             None if stats.ci95_low is None else (stats.ci95_low, stats.ci95_high)
         )
         groups.append(group)
-    groups.sort(key=lambda g: (-g["val_acc"], number_or(g["train_time_s"])))
+    # A target variant is another task, not a setting to choose: each policy's best
+    # setting is chosen within each variant, on val_acc.
     seen = set()
-    for group in groups:
-        # A target variant is another task, not a setting to choose: each policy's best
-        # setting is chosen within each variant.
+    for group in sorted(groups, key=lambda g: (-g["val_acc"], number_or(g["train_time_s"]))):
         key = (group["variant"], group["policy"])
         group["best_of_policy"] = key not in seen
         seen.add(key)
         group["settings_of_policy"] = sum((g["variant"], g["policy"]) == key for g in groups)
+    groups.sort(key=lambda g: (-g["score"], number_or(g["train_time_s"])))
     return groups
+
+
+def diverged_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The finished runs flagged diverged (``group_rows`` leaves them out)."""
+    return [r for r in rows if r["status"] == "FINISHED" and r.get("diverged")]
 
 
 def by_variant(groups: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -151,9 +186,9 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 
 
 def time_and_accuracy(groups: list[dict[str, Any]]) -> list[tuple[float, float]]:
-    """The (training time, val_acc) point of each setting, as ``pareto_front`` reads it:
-    an unknown time costs most, an unknown val_acc is NaN."""
-    return [(number_or(g["train_time_s"]), number_or(g["val_acc"], math.nan)) for g in groups]
+    """The (training time, verdict metric) point of each setting, as ``pareto_front``
+    reads it: an unknown time costs most, an unknown accuracy is NaN."""
+    return [(number_or(g["train_time_s"]), number_or(g["score"], math.nan)) for g in groups]
 
 
 def number_or(value: Any, missing: float = math.inf) -> float:

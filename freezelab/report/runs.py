@@ -15,14 +15,14 @@ import json
 import math
 import re
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from freezelab.errors import FreezelabError
-from freezelab.mlflow.tracking import ADVISE, PRETRAIN, STAGE_TAG
+from freezelab.mlflow.tracking import ADVISE, PRETRAIN, SELECT, STAGE_TAG
 from freezelab.redact import redact_uri
 from freezelab.trainers import checkpoint as ckpt
 from freezelab.trainers.location import RunLocation, config_changes
@@ -30,6 +30,8 @@ from freezelab.trainers.location import RunLocation, config_changes
 SWEEP_KIND_TAG = "freezelab.kind"
 PARENT_TAG = "mlflow.parentRunId"
 GROUP_TAG = "freezelab.group"
+DIVERGED_TAG = "freezelab.diverged"  # the reason a run counts as diverged
+SELECTED_TAG = "freezelab.select.point"  # a study run's values of select.grid, as JSON
 VARIANT_TAG = "freezelab.variant"
 DRIFT_PREFIX = "drift/"
 HISTORY_KEYS = (
@@ -76,6 +78,8 @@ def resolve_target(client: Any, target: str, *, with_pretraining: bool = False) 
     parent run is where the report is logged) and a note says so.
     """
     found = _resolve_target(client, target)
+    # A study's selection runs chose a learning rate; the verdict compares other runs.
+    found = replace(found, runs=[r for r in found.runs if r.data.tags.get(STAGE_TAG) != SELECT])
     if with_pretraining:
         return found
     kept = [r for r in found.runs if r.data.tags.get(STAGE_TAG) != PRETRAIN]
@@ -196,6 +200,14 @@ class RunRecord:
     params: dict[str, str] = field(default_factory=dict)  # the run's MLflow params
     variant: str = ""  # the study's target variant (tag freezelab.variant)
     start_time: int = 0  # ms since the epoch
+    diverged_reason: str | None = None  # why the run counts as diverged (tag), None if not
+    selected: str | None = None  # a study run's values chosen on val, as "lr=0.02"
+
+    @property
+    def test_acc(self) -> float:
+        """The held-out test split's accuracy of the model the run hands over (NaN
+        without a test split)."""
+        return self.last("test_acc")
 
     def series(self, key: str) -> list[tuple[int, float]]:
         return sorted(self.history.get(key, {}).items())
@@ -284,7 +296,16 @@ def load_record(client: Any, run: Any, tracking_uri: str) -> RunRecord:
         params=dict(run.data.params),
         variant=run.data.tags.get(VARIANT_TAG, ""),
         start_time=run.info.start_time or 0,
+        diverged_reason=run.data.tags.get(DIVERGED_TAG),
+        selected=_selected(run.data.tags.get(SELECTED_TAG)),
     )
+
+
+def _selected(point: str | None) -> str | None:
+    """A study run's values chosen on val (tag ``freezelab.select.point``), as ``lr=0.02``."""
+    if not point:
+        return None
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in json.loads(point).items()) or None
 
 
 def _history(client: Any, run_id: str, key: str) -> dict[int, float]:

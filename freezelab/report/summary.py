@@ -6,7 +6,7 @@ kept, then the consequences), and the settings table for the terminal.
 >>> print(format_settings(groups))  # doctest: +SKIP
 >>> print(summarize_variants(groups))  # doctest: +SKIP
 full won: val_acc 0.8100 ± 0.0248 (95% interval, n=3), ...
->>> val_acc_with_interval({"val_acc": 0.81, "ci95_low": None, "n": 1})
+>>> score_with_interval({"score": 0.81, "ci95_low": None, "n": 1})
 '0.8100 (n=1, no interval)'
 """
 
@@ -23,13 +23,27 @@ from freezelab.stats import difference, with_interval
 INTACT_CKA = 0.999
 
 
-def summarize_variants(groups: list[dict[str, Any]]) -> str:
-    """:func:`summarize` of each target variant, then the four consequences."""
+def summarize_variants(
+    groups: list[dict[str, Any]], diverged: list[dict[str, Any]] | None = None
+) -> str:
+    """:func:`summarize` of each target variant, then the four consequences.
+    ``diverged``: the runs flagged diverged (``rows.diverged_rows``), which the
+    statistics left out; each variant's summary names its own."""
     variants = by_variant(groups)
-    texts = [
-        (f"On the target '{name}': " if len(variants) > 1 else "") + summarize(members)
-        for name, members in variants.items()
-    ]
+    texts = []
+    for name, members in variants.items():
+        text = (f"On the target '{name}': " if len(variants) > 1 else "") + summarize(members)
+        left_out = [r for r in diverged or [] if r.get("variant", "") == name]
+        if left_out:
+            text += (
+                f" Left out of this ranking and of the consequences below, as diverged "
+                f"({len(left_out)} run(s)): "
+                + "; ".join(
+                    f"{r['label']} seed {r['seed']}: {r.get('diverged_reason')}" for r in left_out
+                )
+                + "."
+            )
+        texts.append(text)
     return "\n\n".join([*texts, *consequences(variants)])
 
 
@@ -41,19 +55,49 @@ def summarize(groups: list[dict[str, Any]]) -> str:
     """
     best = [g for g in groups if g["best_of_policy"]]
     winner = best[0]
+    metric = winner["metric"]
     repeated = max(g["n"] for g in groups) > 1
+    if metric == "test_acc":
+        opening = (
+            "Ranked on test_acc, the held-out test split's accuracy of the model each run "
+            "hands over (no choice read it: every choice was made on val_acc)"
+        )
+    else:
+        opening = (
+            "Ranked on val_acc at the last epoch, the accuracy of the model each run hands over"
+        )
     sentences = [
-        "Ranked on val_acc at the last epoch, the accuracy of the model each run hands over"
+        opening
         + (", averaged over each setting's seeds." if repeated else " (one run per setting).")
     ]
     tuned = [g for g in best if g["settings_of_policy"] > 1]
     if tuned:
         sentences.append(
-            "Each policy is compared at its own best setting, chosen on that same mean "
-            "val_acc (an optimistic choice: confirm it on held-out data)."
+            "Each policy is compared at its own best setting, chosen on mean val_acc"
+            + (
+                "."
+                if metric == "test_acc"
+                else " (the same numbers it is ranked on: an optimistic choice; give the "
+                "data a test split, data.test_fraction, for an unbiased verdict)."
+            )
+        )
+    selected = [g for g in best if g.get("selected")]
+    if selected:
+        edge = [g["label"] for g in selected if "edge" in g["selected"]]
+        sentences.append(
+            "Each policy trained at its own values, chosen on val_acc by runs of their own "
+            "before these: "
+            + ", ".join(f"{g['policy']} {g['selected'].split(' (')[0]}" for g in selected)
+            + "."
+            + (
+                f" At the edge of its grid: {', '.join(edge)} (the best value may lie "
+                "beyond: widen the grid)."
+                if edge
+                else ""
+            )
         )
     sentences.append(
-        f"{winner['label']} won: val_acc {val_acc_with_interval(winner)}, "
+        f"{winner['label']} won: {metric} {score_with_interval(winner)}, "
         f"{_seconds(winner['train_time_s'])} of training per run "
         f"({_rate(winner['images_per_s'])}), with "
         f"{_percent(winner['trainable_share'])} of the parameters trainable."
@@ -67,7 +111,7 @@ def summarize(groups: list[dict[str, Any]]) -> str:
         sentences.append(
             f"The cost of winning: {winner['train_time_s'] / fastest['train_time_s']:.1f}x the "
             f"training time of the fastest policy, {fastest['label']} "
-            f"({_seconds(fastest['train_time_s'])}, val_acc {fastest['val_acc']:.4f})."
+            f"({_seconds(fastest['train_time_s'])}, {metric} {fastest['score']:.4f})."
         )
     if len(best) > 1:
         front = pareto_front(time_and_accuracy(best))
@@ -81,11 +125,12 @@ def format_settings(groups: list[dict[str, Any]], fmt: str = "table") -> str:
     """The settings table for the terminal: the page's first table."""
     from freezelab.console import Column, format_table
 
-    shown = [{**g, "mean_ci95": val_acc_with_interval(g, short=True)} for g in groups]
+    shown = [{**g, "mean_ci95": score_with_interval(g, short=True)} for g in groups]
+    metric = groups[0]["metric"] if groups else "val_acc"
     columns = [
         Column("label", "policy [setting]", max_width=56),
         Column("n"),
-        Column("mean_ci95", "val_acc (mean ± ci95)"),
+        Column("mean_ci95", f"{metric} (mean ± ci95)"),
         Column("train_time_s", "train_s", fmt="{:.1f}"),
         Column("trainable_share", "trainable", fmt="{:.1%}"),
         Column("backbone_drift", "drift", fmt="{:.3f}"),
@@ -94,14 +139,14 @@ def format_settings(groups: list[dict[str, Any]], fmt: str = "table") -> str:
     return format_table(shown, columns, fmt)
 
 
-def val_acc_with_interval(group: dict[str, Any], short: bool = False) -> str:
-    """A setting's mean val_acc and its 95% interval, as the summary, the page's table
-    and (``short``, for a terminal's width) the terminal's table write it."""
+def score_with_interval(group: dict[str, Any], short: bool = False) -> str:
+    """A setting's mean verdict metric and its 95% interval, as the summary, the page's
+    table and (``short``, for a terminal's width) the terminal's table write it."""
     if short:
         if group["ci95_low"] is None:
-            return f"{group['val_acc']:.4f}"
-        return f"{group['val_acc']:.4f} ± {(group['ci95_high'] - group['ci95_low']) / 2:.4f}"
-    return with_interval(group["val_acc"], group["ci95_low"], group["ci95_high"], group["n"])
+            return f"{group['score']:.4f}"
+        return f"{group['score']:.4f} ± {(group['ci95_high'] - group['ci95_low']) / 2:.4f}"
+    return with_interval(group["score"], group["ci95_low"], group["ci95_high"], group["n"])
 
 
 def _differences(winner: dict[str, Any], others: list[dict[str, Any]]) -> str:

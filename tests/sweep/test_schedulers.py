@@ -1,0 +1,68 @@
+"""Successive halving within groups: each group's trials meet only their own rungs."""
+
+from types import SimpleNamespace
+
+from ray.tune.schedulers import TrialScheduler
+
+from freezelab.sweep.schedulers import GroupedASHA, GroupOf
+
+CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
+
+
+def _trial(trial_id: str, group: str):
+    return SimpleNamespace(trial_id=trial_id, config={"trial": {"name": trial_id, "group": group}})
+
+
+def _report(scheduler, trial, epoch: int, val_acc: float) -> str:
+    return scheduler.on_trial_result(None, trial, {"training_iteration": epoch, "val_acc": val_acc})
+
+
+def _scheduler(**asha):
+    scheduler = GroupedASHA(GroupOf("group"), **{"max_t": 8, "grace_period": 2, **asha})
+    assert scheduler.set_search_properties("val_acc", "max")
+    return scheduler
+
+
+def test_a_trial_is_compared_with_its_own_group_only():
+    scheduler = _scheduler(reduction_factor=3)
+    assert scheduler.rungs() == [2, 6]
+    strong, weak_other_group, weak_same_group = (
+        _trial("a1", "full"),
+        _trial("b1", "head_only"),
+        _trial("a2", "full"),
+    )
+    for trial in (strong, weak_other_group, weak_same_group):
+        scheduler.on_trial_add(None, trial)
+    assert _report(scheduler, strong, 2, 0.9) == CONTINUE
+    # A far worse trial of another group is the first of its own group: it goes on.
+    assert _report(scheduler, weak_other_group, 2, 0.1) == CONTINUE
+    # The same value in the strong trial's group falls behind it: stopped at the rung.
+    assert _report(scheduler, weak_same_group, 2, 0.1) == STOP
+    assert scheduler.stopped == {"a2": 2}
+    # Between rungs nothing is decided.
+    assert _report(scheduler, strong, 3, 0.1) == CONTINUE
+
+
+def test_a_trial_at_its_last_epoch_is_never_stopped():
+    # rf 2 from 2 puts a rung at 8, the last epoch: a trial there must end on its own
+    # (its run writes its results), whatever it scored.
+    scheduler = _scheduler(reduction_factor=2)
+    first, second = _trial("a1", "g"), _trial("a2", "g")
+    for trial in (first, second):
+        scheduler.on_trial_add(None, trial)
+    for epoch in (2, 4):
+        assert _report(scheduler, first, epoch, 0.9) == CONTINUE
+        assert _report(scheduler, second, epoch, 0.95) == CONTINUE
+    assert _report(scheduler, first, 8, 0.9) == CONTINUE
+    assert _report(scheduler, second, 8, 0.1) == CONTINUE
+    assert scheduler.stopped == {}
+
+
+def test_a_restored_trial_joins_its_group():
+    scheduler = _scheduler(reduction_factor=3)
+    first = _trial("a1", "g")
+    scheduler.on_trial_add(None, first)
+    assert _report(scheduler, first, 2, 0.8) == CONTINUE
+    # Tune restores an experiment's unfinished trials without adding them again.
+    restored = _trial("a2", "g")
+    assert _report(scheduler, restored, 2, 0.5) == STOP
