@@ -136,7 +136,13 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[dict[str, Any
     sys.stdout.flush()
 
 
-def write_json(path: str | None, name: str, args: argparse.Namespace, rows: list[dict]) -> None:
+def write_json(
+    path: str | None,
+    name: str,
+    args: argparse.Namespace,
+    rows: list[dict],
+    extra: dict[str, Any] | None = None,
+) -> None:
     if not path:
         return
     payload = {
@@ -145,6 +151,7 @@ def write_json(path: str | None, name: str, args: argparse.Namespace, rows: list
         "args": vars(args),
         "machine": machine(),
         "rows": rows,
+        **(extra or {}),
     }
     Path(path).write_text(json.dumps(payload, indent=2, default=str) + "\n")
 

@@ -43,8 +43,9 @@ SMOKE = [
 
 def run_demo(overrides: list[str]) -> dict[str, Any]:
     """``freezelab demo --set ...`` in a fresh folder and process: its wall time, the
-    time of its fine-tuning phase (from the line that starts it to the last run's end),
-    and each fine-tuning run's accuracies, by run name."""
+    time of its fine-tuning phase (from the line that starts its first trials, the
+    selection's if it has one, to the last run's end), each fine-tuning run's accuracies
+    by run name, and the epochs that every fine-tuning and selection run trained."""
     with tempfile.TemporaryDirectory(prefix="study-bench-") as folder:
         command = [sys.executable, "-m", "freezelab", "demo"]
         for override in overrides:
@@ -63,7 +64,7 @@ def run_demo(overrides: list[str]) -> dict[str, Any]:
         ) as demo:  # fmt: skip
             for line in demo.stdout:
                 lines.append(line)
-                if "fine-tuning: " in line and " at once" in line:
+                if " at once, " in line and "start" not in phase:
                     phase["start"] = time.perf_counter()
                 finished = re.search(r"trials finished: (\d+)/(\d+)", line)
                 if finished and finished[1] == finished[2]:
@@ -72,15 +73,34 @@ def run_demo(overrides: list[str]) -> dict[str, Any]:
         shutil.rmtree(ray_tmp, ignore_errors=True)
         if demo.returncode != 0 or len(phase) != 2:
             raise SystemExit("freezelab demo failed:\n" + "".join(lines[-60:]))
-        rows = {}
+        rows, epochs = {}, 0
         for path in sorted(Path(folder, "freezelab_runs").glob("*/study_row.json")):
             row = json.loads(path.read_text())
+            if "-select-" in row["run_name"]:
+                continue  # counted below, with the selection runs stopped early
+            epochs += row["epochs"]
             rows[row["run_name"]] = {
                 "val_acc": row["val_acc"],
+                "test_acc": row.get("test_acc"),
                 "best_val_acc": row["best_val_acc"],
                 "evaluations": row.get("evaluations"),
+                "policy": row["policy"],
+                "variant": row.get("variant", ""),
+                "setting": row.get("setting", ""),
             }
-        return {"wall_s": wall, "finetune_s": phase["end"] - phase["start"], "runs": rows}
+        choices = {}
+        for path in Path(folder, "freezelab_runs").glob("*/selection.json"):
+            for group, choice in json.loads(path.read_text()).items():
+                choices[group] = choice
+                epochs += sum(c["epochs"] for c in choice["candidates"])
+        return {
+            "wall_s": wall,
+            "finetune_s": phase["end"] - phase["start"],
+            "runs": rows,
+            "epochs_trained": epochs,
+            "choices": choices,
+            "output": "".join(lines),
+        }
 
 
 def main() -> None:

@@ -56,7 +56,7 @@ DEFAULT_STUDY: dict[str, Any] = {
             "train_per_class": 20,
             "eval_shifts": ["rotate:30", "gaussian_noise:0.3", "blur:1", "contrast:0.3"],
         },
-        "optimizer": {"lr": 0.02},
+        "optimizer": {"lr": 0.02},  # the rate of every policy under `select: null`
         # One process per fine-tuning run (num_workers: 0, no Ray Train: a Tune trial
         # trains in its own process), as many at once as the CPUs hold. The pretraining
         # shows data-parallel training; short runs would spend most of their time
@@ -83,6 +83,9 @@ DEFAULT_STUDY: dict[str, Any] = {
     "register_best_as": "transfer-study-best",
     # Three repeats of each (variant, policy): the tables give each setting an interval.
     "seeds": [0, 1, 2],
+    # Each (variant, policy) at its own learning rate, chosen on val by successive halving
+    # (a linear head and a whole backbone do not share a good rate).
+    "select": {"grid": {"optimizer.lr": [0.002, 0.01, 0.05]}, "grace_epochs": 2},
 }
 
 

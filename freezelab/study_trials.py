@@ -91,6 +91,7 @@ def study_row(config: TrainConfig, tracked: Any, varying: tuple[str, ...]) -> di
         "run_id": tracked.run_id,
         "model_uri": tracked.model_uri,
         "status": "FINISHED",
+        "epochs": len(tracked.outcome.history),
         "val_acc": m["val_acc"],
         "best_val_acc": m["best_val_acc"],
         "train_time_s": train_time,

@@ -4,6 +4,7 @@
 # process, the fine-tuning runs as Tune trials.
 SMALL_STUDY = [
     "seeds=[0]",
+    "select=null",  # each policy at one rate (the selection stage is tested on its own)
     "base.model.name=test_resnet",
     "base.scaling.num_workers=0",
     "base.batch_size=32",

@@ -46,6 +46,8 @@ LAYERS = {
     "freezelab.api": 6,
     "freezelab.study": 6,
     "freezelab.study_trials": 6,
+    "freezelab.study_config": 6,
+    "freezelab.study_selection": 6,
     "freezelab.submit": 6,
     "freezelab.advise_run": 6,
     "freezelab.cli": 7,
