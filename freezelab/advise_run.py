@@ -44,7 +44,8 @@ def prepare(
     from freezelab.config_io import config_kind
     from freezelab.trainers.config import load_config
     from freezelab.trainers.data import num_classes_of
-    from freezelab.trainers.preflight import build_unallocated, check_run
+    from freezelab.trainers.models import build_unallocated
+    from freezelab.trainers.preflight import check_run
 
     if samples < 2:
         raise AdviseError(f"--samples {samples}: at least 2 images are needed")

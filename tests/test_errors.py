@@ -212,7 +212,8 @@ def test_the_driver_checks_a_weights_file_without_building_the_weights(tmp_path)
 
     from freezelab.errors import ConfigError
     from freezelab.trainers.config import load_config
-    from freezelab.trainers.preflight import build_unallocated, check_run
+    from freezelab.trainers.models import build_unallocated
+    from freezelab.trainers.preflight import check_run
 
     good = timm.create_model("test_resnet", num_classes=3)
     save_file({k: v.contiguous() for k, v in good.state_dict().items()}, tmp_path / "w.safetensors")

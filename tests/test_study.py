@@ -83,6 +83,14 @@ def test_study_pretrains_then_compares_policies_on_each_variant_and_writes_a_rep
     )
     stages = {run.info.run_name: run.data.tags["freezelab.stage"] for run in children}
     assert stages.pop("pretrain") == "pretrain" and set(stages.values()) == {"finetune"}
+    # Digits 5-9 are a new task for the model of digits 0-4: every fine-tuning run starts
+    # from a fresh head, and says why.
+    for run in children:
+        if run.info.run_name != "pretrain":
+            assert run.data.tags["freezelab.head_init"] == "reset"
+            assert run.data.tags["freezelab.head_init.reason"] == (
+                "labels differ: [5, 6, 7, 8, 9] vs [0, 1, 2, 3, 4]"
+            )
     parent = client.get_run(parent_id)
     best = max(r["val_acc"] for r in rows)
     assert parent.data.metrics["best_val_acc"] == best

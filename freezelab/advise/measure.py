@@ -35,8 +35,7 @@ from freezelab.errors import FreezelabError
 from freezelab.policies import FreezePolicy, from_dict, layer_groups
 from freezelab.trainers.config import TrainConfig
 from freezelab.trainers.data import build_datasets, input_size_of
-from freezelab.trainers.models import build_for_config
-from freezelab.trainers.preflight import build_unallocated
+from freezelab.trainers.models import build_for_config, build_unallocated
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+from pathlib import Path
 from typing import Any
 
 from freezelab.mlflow.tracking import tracking_uri_set
@@ -41,6 +42,7 @@ def log_checkpoint_model(
     from freezelab.trainers import checkpoint as ckpt
     from freezelab.trainers import model_file
     from freezelab.trainers.data import input_size_of, num_classes_of
+    from freezelab.trainers.head_init import labels_from
 
     model = build_for_config(config, with_weights=False)
     ckpt.load_model_weights(checkpoint_dir, model)
@@ -51,6 +53,8 @@ def log_checkpoint_model(
         head=head,
         in_chans=config.model.in_chans,
         image_size=config.data.input_size,
+        # The labels the checkpoint records travel with the model (chained fine-tuning).
+        labels=labels_from(ckpt.safetensors_metadata(Path(checkpoint_dir) / ckpt.MODEL_FILE)),
     )
     model_file.attach_spec(model.eval(), spec)
     example = np.zeros((2, *input_size_of(config.data, model)), dtype=np.float32)

@@ -1,6 +1,7 @@
 """One MLflow run per training run, opened and closed on the driver: ``TrackedRun``.
 
-``start`` creates the run (params, tags, datasets, the resolved config and the policy),
+``start`` creates the run (params, tags, datasets, the resolved config and the policy;
+a tag says whether the classifier of the starting weights is kept, ``head_init_tags``),
 or reopens it: a rerun of the same name and storage resumes the same MLflow run, as it
 resumes training. ``callback`` is what logs each epoch from the Train controller;
 ``finish`` logs the plan of each phase, the wall time, the model and its registration,
@@ -26,7 +27,13 @@ import yaml
 from freezelab.mlflow.callback import MlflowMetricsCallback
 from freezelab.mlflow.models import is_registered, log_checkpoint_model, logged_model_uri, register
 from freezelab.mlflow.store import RUN_KEY_TAG, experiment_id_for, find_run_by_key, log_datasets
-from freezelab.mlflow.tracking import dataset_inputs, resolve_tracking_uri, run_params, run_tags
+from freezelab.mlflow.tracking import (
+    dataset_inputs,
+    head_init_tags,
+    resolve_tracking_uri,
+    run_params,
+    run_tags,
+)
 from freezelab.redact import redact_uri
 from freezelab.trainers.location import RunLocation
 from freezelab.trainers.models import build_for_config
@@ -60,7 +67,7 @@ class TrackedRun:
             client.update_run(run_id, status="RUNNING")
             log.info(f"MLflow: continuing run {run_id} of {config.name!r}")
         else:
-            tags = {**run_tags(config), RUN_KEY_TAG: key}
+            tags = {**run_tags(config), **head_init_tags(config), RUN_KEY_TAG: key}
             if parent_run_id:
                 tags["mlflow.parentRunId"] = parent_run_id
             run = client.create_run(

@@ -136,6 +136,7 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 PARAM_KEYS = (
     "model.name",
     "model.pretrained",
+    "model.head_init",
     "data.kind",
     "data.classes",
     "data.shift",
@@ -249,6 +250,20 @@ def run_tags(config: Any) -> dict[str, str]:
         tags["mlflow.source.git.commit"] = commit
     tags.update(config.mlflow.tags)
     return tags
+
+
+HEAD_INIT_TAG = "freezelab.head_init"
+
+
+def head_init_tags(config: Any) -> dict[str, str]:
+    """What the run does with the classifier of the weights it starts from, as the
+    model builder decides it on every rank (``head_init_decision``): ``kept`` or
+    ``reset``, and why (``freezelab.head_init.reason``). The configured mode is the
+    param ``model.head_init``."""
+    from freezelab.trainers.models import head_init_decision
+
+    decision = head_init_decision(config)
+    return {HEAD_INIT_TAG: decision.action, f"{HEAD_INIT_TAG}.reason": decision.reason}
 
 
 def source_tags() -> dict[str, str]:

@@ -1,5 +1,6 @@
-"""Checkpoints: a directory with the model as safetensors, the optimizer state keyed by
-parameter name, and ``state.json`` (epoch, step, the resolved config and the policy).
+"""Checkpoints: a directory with the model as safetensors (its metadata records the
+labels, ``head_init.LABELS_KEY``), the optimizer state keyed by parameter name, and
+``state.json`` (epoch, step, the resolved config and the policy).
 
 No RNG state is stored: every epoch reseeds from (seed, epoch, rank), so a resumed
 run draws the same random numbers as an uninterrupted one.
@@ -44,7 +45,9 @@ def save_checkpoint(
     model: nn.Module,
     optimizer_state: dict[str, dict[str, torch.Tensor]],
     state: dict[str, Any],
+    metadata: dict[str, str] | None = None,
 ) -> Path:
+    """Write the checkpoint; ``metadata`` goes into the model file's safetensors header."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -54,7 +57,7 @@ def save_checkpoint(
         if tensor.untyped_storage().data_ptr() in seen:
             tensors[key] = tensor.clone()
         seen.add(tensors[key].untyped_storage().data_ptr())
-    save_file(tensors, str(directory / MODEL_FILE))
+    save_file(tensors, str(directory / MODEL_FILE), metadata=metadata)
     torch.save(_to_cpu(optimizer_state), directory / OPTIMIZER_FILE)
     (directory / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
     return directory
@@ -123,9 +126,26 @@ def load_weights_only(path: str | Path) -> Any:
     """``torch.load(path, weights_only=True)``, which also reads a logged model's file
     (``model_file.py``) as its state dict: no model is built and no code but torch's
     tensor rebuilding runs."""
-    with torch.serialization.safe_globals([(_state_only, LOGGED_MODEL_REBUILD)]):
-        return torch.load(Path(path), map_location="cpu", weights_only=True)
+    return load_weights_and_spec(path)[0]
 
 
-def _state_only(spec: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> dict:
-    return state_dict
+def load_weights_and_spec(path: str | Path) -> tuple[Any, dict[str, Any] | None]:
+    """What ``load_weights_only`` reads, and the spec of a logged model's file (None for
+    any other file): one read of the file."""
+    specs: list[dict[str, Any]] = []
+
+    def state_only(spec: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> dict:
+        specs.append(spec)
+        return state_dict
+
+    with torch.serialization.safe_globals([(state_only, LOGGED_MODEL_REBUILD)]):
+        loaded = torch.load(Path(path), map_location="cpu", weights_only=True)
+    return loaded, (specs[0] if specs and isinstance(specs[0], dict) else None)
+
+
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata in a safetensors file's header (no tensor is read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as file:
+        return dict(file.metadata() or {})

@@ -57,11 +57,20 @@ class HeadConfig(ConfigModel):
 
 
 class ModelSection(_Section):
+    """The backbone and where its weights come from.
+
+    ``head_init``: whether the classifier of ``weights`` (or of timm's pretrained
+    weights) is kept. ``reset``: never, the head starts fresh (seeded); ``keep``: always,
+    and a classifier that does not fit the model is an error; ``auto``: only when the
+    weights record the same labels as this run's data (``head_init.py``).
+    """
+
     name: str
     pretrained: bool = False
     weights: str | None = None
     head: HeadConfig | None = None
     in_chans: int = Field(3, ge=1)
+    head_init: Literal["auto", "keep", "reset"] = "auto"
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSection:

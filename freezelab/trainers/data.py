@@ -71,7 +71,21 @@ def num_classes_of(config: DataConfig) -> int:
     >>> num_classes_of(DataConfig(kind="digits", classes=[0, 1, 2]))
     3
     """
-    return SOURCES[config.kind].num_classes(config)
+    return len(label_names_of(config))
+
+
+def label_names_of(config: DataConfig) -> list[str]:
+    """What each label means, in label order, without building the datasets: the
+    digits kept, the class folders' names, or the synthetic classes of the data seed.
+    A weights file that freezelab writes records them (``head_init.LABELS_KEY``), so
+    that a later run knows whether the classifier it starts from fits its labels.
+
+    >>> label_names_of(DataConfig(kind="digits", classes=[5, 6, 7]))
+    ['5', '6', '7']
+    >>> label_names_of(DataConfig(kind="synthetic", num_samples=8, num_classes=2))
+    ['synthetic(seed=0):0', 'synthetic(seed=0):1']
+    """
+    return list(SOURCES[config.kind].label_names(config))
 
 
 def check_data(config: DataConfig) -> None:

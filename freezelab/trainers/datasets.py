@@ -3,15 +3,15 @@ digits, or synthetic tensors. Each gives ``(train, val)`` datasets whose items a
 ``(image, label)`` and which have ``targets`` and ``classes``.
 
 A new kind is its fields in ``DataConfig`` (``config.py``) and its source here: a
-function for its class count and one for its datasets, entered in ``SOURCES``.
+function for its class names and one for its datasets, entered in ``SOURCES``.
 
 >>> import timm
 >>> from freezelab.trainers.transforms import input_spec
 >>> config = DataConfig(kind="digits", classes=[3, 4], input_size=16)
 >>> source = SOURCES[config.kind]
 >>> train, val = source.datasets(config, input_spec(config, timm.create_model("test_resnet")))
->>> source.num_classes(config), train.classes, len(train) + len(val)
-(2, ['3', '4'], 364)
+>>> source.label_names(config), train.classes, len(train) + len(val)
+(['3', '4'], ['3', '4'], 364)
 """
 
 from __future__ import annotations
@@ -132,11 +132,11 @@ def _folder_datasets(config: DataConfig, spec: InputSpec) -> tuple[Dataset, Data
     )
 
 
-def _folder_num_classes(config: DataConfig) -> int:
+def _folder_label_names(config: DataConfig) -> list[str]:
     if objectstore.is_uri(config.root):
-        return len(image_files.class_names(image_files.folder_layout(config.root).train))
+        return image_files.class_names(image_files.folder_layout(config.root).train)
     train_dir, _ = local_folder_layout(config)
-    return len(class_folders(train_dir))
+    return class_folders(train_dir)
 
 
 class _TensorImages(Dataset):
@@ -265,17 +265,28 @@ def _synthetic_datasets(config: DataConfig, spec: InputSpec) -> tuple[Dataset, D
 # -- the sources, by kind --------------------------------------------------------------
 
 
+def _digit_label_names(config: DataConfig) -> list[str]:
+    return [str(digit) for digit in config.classes or ALL_DIGITS]
+
+
+def _synthetic_label_names(config: DataConfig) -> list[str]:
+    # A class is a prototype drawn from the data seed: class 0 of another seed is
+    # another pattern, so the seed is part of its name.
+    return [f"synthetic(seed={config.seed}):{label}" for label in range(config.num_classes)]
+
+
 @dataclass(frozen=True)
 class Source:
-    """One kind of data section: its class count without reading the images (the model
-    is built first), and its ``(train, val)`` datasets for an input spec."""
+    """One kind of data section: what its labels mean, in label order, without reading
+    the images (the model is built first; a weights file records them), and its
+    ``(train, val)`` datasets for an input spec."""
 
-    num_classes: Callable[[DataConfig], int]
+    label_names: Callable[[DataConfig], list[str]]
     datasets: Callable[[DataConfig, InputSpec], tuple[Dataset, Dataset]]
 
 
 SOURCES: dict[str, Source] = {
-    "image_folder": Source(_folder_num_classes, _folder_datasets),
-    "digits": Source(lambda config: len(config.classes or ALL_DIGITS), _digit_datasets),
-    "synthetic": Source(lambda config: config.num_classes, _synthetic_datasets),
+    "image_folder": Source(_folder_label_names, _folder_datasets),
+    "digits": Source(_digit_label_names, _digit_datasets),
+    "synthetic": Source(_synthetic_label_names, _synthetic_datasets),
 }

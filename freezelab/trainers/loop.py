@@ -38,7 +38,7 @@ from freezelab.env import log_level
 from freezelab.policies import FreezePlan
 from freezelab.trainers import checkpoint as ckpt
 from freezelab.trainers.config import TrainConfig, validate_config
-from freezelab.trainers.data import build_datasets, build_eval_sets
+from freezelab.trainers.data import build_datasets, build_eval_sets, label_names_of
 from freezelab.trainers.ddp import (
     ReplicasDivergedError,
     SingleProcess,
@@ -51,6 +51,7 @@ from freezelab.trainers.ddp import (
 )
 from freezelab.trainers.feature_cache import FeatureCache, classifier_of
 from freezelab.trainers.forgetting import SourceProbe, source_data
+from freezelab.trainers.head_init import labels_metadata
 from freezelab.trainers.models import build_for_config
 from freezelab.trainers.optim import lr_factor, set_lr, state_by_name
 from freezelab.trainers.phase import Phase, enter_phase, same_phase
@@ -96,6 +97,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         train_set, val_set = None, SimpleNamespace(classes=shards["classes"])
     eval_sets = build_eval_sets(config.data, model, val_set)
     probe = _source_probe(config, model, device) if rank == 0 else None
+    # The weights that rank 0 saves record what their labels mean (head_init.py).
+    weights_metadata = labels_metadata(label_names_of(config.data)) if rank == 0 else None
     model.to(device)
     if config.performance.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -313,7 +316,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "history": history,
             "workers": workers,
         }
-        write = partial(_write_checkpoint, model, optimizer, state) if save and rank == 0 else None
+        write = (
+            partial(_write_checkpoint, model, optimizer, state, weights_metadata)
+            if save and rank == 0
+            else None
+        )
         reporter.report(metrics, write)
         if diverged:
             # After the report, which every rank reaches: the failed check shows in the
@@ -430,6 +437,10 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def _write_checkpoint(
-    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], directory: Path
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    metadata: dict[str, str] | None,
+    directory: Path,
 ) -> None:
-    ckpt.save_checkpoint(directory, model, state_by_name(optimizer), state)
+    ckpt.save_checkpoint(directory, model, state_by_name(optimizer), state, metadata)

@@ -16,7 +16,7 @@ raw storages, the only copy of the weights. Neither reader can run other code:
   (``checkpoint.load_weights_only``), building nothing.
 
 >>> sorted(spec_of("resnet18", 10))
-['freezelab', 'head', 'image_size', 'in_chans', 'name', 'num_classes']
+['freezelab', 'head', 'image_size', 'in_chans', 'labels', 'name', 'num_classes']
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ def spec_of(
     head: dict[str, Any] | None = None,
     in_chans: int = 3,
     image_size: int | None = None,
+    labels: list[str] | None = None,
 ) -> dict[str, Any]:
-    """The architecture of a model as plain data: what ``rebuild`` needs besides weights."""
+    """The architecture of a model as plain data: what ``rebuild`` needs besides weights,
+    and the labels its classifier was trained on (``head_init.py``; None: unknown)."""
     from freezelab import __version__
 
     return {
@@ -48,6 +50,7 @@ def spec_of(
         "head": _plain(head),
         "in_chans": int(in_chans),
         "image_size": image_size,
+        "labels": None if labels is None else [str(name) for name in labels],
         "freezelab": __version__,
     }
 

@@ -13,13 +13,22 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from freezelab.trainers.checkpoint import load_weights_only
+from freezelab.trainers.checkpoint import load_weights_and_spec, safetensors_metadata
 from freezelab.trainers.config import HeadConfig, TrainConfig
+from freezelab.trainers.head_init import (
+    HeadInit,
+    decide,
+    labels_from,
+    nothing_to_keep,
+    pretrained_classes,
+    pretrained_decision,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +112,17 @@ def build_model(
     head: HeadConfig | dict | None = None,
     in_chans: int = 3,
     image_size: int | None = None,
+    head_init: str = "auto",
+    labels: Sequence[str] | None = None,
 ) -> nn.Module:
     """A backbone with a fresh classifier for ``num_classes``.
 
     ``pretrained=True`` downloads the weights through timm (the Hugging Face Hub);
-    ``weights=PATH`` loads a local safetensors or state-dict file instead. Classifier
-    weights whose class count differs are dropped with a log line. ``image_size`` is
-    the side of the images the model will see (default: the backbone's own): a
-    ``pool: flatten`` head's width depends on it.
+    ``weights=PATH`` loads a local safetensors or state-dict file instead. Whether their
+    classifier is kept is ``head_init`` (``head_init.decide``) given ``labels``, the
+    names of this model's classes (None: unknown); one that does not fit is dropped
+    with a log line. ``image_size`` is the side of the images the model will see
+    (default: the backbone's own): a ``pool: flatten`` head's width depends on it.
     """
     import timm
 
@@ -136,6 +148,11 @@ def build_model(
             "Without internet access, point model.weights at a local safetensors or "
             "state-dict file instead."
         ) from err
+    if pretrained:
+        decision = pretrained_decision(name, num_classes, head_config, head_init)
+        if head_config is None and not decision.kept and pretrained_classes(name) == num_classes:
+            backbone.reset_classifier(num_classes)  # timm kept it: the class counts agree
+        log.info("classifier: %s", decision)
     if head_config is None:
         model = backbone
     else:
@@ -143,7 +160,7 @@ def build_model(
         input_size = (in_chans, *((image_size, image_size) if image_size else size))
         model = FineTuneModel(backbone, head_config, num_classes, input_size)
     if weights:
-        load_weights(model, weights)
+        load_weights(model, weights, head_init=head_init, labels=labels)
     return model
 
 
@@ -152,6 +169,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
     Pickled files are read with ``weights_only=True``: a weights file never runs code.
     """
+    return read_weights(path)[0]
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str] | None]:
+    """The tensors of ``read_state_dict``, and the labels the file records (its
+    safetensors metadata, or a logged model's spec); None where it records none."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
@@ -160,7 +183,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path))
+            return load_file(str(path)), labels_from(safetensors_metadata(path))
         except (SafetensorError, OSError) as err:
             raise ValueError(
                 f"weights file {str(path)!r} is not valid safetensors ({err})"
@@ -168,7 +191,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's note on pickle protocols
-            state = load_weights_only(path)
+            state, spec = load_weights_and_spec(path)
     except Exception as err:  # not a zip or pickle, or a pickle that would run code
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if reason.startswith("Weights only load failed"):
@@ -182,16 +205,39 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{str(path)!r} does not hold a state dict of tensors")
-    return state
+    return state, labels_from(spec)
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a weights file into ``model``, dropping a classifier of another shape.
+def load_weights(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    head_init: str = "auto",
+    labels: Sequence[str] | None = None,
+) -> HeadInit:
+    """Load a weights file into ``model``; its classifier only where ``head_init``
+    keeps it for the model's ``labels`` (``head_init.decide``). Returns the decision.
 
     Keys may carry DDP's ``module.`` prefix; weights of a plain timm model load into
     the backbone of a model with a custom head.
     """
-    state = {k.removeprefix("module."): v for k, v in read_state_dict(path).items()}
+    state, decision = weights_for(model, path, head_init=head_init, labels=labels)
+    model.load_state_dict(state, strict=False)
+    log.info("classifier: %s", decision)
+    return decision
+
+
+def weights_for(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    head_init: str = "auto",
+    labels: Sequence[str] | None = None,
+) -> tuple[dict[str, torch.Tensor], HeadInit]:
+    """The tensors of ``path`` that ``load_weights`` loads into ``model``, and what
+    becomes of the classifier; a file that does not fit the backbone raises."""
+    tensors, recorded = read_weights(path)
+    state = {k.removeprefix("module."): v for k, v in tensors.items()}
     target = model.state_dict()
     if isinstance(model, FineTuneModel) and not any(k.startswith("backbone.") for k in state):
         state = {"backbone." + k: v for k, v in state.items()}
@@ -203,9 +249,29 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
                 f"weights file {str(path)!r}: {key} has shape {tuple(state[key].shape)}, "
                 f"the model expects {tuple(target[key].shape)}"
             )
-        del state[key]
+    absent = sorted(k for k in head_keys if k not in state)
+    if mismatched:
+        key = mismatched[0]
+        why_not = (
+            f"{key} has shape {tuple(state[key].shape)}, the model's "
+            f"{tuple(target[key].shape)} (another class count)"
+        )
+    elif absent:
+        why_not = f"the file has no {absent[0]} (a classifier of another architecture)"
+    else:
+        why_not = "the model has no classifier"
+    decision = decide(
+        head_init,
+        recorded=recorded,
+        target=labels,
+        fits=bool(head_keys) and not mismatched and not absent,
+        why_not=why_not,
+        source=f"weights file {str(path)!r}",
+    )
     if mismatched:
         log.info("dropped classifier weights of another class count: %s", ", ".join(mismatched))
+    if not decision.kept:
+        state = {k: v for k, v in state.items() if k not in head_keys}
     unexpected = [k for k in state if k not in target]
     for key in unexpected:
         del state[key]
@@ -221,7 +287,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
             f"weights file {str(path)!r} lacks {len(missing)} backbone tensors, e.g. {missing[:3]}: "
             "is it the weights of another architecture?"
         )
-    model.load_state_dict(state, strict=False)
+    return state, decision
 
 
 def _head_state_keys(model: nn.Module) -> set[str]:
@@ -240,23 +306,82 @@ def build_for_config(
     ``model.weights`` may be a local file or an MLflow model URI (``models:/NAME@ALIAS``
     or ``runs:/RUN_ID/model``) of a model that freezelab logged: chained fine-tuning.
     The fresh layers are initialized from ``config.seed``, so every rank, a resumed run
-    and the driver build the same starting weights (the reference of the drift metric).
-    ``num_classes`` stands in for the data's class count where the data is not at hand.
+    and the driver build the same starting weights (the reference of the drift metric);
+    so is a classifier that ``model.head_init`` does not keep (``head_init_decision``).
+    ``num_classes`` stands in for the data's class count where the data is not at hand
+    (its labels are then unknown).
     """
     from freezelab.trainers.artifacts import download_weights, is_model_uri
-    from freezelab.trainers.data import num_classes_of
 
     section = config.model
+    labels = _labels(config, num_classes)
     weights = section.weights if with_weights else None
+    if with_weights and not weights and not section.pretrained and section.head_init == "keep":
+        nothing_to_keep()
     if is_model_uri(weights):
         weights = download_weights(weights, config.mlflow.tracking_uri)
     torch.manual_seed(config.seed)
     return build_model(
         section.name,
-        num_classes or num_classes_of(config.data),
+        num_classes or len(labels),
         pretrained=section.pretrained and with_weights,
         weights=weights,
         head=section.head,
         in_chans=section.in_chans,
         image_size=config.data.input_size,
+        head_init=section.head_init,
+        labels=labels,
     )
+
+
+def head_init_decision(
+    config: TrainConfig, *, model: nn.Module | None = None, num_classes: int | None = None
+) -> HeadInit:
+    """What becomes of the classifier of the weights that ``config`` starts from:
+    the decision that ``build_for_config`` applies on every rank, without training or
+    allocating anything (the driver's record of the run, and its check before the run).
+
+    ``model``: the config's model already built without weights (e.g. on the meta
+    device); built here otherwise. A weights file is read (an MLflow model URI
+    downloaded); ``keep`` with a classifier that cannot be kept raises ConfigError.
+
+    >>> from freezelab.trainers.config import load_config
+    >>> head_init_decision(load_config("examples/train_tiny.yaml"))
+    HeadInit(action='reset', reason='no pretrained weights: a fresh model')
+    """
+    from freezelab.trainers.artifacts import download_weights, is_model_uri
+    from freezelab.trainers.data import num_classes_of
+
+    section = config.model
+    if section.pretrained:
+        classes = num_classes or num_classes_of(config.data)
+        return pretrained_decision(section.name, classes, section.head, section.head_init)
+    if not section.weights:
+        if section.head_init == "keep":
+            nothing_to_keep()
+        return HeadInit("reset", "no pretrained weights: a fresh model")
+    labels = _labels(config, num_classes)
+    weights = section.weights
+    if is_model_uri(weights):
+        weights = download_weights(weights, config.mlflow.tracking_uri)
+    if model is None:
+        model = build_unallocated(config, num_classes)
+    return weights_for(model, weights, head_init=section.head_init, labels=labels)[1]
+
+
+def build_unallocated(config: TrainConfig, num_classes: int | None = None) -> nn.Module:
+    """The model with its tensors on the meta device: every shape, and no memory or
+    initialization (vgg16: 0.04 s instead of 1 s). Loading weights into it checks their
+    shapes and copies nothing. A model whose construction needs real values is built on
+    the CPU instead."""
+    try:
+        with torch.device("meta"):
+            return build_for_config(config, with_weights=False, num_classes=num_classes)
+    except (NotImplementedError, RuntimeError):
+        return build_for_config(config, with_weights=False, num_classes=num_classes)
+
+
+def _labels(config: TrainConfig, num_classes: int | None) -> list[str] | None:
+    from freezelab.trainers.data import label_names_of
+
+    return label_names_of(config.data) if num_classes is None else None

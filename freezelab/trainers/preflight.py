@@ -1,5 +1,6 @@
 """Everything about a run that can be checked on the driver before Ray, MLflow or a
-worker starts: the model, its weights, the policy for every epoch, the data.
+worker starts: the model, its weights and what becomes of their classifier
+(``model.head_init``), the policy for every epoch, the data.
 
 >>> from freezelab.trainers.config import load_config
 >>> check_run(load_config("examples/train_tiny.yaml"))  # doctest: +SKIP
@@ -8,10 +9,7 @@ worker starts: the model, its weights, the policy for every epoch, the data.
 from __future__ import annotations
 
 import tempfile
-import warnings
 from pathlib import Path
-
-import torch
 
 from freezelab import objectstore
 from freezelab.errors import ConfigError, FreezelabError
@@ -19,7 +17,7 @@ from freezelab.policies import PolicyError
 from freezelab.trainers.artifacts import is_model_uri
 from freezelab.trainers.config import TrainConfig
 from freezelab.trainers.data import check_data
-from freezelab.trainers.models import build_for_config, load_weights
+from freezelab.trainers.models import build_unallocated, head_init_decision
 
 
 def check_run(
@@ -29,8 +27,10 @@ def check_run(
     check_weights: bool = True,
     storage: bool = True,
 ) -> None:
-    """Build the model's shapes (without downloading or allocating anything), load a
-    local weights file into it, and plan the policy for every epoch: what cannot work fails here, one line.
+    """Build the model's shapes (without downloading or allocating anything), check a
+    local weights file against them (``head_init_decision``: ``head_init keep`` with a
+    classifier that cannot be kept fails here too), and plan the policy for every epoch:
+    what cannot work fails here, one line.
 
     ``num_classes`` stands in for the data's class count where the data is not at
     hand (a folder that only the cluster sees); ``check_weights=False`` skips reading
@@ -48,12 +48,11 @@ def check_run(
     except (ValueError, RuntimeError) as err:
         raise ConfigError(f"model: {err}") from None
     weights = config.model.weights
-    if check_weights and weights and not is_model_uri(weights):
+    if check_weights and not is_model_uri(weights):
         try:
-            with warnings.catch_warnings():
-                # Into meta tensors a load copies nothing, as intended: torch warns per tensor.
-                warnings.filterwarnings("ignore", message=".*meta parameter.*no-op")
-                load_weights(model, weights)
+            head_init_decision(config, model=model, num_classes=num_classes)
+        except ConfigError:  # head_init keep that cannot keep: it names the field
+            raise
         except Exception as err:  # unreadable, not a state dict, another architecture
             raise ConfigError(f"model.weights: {_first_line(err)}") from None
     try:
@@ -62,18 +61,6 @@ def check_run(
             config.policy.plan(model, epoch)
     except PolicyError as err:
         raise ConfigError(f"policy: {err}") from None
-
-
-def build_unallocated(config: TrainConfig, num_classes: int | None = None) -> torch.nn.Module:
-    """The model with its tensors on the meta device: every shape, and no memory or
-    initialization (vgg16: 0.04 s instead of 1 s). Loading weights into it checks their
-    shapes and copies nothing. A model whose construction needs real values is built on
-    the CPU instead."""
-    try:
-        with torch.device("meta"):
-            return build_for_config(config, with_weights=False, num_classes=num_classes)
-    except (NotImplementedError, RuntimeError):
-        return build_for_config(config, with_weights=False, num_classes=num_classes)
 
 
 def _first_line(err: Exception) -> str:

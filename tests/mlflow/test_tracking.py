@@ -12,9 +12,11 @@ from servers import Server
 from freezelab.api import train
 from freezelab.cli import main
 from freezelab.mlflow.callback import MlflowMetricsCallback
+from freezelab.mlflow.run import TrackedRun
 from freezelab.mlflow.tracking import (
     TrackingUnavailable,
     flatten_params,
+    head_init_tags,
     resolve_tracking_uri,
     tracking_uri_set,
 )
@@ -71,6 +73,10 @@ def test_run_logs_params_metrics_artifacts_and_model(tiny_config, sqlite_uri):
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert run.data.tags["freezelab.policy"] == "gradual"
     assert run.data.tags["freezelab.dataset"] == "digits"
+    # What became of the classifier: no weights to start from, so a fresh one.
+    assert run.data.params["model.head_init"] == "auto"
+    assert run.data.tags["freezelab.head_init"] == "reset"
+    assert run.data.tags["freezelab.head_init.reason"] == "no pretrained weights: a fresh model"
     for key in ("val_acc", "train_loss", "drift/head", "lr", "phase_index", "epoch_time_s"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1, 2], key
     history = client.get_metric_history(run.info.run_id, "val_acc")
@@ -161,10 +167,28 @@ def test_registry_alias_and_chained_fine_tuning(tiny_config, sqlite_uri):
     start = build_for_config(chained)
     source = build_for_config(config, with_weights=False)
     ckpt.load_model_weights(outcome.checkpoint_dir, source)
+    # The logged model carries the labels it was trained on: the same task keeps its head.
     for (name, a), (_, b) in zip(
         start.state_dict().items(), source.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), name
+    assert head_init_tags(chained) == {
+        "freezelab.head_init": "kept",
+        "freezelab.head_init.reason": "same labels [0, 1, 2]",
+    }
+
+    # A new task with as many classes starts from a fresh head, and its run says why.
+    new_task = chained.model_copy(
+        update={"name": "new-task", "data": chained.data.model_copy(update={"classes": (5, 6, 7)})}
+    )
+    start = build_for_config(new_task)
+    fresh = build_for_config(new_task, with_weights=False)
+    assert torch.equal(start.fc.weight, fresh.fc.weight)
+    assert torch.equal(start.conv1[0].weight, source.conv1[0].weight)
+    run = _run(client, TrackedRun.start(new_task).run_id)
+    assert run.data.params["model.head_init"] == "auto"
+    assert run.data.tags["freezelab.head_init"] == "reset"
+    assert run.data.tags["freezelab.head_init.reason"] == "labels differ: [5, 6, 7] vs [0, 1, 2]"
 
 
 def test_each_epoch_is_logged_once_even_when_reported_twice(sqlite_uri):

@@ -19,6 +19,7 @@ from freezelab.trainers.data import (
     DataError,
     build_datasets,
     input_size_of,
+    label_names_of,
     make_loader,
     num_classes_of,
     train_transform_is_deterministic,
@@ -61,6 +62,7 @@ def test_image_folder_classes_counts_and_items(tmp_path, model):
 
     assert num_classes == num_classes_of(config) == 3
     assert train.classes == val.classes == ["cat", "dog", "owl"]
+    assert label_names_of(config) == ["cat", "dog", "owl"]
     assert Counter(train.targets) == {0: 8, 1: 8, 2: 4}
     assert Counter(val.targets) == {0: 2, 1: 2, 2: 1}
     assert not set(_fingerprints(train)) & set(_fingerprints(val))
@@ -139,6 +141,8 @@ def test_digits_keep_classes_and_remap_labels_in_order(model):
 
     assert num_classes == num_classes_of(config) == 2
     assert train.classes == ["9", "3"]
+    assert label_names_of(config) == ["9", "3"]
+    assert label_names_of(DataConfig(kind="digits")) == [str(d) for d in range(10)]
     counts = Counter(train.targets) + Counter(val.targets)
     assert counts == {0: int((digits.target == 9).sum()), 1: int((digits.target == 3).sum())}
     originals = torch.from_numpy(digits.images).float().div(16.0).flatten(1)
@@ -218,6 +222,9 @@ def test_synthetic_shapes_split_and_balance(model):
     train, val, num_classes = build_datasets(_synthetic(input_size=24), model)
 
     assert num_classes == num_classes_of(_synthetic()) == 3
+    # Another data seed draws other class patterns: other labels.
+    assert label_names_of(_synthetic()) == [f"synthetic(seed=0):{i}" for i in range(3)]
+    assert label_names_of(_synthetic(seed=1)) != label_names_of(_synthetic())
     assert Counter(train.targets) == {0: 16, 1: 16, 2: 16}
     assert Counter(val.targets) == {0: 4, 1: 4, 2: 4}
     image, label = train[0]

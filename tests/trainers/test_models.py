@@ -178,7 +178,7 @@ def test_weights_round_trip(tmp_path, fmt, name, head):
         }[fmt]
         torch.save(wrapped, path)
 
-    loaded = build_model(name, 4, head=head, weights=path)
+    loaded = build_model(name, 4, head=head, weights=path, head_init="keep")
     fresh = build_model(name, 4, head=head)
     x = fixed_input(size=160 if name == "test_vit" else 64)
     assert torch.equal(outputs(loaded, x), outputs(source, x))
