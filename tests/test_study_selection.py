@@ -221,3 +221,30 @@ def test_a_study_chooses_each_policys_rate_on_val_then_trains_its_seeds_at_it(
     again = run_study(None, overrides)
     assert [r["run_id"] for r in again.rows] == [r["run_id"] for r in outcome.rows]
     assert len(client.search_runs(["1"], max_results=100)) == len(runs)
+
+
+def test_test_labels_cannot_change_a_choice():
+    # Every choice reads val_acc only: test_acc shuffled across runs changes the scores,
+    # not which setting each policy enters with, nor a selection's choice.
+    import random
+
+    rows = [
+        *[_row("full", s, 0.9 - s / 100, 0.6, key="lr1", setting="lr=1") for s in range(3)],
+        *[_row("full", s, 0.8, 0.9, key="lr2", setting="lr=2") for s in range(3)],
+        *[_row("head_only", s, 0.7, 0.7, key="lr1", setting="lr=1") for s in range(3)],
+        *[_row("head_only", s, 0.75, 0.5, key="lr2", setting="lr=2") for s in range(3)],
+    ]
+    chosen = {(g["policy"], g["setting"]) for g in group_rows(rows) if g["best_of_policy"]}
+    tests = [r["test_acc"] for r in rows]
+    for seed in range(5):
+        random.Random(seed).shuffle(tests)
+        shuffled = [{**r, "test_acc": t} for r, t in zip(rows, tests, strict=True)]
+        groups = group_rows(shuffled)
+        assert {(g["policy"], g["setting"]) for g in groups if g["best_of_policy"]} == chosen
+    configs = {"g": [_Config("a", 0.02), _Config("b", 0.08)]}
+    for test_a, test_b in ((0.1, 0.9), (0.9, 0.1)):
+        found = {
+            "a": {"val_acc": 0.8, "test_acc": test_a},
+            "b": {"val_acc": 0.7, "test_acc": test_b},
+        }
+        assert choose(configs, found, {}, epochs=8)["g"].point == {"optimizer.lr": 0.02}
