@@ -57,10 +57,15 @@ class HeadConfig(ConfigModel):
 
 
 class ModelSection(_Section):
+    """``head_norm: batchnorm`` puts an affine-free BatchNorm on the features the head
+    reads (MAE's linear-probe protocol): part of the head, with no parameters of its
+    own (``models.HeadNorm``)."""
+
     name: str
     pretrained: bool = False
     weights: str | None = None
     head: HeadConfig | None = None
+    head_norm: Literal["none", "batchnorm"] = "none"
     in_chans: int = Field(3, ge=1)
 
     @model_validator(mode="after")
