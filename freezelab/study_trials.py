@@ -92,6 +92,9 @@ def study_row(config: TrainConfig, tracked: Any, varying: tuple[str, ...]) -> di
         "model_uri": tracked.model_uri,
         "status": "FINISHED",
         "epochs": len(tracked.outcome.history),
+        # A diverged run (trainers/divergence.py) finished, but its numbers are no result.
+        "diverged": bool(m.get("diverged", 0)),
+        "diverged_reason": m.get("diverged_reason"),
         "val_acc": m["val_acc"],
         "best_val_acc": m["best_val_acc"],
         "train_time_s": train_time,

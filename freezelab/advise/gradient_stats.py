@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from freezelab.policies import FreezePlan
-from freezelab.policies.apply import FIXED_STATISTICS
+from freezelab.policies.apply import keeps_statistics
 from freezelab.policies.groups import NORM_TYPES, group_of_module
 
 
@@ -131,7 +131,7 @@ def _untouched(model: nn.Module, plan: FreezePlan) -> Iterator[None]:
         for module_name, module in model.named_modules():
             if isinstance(module, NORM_TYPES):
                 group = group_of_module(plan.groups, module_name)
-                if group is not None and plan.bn[group.name] in FIXED_STATISTICS:
+                if group is not None and keeps_statistics(plan, group):
                     nn.Module.train(module, False)
         yield
     finally:

@@ -51,6 +51,7 @@ def log_checkpoint_model(
         config.model.name,
         num_classes_of(config.data),
         head=head,
+        head_norm=config.model.head_norm,
         in_chans=config.model.in_chans,
         image_size=config.data.input_size,
         # The labels the checkpoint records travel with the model (chained fine-tuning).

@@ -40,6 +40,10 @@ from freezelab.trainers.models import build_for_config
 
 log = logging.getLogger(__name__)
 
+# The reason a run diverged (``trainers/divergence.py``), set only on such runs; the
+# ``diverged`` metric (0/1) is on every run.
+DIVERGED_TAG = "freezelab.diverged"
+
 
 @dataclass
 class TrackedRun:
@@ -124,8 +128,9 @@ class TrackedRun:
         status: str = "FINISHED",
         wall_time_s: float | None = None,
     ) -> str | None:
-        """Log the phases, the wall time, the model and its registration; close the run.
-        Returns the logged model's URI (None without a checkpoint)."""
+        """Log the phases, the wall time, the reason a diverged run diverged
+        (``DIVERGED_TAG``), the model and its registration; close the run. Returns the
+        logged model's URI (None without a checkpoint)."""
         import mlflow
 
         client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
@@ -140,6 +145,9 @@ class TrackedRun:
                 and not any(m.step == last for m in logged)
             ):
                 client.log_metric(self.run_id, "wall_time_s", wall_time_s, step=last)
+            reason = outcome.metrics.get("diverged_reason") if outcome is not None else None
+            if reason:
+                client.set_tag(self.run_id, DIVERGED_TAG, reason)
             self._log_phases(client, config)
             if config.mlflow.log_model and outcome is not None and outcome.checkpoint_dir:
                 # Finishing again (a retry, `freezelab sync`, a rerun of a finished run)

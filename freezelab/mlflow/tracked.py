@@ -2,7 +2,9 @@
 
 Tracking wraps the training from above: the driver opens the run (``run.py``), the
 Train controller logs each epoch's metrics (``callback.py``), and the driver closes it
-with the plan of each phase, the model and, if asked, a registry alias. A server that
+with the plan of each phase, the model and, if asked, a registry alias. A run whose
+loss diverged (``trainers/divergence.py``) is named in a warning line here, and tagged
+``freezelab.diverged`` with the reason when its MLflow run is closed. A server that
 is away at the end is waited for; if it stays away, the run's folder keeps what
 ``freezelab sync`` needs to finish it later (``sync.py``).
 
@@ -88,6 +90,10 @@ def train_tracked(
                 log.warning(f"MLflow run {tracked.run_id} not closed: {err}")
         raise
     wall_time_s = time.perf_counter() - started
+    reason = outcome.metrics.get("diverged_reason")
+    if reason:
+        # Every run ends here (a single run, a sweep's or a study's trial): one line each.
+        log.warning(f"run {config.name} diverged: {reason}")
     if tracked is None:
         return TrackedOutcome(outcome, wall_time_s=wall_time_s)
     model_uri = finish_or_defer(tracked, config, outcome, wall_time_s)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from freezelab.policies.base import FreezePlan
-from freezelab.policies.groups import group_of_module
+from freezelab.policies.groups import LayerGroup, group_of_module
 
 _STAT_NORMS = (nn.modules.batchnorm._NormBase,)
 # Plan modes whose norm layers keep fixed statistics while the phase trains.
@@ -45,9 +45,18 @@ def apply(model: nn.Module, plan: FreezePlan) -> None:
         if not isinstance(module, _STAT_NORMS):
             continue
         group = group_of_module(plan.groups, module_name)
-        pinned = group is not None and plan.bn[group.name] in FIXED_STATISTICS
-        _pin_eval(module, pinned)
+        _pin_eval(module, group is not None and keeps_statistics(plan, group))
     model.train(model.training)
+
+
+def keeps_statistics(plan: FreezePlan, group: LayerGroup) -> bool:
+    """Whether the norm layers of ``group`` keep fixed statistics in this plan (eval
+    mode). A norm inside a head that trains never does, whatever ``bn`` says: it
+    normalizes the features for the classifier that learns behind it (``head_norm``),
+    and with its initial statistics (0 and 1) it would do nothing at all."""
+    if group.is_head and plan.group_is_trainable(group):
+        return False
+    return plan.bn[group.name] in FIXED_STATISTICS
 
 
 @torch.no_grad()

@@ -100,12 +100,23 @@ def find_group(groups: Sequence[LayerGroup], name: str) -> LayerGroup:
 
 
 def group_of_module(groups: Sequence[LayerGroup], module_name: str) -> LayerGroup | None:
-    """The group that holds the parameters of the module called ``module_name``."""
-    prefix = module_name + "." if module_name else ""
-    for g in groups:
-        if any(n.startswith(prefix) for n in g.param_names):
-            return g
-    return None
+    """The group that holds the parameters of the module called ``module_name``. A
+    module without parameters (an affine-free norm, such as the head's ``HeadNorm`` at
+    ``fc.0``) belongs to the group of the nearest module above it that has some
+    (``fc``), short of the model itself.
+
+    >>> group_of_module([LayerGroup("head", ("fc.1.weight",), (2,), is_head=True)], "fc.0").name
+    'head'
+    """
+    name = module_name
+    while True:
+        prefix = name + "." if name else ""
+        for g in groups:
+            if any(n.startswith(prefix) for n in g.param_names):
+                return g
+        if "." not in name:
+            return None
+        name = name.rpartition(".")[0]
 
 
 def _backbone_of(model: nn.Module) -> tuple[nn.Module, str]:

@@ -63,12 +63,16 @@ class ModelSection(_Section):
     weights) is kept. ``reset``: never, the head starts fresh (seeded); ``keep``: always,
     and a classifier that does not fit the model is an error; ``auto``: only when the
     weights record the same labels as this run's data (``head_init.py``).
+    ``head_norm: batchnorm`` puts an affine-free BatchNorm on the features the head
+    reads (MAE's linear-probe protocol): part of the head, with no parameters of its
+    own (``models.HeadNorm``).
     """
 
     name: str
     pretrained: bool = False
     weights: str | None = None
     head: HeadConfig | None = None
+    head_norm: Literal["none", "batchnorm"] = "none"
     in_chans: int = Field(3, ge=1)
     head_init: Literal["auto", "keep", "reset"] = "auto"
 

@@ -76,6 +76,10 @@ class SourceProbe:
 
         train_x, train_y = self._features(model, self.train)
         val_x, val_y = self._features(model, self.val)
+        if not (np.isfinite(train_x).all() and np.isfinite(val_x).all()):
+            # A diverged backbone (NaN weights) has no features to probe; the run is
+            # flagged as diverged by its loss, and goes on.
+            return float("nan")
         mean, std = train_x.mean(0), train_x.std(0)
         std[std == 0] = 1.0
         probe = LogisticRegression(max_iter=self.max_iter)

@@ -68,6 +68,7 @@ RESULT_NEUTRAL = (
 ADDED_FIELDS = {
     "data.loader": "auto",
     "data.skip_corrupt": False,
+    "model.head_norm": "none",
 }
 
 

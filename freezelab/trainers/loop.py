@@ -12,6 +12,9 @@ The Ray-specific steps stand out as in Ray Train's own examples: [1] prepare the
 the reporter that the caller chose (``reporting.py``); the rest is plain PyTorch.
 Replicas that stop agreeing (the replica check, ``ddp.py``) fail the run on every rank
 right after that epoch's report, which saves no checkpoint.
+A loss that diverges (non-finite, or a phase that ends above chance: ``divergence.py``)
+fails nothing: the epoch's metrics carry ``diverged`` (0/1) and ``diverged_reason``,
+and the run goes on to its last epoch.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from freezelab.trainers.ddp import (
     per_rank,
     placement,
 )
+from freezelab.trainers.divergence import divergence_of
 from freezelab.trainers.feature_cache import FeatureCache, classifier_of
 from freezelab.trainers.forgetting import SourceProbe, source_data
 from freezelab.trainers.head_init import labels_metadata
@@ -96,6 +100,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     else:  # Ray Data reads the images; the loop knows their classes and counts
         train_set, val_set = None, SimpleNamespace(classes=shards["classes"])
     eval_sets = build_eval_sets(config.data, model, val_set)
+    num_classes = len(val_set.classes)
     probe = _source_probe(config, model, device) if rank == 0 else None
     # The weights that rank 0 saves record what their labels mean (head_init.py).
     weights_metadata = labels_metadata(label_names_of(config.data)) if rank == 0 else None
@@ -249,7 +254,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 extra["source_probe_acc_start"] = probe_start
                 extra["forgetting"] = probe_start - extra["source_probe_acc"]
         # The same answer on every rank: each compares every rank's checksums.
-        diverged = differing_tensors(model, world_size)
+        out_of_sync = differing_tensors(model, world_size)
         # This epoch's training images on each rank: the run's proof of its world size.
         rank_images = per_rank(totals[2], rank, world_size)
         totals = all_reduce(totals)
@@ -280,7 +285,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "frozen_params": plan.total_params - plan.trainable_params,
             "feature_cache": int(use_cached),
             "peak_memory_mb": _peak_memory_mb(device),
-            "replicas_in_sync": int(not diverged),
+            "replicas_in_sync": int(not out_of_sync),
             "nodes": len({w["node_id"] for w in workers}),
             "world_size": world_size,
             **{f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups},
@@ -298,11 +303,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 metrics["early_steps"] = json.dumps(early)
         best_val_acc = val_acc if best_val_acc is None else max(best_val_acc, val_acc)
         metrics["best_val_acc"] = best_val_acc
+        # A loss that went non-finite or ended a phase above chance: flagged, not
+        # raised. The run goes on to its last epoch, so that its history and its
+        # checkpoint (and a rerun's resume) stay those of any run.
+        reason = divergence_of([*history, metrics], num_classes, finished=last)
+        metrics["diverged"] = int(reason is not None)
+        if reason is not None:
+            metrics["diverged_reason"] = reason
         history.append(metrics)
 
         # -- [3] report (a barrier: every rank calls it once per epoch) ------------
         # Replicas that disagree are no one model: nothing of theirs is saved.
-        save = not diverged and (
+        save = not out_of_sync and (
             (epoch + 1) % config.checkpoint.every == 0 or epoch == config.epochs - 1
         )
         state = {
@@ -322,10 +334,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             else None
         )
         reporter.report(metrics, write)
-        if diverged:
+        if out_of_sync:
             # After the report, which every rank reaches: the failed check shows in the
             # run's metrics, and every rank fails together.
-            raise ReplicasDivergedError(epoch, config.epochs, groups_holding(diverged, plan.groups))
+            raise ReplicasDivergedError(
+                epoch, config.epochs, groups_holding(out_of_sync, plan.groups)
+            )
 
 
 def _local_device(config: TrainConfig) -> torch.device:

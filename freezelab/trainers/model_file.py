@@ -5,7 +5,7 @@ A logged model is MLflow's ``pytorch`` flavor in its pickle format, so that
 ``.train()`` and further fine-tuning work, which they do not on the graph that
 ``torch.export`` (MLflow's default format) loads as. The pickle stream holds one call,
 ``rebuild(spec, state_dict)``: ``spec`` is the architecture as plain data (timm name,
-class count, head, input channels and size) and the state dict's tensors are torch's
+class count, head and its norm, input channels and size) and the state dict's tensors are torch's
 raw storages, the only copy of the weights. Neither reader can run other code:
 
 - ``mlflow.pytorch.load_model`` unpickles with this module (its name is recorded in the
@@ -16,7 +16,7 @@ raw storages, the only copy of the weights. Neither reader can run other code:
   (``checkpoint.load_weights_only``), building nothing.
 
 >>> sorted(spec_of("resnet18", 10))
-['freezelab', 'head', 'image_size', 'in_chans', 'labels', 'name', 'num_classes']
+['freezelab', 'head', 'head_norm', 'image_size', 'in_chans', 'labels', 'name', 'num_classes']
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def spec_of(
     num_classes: int,
     *,
     head: dict[str, Any] | None = None,
+    head_norm: str = "none",
     in_chans: int = 3,
     image_size: int | None = None,
     labels: list[str] | None = None,
@@ -48,6 +49,7 @@ def spec_of(
         "name": name,
         "num_classes": int(num_classes),
         "head": _plain(head),
+        "head_norm": head_norm,
         "in_chans": int(in_chans),
         "image_size": image_size,
         "labels": None if labels is None else [str(name) for name in labels],
@@ -69,6 +71,8 @@ def rebuild(spec: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> nn.Mod
         spec["name"],
         spec["num_classes"],
         head=spec.get("head"),
+        # Models logged before head_norm existed have none.
+        head_norm=spec.get("head_norm", "none"),
         in_chans=spec.get("in_chans", 3),
         image_size=spec.get("image_size"),
     )

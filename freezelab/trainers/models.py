@@ -7,6 +7,14 @@
 The classic Keras recipe (VGG16 without its top, then Flatten, Dense(256, relu),
 Dense(num_classes)) is ``build_model("vgg16", 2, head={"pool": "flatten",
 "hidden": [256]})``.
+
+``head_norm="batchnorm"`` normalizes the features the head reads (``HeadNorm``):
+
+>>> build_model("test_resnet", 3, head_norm="batchnorm").get_classifier()
+Sequential(
+  (0): HeadNorm(96, eps=1e-05, momentum=0.1, affine=False, bias=False, track_running_stats=True)
+  (1): Linear(in_features=96, out_features=3, bias=True)
+)
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from freezelab.trainers.checkpoint import load_weights_and_spec, safetensors_metadata
 from freezelab.trainers.config import HeadConfig, TrainConfig
@@ -37,13 +46,47 @@ log = logging.getLogger(__name__)
 MAX_HEAD_PARAMS = 1_000_000_000
 
 
+class HeadNorm(nn.BatchNorm1d):
+    """An affine-free BatchNorm on the features a classifier reads (``model.head_norm:
+    batchnorm``): MAE's linear probe, which calibrates the features' magnitude so that
+    one learning rate fits any backbone (a frozen backbone's features on shifted images
+    can be large enough to make a linear head diverge).
+
+    It belongs to the head (``get_classifier()`` returns it with the classifier) and
+    has no parameters: its running statistics are buffers, which DDP broadcasts and
+    ``ddp.average_buffers`` averages like any BatchNorm's. In training it normalizes
+    by the batch, in evaluation by its running statistics, whatever the backbone does.
+    """
+
+    def __init__(self, num_features: int):
+        super().__init__(num_features, affine=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] == 1:
+            # A batch of one (an epoch's last, at some dataset sizes) has no variance.
+            return F.batch_norm(x, self.running_mean, self.running_var, eps=self.eps)
+        return super().forward(x)
+
+
+HEAD_NORMS = ("none", "batchnorm")
+
+
 class FineTuneModel(nn.Module):
     """A timm backbone without its classifier, and a custom ``head``.
 
     Groups, policies and checkpoints see ``backbone.*`` and ``head.*`` parameters.
+    With ``head_norm="batchnorm"`` the head starts with a ``HeadNorm`` of the
+    backbone's features.
     """
 
-    def __init__(self, backbone: nn.Module, head_config: HeadConfig, num_classes: int, input_size):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head_config: HeadConfig,
+        num_classes: int,
+        input_size,
+        head_norm: str = "none",
+    ):
         super().__init__()
         self.backbone = backbone
         self.pool = head_config.pool
@@ -54,8 +97,8 @@ class FineTuneModel(nn.Module):
             backbone.eval()
             features = self.features(torch.zeros(1, *input_size))
             backbone.train(was_training)
-        layers: list[nn.Module] = []
         width = features.shape[1]
+        layers: list[nn.Module] = [HeadNorm(width)] if head_norm == "batchnorm" else []
         sizes = [width, *head_config.hidden, num_classes]
         weights = sum(a * b + b for a, b in zip(sizes, sizes[1:], strict=False))
         if weights > MAX_HEAD_PARAMS:
@@ -110,6 +153,7 @@ def build_model(
     pretrained: bool = False,
     weights: str | Path | None = None,
     head: HeadConfig | dict | None = None,
+    head_norm: str = "none",
     in_chans: int = 3,
     image_size: int | None = None,
     head_init: str = "auto",
@@ -123,11 +167,16 @@ def build_model(
     names of this model's classes (None: unknown); one that does not fit is dropped
     with a log line. ``image_size`` is the side of the images the model will see
     (default: the backbone's own): a ``pool: flatten`` head's width depends on it.
+    ``head_norm="batchnorm"`` puts a ``HeadNorm`` before the classifier (weights saved
+    without it load all the same: the classifier behind it is a new head, see
+    ``with_head_norm``).
     """
     import timm
 
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if head_norm not in HEAD_NORMS:
+        raise ValueError(f"head_norm must be one of {', '.join(HEAD_NORMS)}, got {head_norm!r}")
     if pretrained and weights:
         raise ValueError("set either pretrained or weights, not both")
     if not timm.is_model(name):
@@ -154,13 +203,34 @@ def build_model(
             backbone.reset_classifier(num_classes)  # timm kept it: the class counts agree
         log.info("classifier: %s", decision)
     if head_config is None:
-        model = backbone
+        model = with_head_norm(backbone) if head_norm == "batchnorm" else backbone
     else:
         size = timm.data.resolve_data_config({}, model=backbone)["input_size"][1:]
         input_size = (in_chans, *((image_size, image_size) if image_size else size))
-        model = FineTuneModel(backbone, head_config, num_classes, input_size)
+        model = FineTuneModel(backbone, head_config, num_classes, input_size, head_norm)
     if weights:
         load_weights(model, weights, head_init=head_init, labels=labels)
+    return model
+
+
+def with_head_norm(model: nn.Module) -> nn.Module:
+    """``model`` (a timm model) with its classifier ``Linear`` replaced by
+    ``Sequential(HeadNorm, Linear)``, where ``get_classifier()`` finds it.
+
+    The classifier's keys move (``fc.weight`` becomes ``fc.1.weight``): weights saved
+    without the norm leave the classifier as built, a new head, which is right, since a
+    classifier fitted to raw features does not fit normalized ones.
+    """
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(classifier, nn.Linear):
+        raise ValueError(
+            f"model.head_norm: batchnorm needs a Linear classifier from get_classifier(); "
+            f"{type(model).__name__} has {type(classifier).__name__}: use a custom model.head"
+        )
+    path = next(name for name, module in model.named_modules() if module is classifier)
+    parent, _, attribute = path.rpartition(".")
+    normed = nn.Sequential(HeadNorm(classifier.in_features), classifier)
+    setattr(model.get_submodule(parent), attribute, normed)
     return model
 
 
@@ -327,6 +397,7 @@ def build_for_config(
         pretrained=section.pretrained and with_weights,
         weights=weights,
         head=section.head,
+        head_norm=section.head_norm,
         in_chans=section.in_chans,
         image_size=config.data.input_size,
         head_init=section.head_init,
