@@ -68,6 +68,8 @@ RESULT_NEUTRAL = (
 ADDED_FIELDS = {
     "data.loader": "auto",
     "data.skip_corrupt": False,
+    "data.test_fraction": None,
+    "forgetting.source.test_fraction": None,  # the source task is a data section too
 }
 
 
