@@ -71,6 +71,15 @@ def summarize(config: TrainConfig, tracked: TrackedOutcome) -> str:
         f"wall clock; {m.get('train_images', 0):,} images, "
         f"{m.get('train_flops', 0) / 1e9:,.1f} GFLOP",
     ]
+    if "test_acc" in m:  # the held-out test set, evaluated once on the handed-over model
+        shifted = "".join(
+            f", {k} {v:.4f}" for k, v in sorted(m.items()) if k.startswith("test_acc/")
+        )
+        lines.insert(
+            2,
+            f"  test_acc {m['test_acc']:.4f} on {m.get('test_images', 0):,} held-out images, "
+            f"test_loss {m.get('test_loss', nan):.4f}{shifted}",
+        )
     if outcome.checkpoint_dir:
         lines.append(f"  checkpoint: {redact_uri(outcome.checkpoint_location)}")
     if tracked.run_id:

@@ -8,7 +8,8 @@ Each is a number per run (README, "What the study measures"):
 
 - (1) ``train_flops`` and ``train_time_s``, the run's training cost;
 - (2) ``val_acc`` and ``val_acc/<shift or set>`` (``data.eval_shifts``,
-  ``data.eval_sets``), and the study's target variants (``data.shift``);
+  ``data.eval_sets``), and the study's target variants (``data.shift``); with a
+  held-out test set also ``test_acc`` and ``test_acc/<shift>`` (``test_evaluations``);
 - (3) ``forgetting``: the source-task probe's accuracy at the start minus at the end;
 - (4) ``backbone_grad_early``: the mean L2 norm of the backbone's gradient over the
   first measured steps in which the backbone trains (``early/grad_norm/<group>``),
@@ -56,10 +57,19 @@ def run_measures(
         key: last(key) for key in ("train_flops", "forgetting", "source_probe_acc")
     }
     measures["source_probe_acc_start"] = last("source_probe_acc_start")
-    for field, prefix in (("evaluations", EVAL_PREFIX), ("test_evaluations", TEST_PREFIX)):
-        measures[field] = {
-            key.removeprefix(prefix): last(key) for key in sorted(history) if key.startswith(prefix)
-        }
+    measures["evaluations"] = {
+        key.removeprefix(EVAL_PREFIX): last(key)
+        for key in sorted(history)
+        if key.startswith(EVAL_PREFIX)
+    }
+    # The held-out test set (data.test_fraction or a test/ folder), logged at the last
+    # epoch only: NaN and {} for a run without one.
+    measures["test_acc"] = last("test_acc")
+    measures["test_evaluations"] = {
+        key.removeprefix(TEST_PREFIX): last(key)
+        for key in sorted(history)
+        if key.startswith(TEST_PREFIX)
+    }
     backbone = [
         k
         for k in history
@@ -88,14 +98,20 @@ def run_measures(
 def group_measures(group: dict[str, Any], runs: list[dict[str, Any]], metric: str = "val_acc"):
     """Add each measure's mean and 95% interval over a setting's runs to ``group``:
     ``group[key]`` (mean, or None) and ``group["ci95"][key]`` ((low, high), or None),
-    for ``MEASURES`` and every evaluation set (``eval/<name>``: on the test split when
-    the verdict ``metric`` is test_acc, else on the val split)."""
+    for ``MEASURES``, every evaluation set (``eval/<name>``: on the test split when the
+    verdict ``metric`` is test_acc, else on the val split) and every shifted test set
+    (``test_eval/<shift>``)."""
     group.setdefault("ci95", {})
     group.setdefault("measured", {})
     field = "test_evaluations" if metric == "test_acc" else "evaluations"
     names = sorted({name for run in runs for name in run.get(field, {})})
     series = {key: [run.get(key) for run in runs] for key in MEASURES}
     series.update({f"eval/{n}": [run.get(field, {}).get(n) for run in runs] for n in names})
+    # The shifted test sets under their own names too, whatever the verdict's split.
+    tests = sorted({name for run in runs for name in run.get("test_evaluations", {})})
+    series.update(
+        {f"test_eval/{n}": [run.get("test_evaluations", {}).get(n) for run in runs] for n in tests}
+    )
     for key, values in series.items():
         present = [float(v) for v in values if v is not None and not math.isnan(float(v))]
         group["measured"][key] = present
@@ -106,6 +122,7 @@ def group_measures(group: dict[str, Any], runs: list[dict[str, Any]], metric: st
         group[key] = stats.mean
         group["ci95"][key] = None if stats.ci95_low is None else (stats.ci95_low, stats.ci95_high)
     group["evaluations"] = names
+    group["test_evaluations"] = tests
 
 
 # -- the four paragraphs ----------------------------------------------------------------

@@ -36,6 +36,8 @@ VARIANT_TAG = "freezelab.variant"
 DRIFT_PREFIX = "drift/"
 HISTORY_KEYS = (
     "val_acc",
+    "test_acc",
+    "test_loss",
     "train_loss",
     "epoch_time_s",
     "images_per_s",
@@ -48,9 +50,9 @@ HISTORY_KEYS = (
     "source_probe_acc",
     "source_probe_acc_start",
 )
-# Metric families read whole: evaluations under shifts and on extra sets, and the
-# gradient norms of the early steps (at their global step).
-HISTORY_PREFIXES = ("val_acc/", "early/grad_norm/")
+# Metric families read whole: evaluations under shifts and on extra sets (of the
+# held-out test set too), and the gradient norms of the early steps (at their global step).
+HISTORY_PREFIXES = ("val_acc/", "test_acc/", "early/grad_norm/")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 

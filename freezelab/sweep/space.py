@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from freezelab.config_io import ConfigModel
 from freezelab.errors import describe_validation_error
@@ -196,6 +196,16 @@ class SweepConfig(ConfigModel):
     # head's initialization): the best policy is chosen on the mean over seeds.
     seeds: list[int] | None = Field(None, min_length=1)
     register_best_as: str | None = None
+
+    @field_validator("metric")
+    @classmethod
+    def _not_chosen_on_test(cls, value: str) -> str:
+        if value.startswith("test_"):
+            raise ValueError(
+                f"metric {value!r}: the held-out test set judges the chosen run, it never "
+                "chooses one; choose on val_acc (or another val metric)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _seeds_need_a_fixed_set_of_trials(self) -> SweepConfig:

@@ -111,6 +111,9 @@ class DataConfig(ConfigModel):
     kind: Literal["image_folder", "digits", "synthetic"]
     seed: int = Field(0, ge=0)
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)  # unused when root has train/ and val/
+    # The held-out test split, a share of all the data like val_fraction (None: none;
+    # README, "Held-out test data"); unused when root has a test/ folder, which is the test set.
+    test_fraction: float | None = Field(None, gt=0.0, lt=1.0)
     augment: bool = False
     num_workers: int = Field(0, ge=0)
     input_size: int | None = Field(None, ge=1)  # square side; wins over the model's own size
@@ -203,10 +206,17 @@ class DataConfig(ConfigModel):
                     f"{' and '.join(shifted)}: not available with loader 'ray_data' yet; "
                     "use a local folder with loader 'torch'"
                 )
-        if self.kind == "synthetic" and self.num_samples < 2 * self.num_classes:
+        if self.test_fraction is not None and self.test_fraction + self.val_fraction >= 1:
             raise ValueError(
-                f"num_samples={self.num_samples} leaves fewer than 2 samples per class for "
-                f"num_classes={self.num_classes}; the train/val split needs at least 2"
+                f"test_fraction={self.test_fraction} and val_fraction={self.val_fraction} "
+                "leave no training data: both are shares of the data, their sum must be below 1"
+            )
+        needed = 2 if self.test_fraction is None else 3
+        if self.kind == "synthetic" and self.num_samples < needed * self.num_classes:
+            split = "train/val" if self.test_fraction is None else "train/val/test"
+            raise ValueError(
+                f"num_samples={self.num_samples} leaves fewer than {needed} samples per class "
+                f"for num_classes={self.num_classes}; the {split} split needs at least {needed}"
             )
         return self
 

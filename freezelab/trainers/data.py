@@ -1,5 +1,5 @@
 """What a run does with its data section: the loader it uses, the checks made before it
-starts, and its train, val and evaluation datasets, shaped for the model.
+starts, and its train, val, held-out test and evaluation datasets, shaped for the model.
 
 The datasets come from the data section's source (``datasets.py``). Every item is
 ``(image, label)``: a float32 ``[C, H, W]`` tensor at the model's input size (or
@@ -91,11 +91,12 @@ def label_names_of(config: DataConfig) -> list[str]:
 def check_data(config: DataConfig) -> None:
     """What can be known about the data without reading it: an image folder (and each
     of ``eval_sets``) has at least two class folders, each with image files (in
-    ``train/`` and ``val/`` too). A URI is listed through its object store, whose errors
-    (no such bucket, access denied, an endpoint that does not answer) say so in one line."""
+    ``train/``, ``val/`` and ``test/`` too), and a ``test/`` folder does not meet
+    ``test_fraction``. A URI is listed through its object store, whose errors (no such
+    bucket, access denied, an endpoint that does not answer) say so in one line."""
     if config.kind == "image_folder" and objectstore.is_uri(config.root):
-        layout = image_files.folder_layout(config.root)
-        for directory in filter(None, (layout.train, layout.val)):
+        layout = image_files.folder_layout(config.root, config.test_fraction)
+        for directory in filter(None, (layout.train, layout.val, layout.test)):
             image_files.check_classes(directory)
         directories = []
     else:
@@ -160,11 +161,32 @@ def build_datasets(config: DataConfig, model: torch.nn.Module) -> tuple[Dataset,
     >>> len(train), len(val), train[0][0].shape
     (16, 4, torch.Size([3, 16, 16]))
     """
+    train, val, _, num_classes = build_splits(config, model)
+    return train, val, num_classes
+
+
+def build_splits(
+    config: DataConfig, model: torch.nn.Module
+) -> tuple[Dataset, Dataset, Dataset | None, int]:
+    """``(train, val, test, num_classes)``: ``build_datasets`` and the held-out test
+    set (None without ``data.test_fraction`` or a ``test/`` folder), which ``data.shift``
+    changes as it changes train and val.
+
+    >>> import timm
+    >>> config = DataConfig(
+    ...     kind="synthetic", num_samples=40, num_classes=2, input_size=16, test_fraction=0.25
+    ... )
+    >>> train, val, test, _ = build_splits(config, timm.create_model("test_resnet"))
+    >>> len(train), len(val), len(test)
+    (22, 8, 10)
+    """
     spec = input_spec(config, model)
-    train, val = SOURCES[config.kind].datasets(config, spec)
+    train, val, test = SOURCES[config.kind].datasets(config, spec)
     if config.shift is not None:
         train, val = (_shifted(dataset, config.shift, config, spec) for dataset in (train, val))
-    return train, val, len(train.classes)
+        if test is not None:
+            test = _shifted(test, config.shift, config, spec)
+    return train, val, test, len(train.classes)
 
 
 def build_eval_sets(config: DataConfig, model: torch.nn.Module, val: Dataset) -> dict[str, Dataset]:
@@ -184,6 +206,18 @@ def build_eval_sets(config: DataConfig, model: torch.nn.Module, val: Dataset) ->
             )
         views[name] = LabelledSubset(images, range(len(images)), images.targets)
     return views
+
+
+def build_test_sets(
+    config: DataConfig, model: torch.nn.Module, test: Dataset | None
+) -> dict[str, Dataset]:
+    """The held-out test set and a shifted copy of it for each of ``eval_shifts``, by
+    the suffix of their metric: ``""`` for ``test_acc``, ``<shift>`` for
+    ``test_acc/<shift>``; empty without a test set."""
+    if test is None:
+        return {}
+    spec = input_spec(config, model)
+    return {"": test, **{name: _shifted(test, name, config, spec) for name in config.eval_shifts}}
 
 
 def _shifted(dataset: Dataset, shift: str, config: DataConfig, spec: InputSpec) -> Dataset:

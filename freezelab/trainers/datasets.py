@@ -1,6 +1,7 @@
 """The dataset sources, one per kind of data section: an image folder, scikit-learn's
-digits, or synthetic tensors. Each gives ``(train, val)`` datasets whose items are
-``(image, label)`` and which have ``targets`` and ``classes``.
+digits, or synthetic tensors. Each gives ``(train, val, test)`` datasets whose items
+are ``(image, label)`` and which have ``targets`` and ``classes``; test is None without
+a held-out test split (``data.test_fraction``, or an image folder's ``test/``).
 
 A new kind is its fields in ``DataConfig`` (``config.py``) and its source here: a
 function for its class names and one for its datasets, entered in ``SOURCES``.
@@ -9,9 +10,9 @@ function for its class names and one for its datasets, entered in ``SOURCES``.
 >>> from freezelab.trainers.transforms import input_spec
 >>> config = DataConfig(kind="digits", classes=[3, 4], input_size=16)
 >>> source = SOURCES[config.kind]
->>> train, val = source.datasets(config, input_spec(config, timm.create_model("test_resnet")))
->>> source.label_names(config), train.classes, len(train) + len(val)
-(['3', '4'], ['3', '4'], 364)
+>>> train, val, test = source.datasets(config, input_spec(config, timm.create_model("test_resnet")))
+>>> source.label_names(config), train.classes, len(train) + len(val), test
+(['3', '4'], ['3', '4'], 364, None)
 """
 
 from __future__ import annotations
@@ -31,8 +32,12 @@ from freezelab import objectstore
 from freezelab.trainers import image_files
 from freezelab.trainers.config import ALL_DIGITS, DataConfig
 from freezelab.trainers.image_files import DataError
-from freezelab.trainers.splits import cap_per_class, folder_split, stratified_split
+from freezelab.trainers.splits import folder_split, split_with_test
 from freezelab.trainers.transforms import InputSpec, folder_transform, resize, tensor_augment
+
+# ``(train, val, test)``; test is None without a test split (no data.test_fraction, no
+# test/ folder).
+Splits = tuple[Dataset, Dataset, Dataset | None]
 
 # -- image folder --------------------------------------------------------------------
 
@@ -52,22 +57,20 @@ class LabelledSubset(Dataset):
         return self.dataset[self.indices[index]]
 
 
-def local_folder_layout(config: DataConfig) -> tuple[Path, Path | None]:
-    """(train directory, val directory, or None when val is split off the train one)."""
+def local_folder_layout(config: DataConfig) -> tuple[Path, Path | None, Path | None]:
+    """(train directory, val directory or None when val is split off the train one,
+    test directory or None): ``image_files.layout_of`` for a local folder."""
     root = Path(config.root).expanduser()
     if not root.is_dir():
         problem = "is not a directory" if root.exists() else "does not exist"
         raise DataError(f"data.root: {str(root)!r} {problem}")
-    train, val = root / "train", root / "val"
-    if train.is_dir() and val.is_dir():
-        return train, val
-    if train.is_dir() or val.is_dir():
-        have, missing = ("train", "val") if train.is_dir() else ("val", "train")
-        raise DataError(
-            f"data.root: {str(root)!r} has {have}/ but no {missing}/; give both, "
-            "or put the class folders directly under root"
-        )
-    return root, None
+    present = {name for name in ("train", "val", "test") if (root / name).is_dir()}
+    layout = image_files.layout_of(str(root), present, config.test_fraction)
+    return (
+        Path(layout.train),
+        Path(layout.val) if layout.val else None,
+        Path(layout.test) if layout.test else None,
+    )
 
 
 def class_folders(directory: Path) -> list[str]:
@@ -110,32 +113,39 @@ def folder_images(directory: Path, spec: InputSpec, is_training: bool) -> Datase
         raise DataError(f"data.root: {directory}: {err}") from None
 
 
-def _folder_datasets(config: DataConfig, spec: InputSpec) -> tuple[Dataset, Dataset]:
+def _folder_datasets(config: DataConfig, spec: InputSpec) -> Splits:
     if objectstore.is_uri(config.root):
         raise DataError(
             f"data.root: {config.root!r} is a URI, which the DataLoader does not read; "
             "use data.loader 'ray_data' (or 'auto')"
         )
-    train_dir, val_dir = local_folder_layout(config)
+    train_dir, val_dir, test_dir = local_folder_layout(config)
     train_images = folder_images(train_dir, spec, config.augment)
     val_images = folder_images(val_dir or train_dir, spec, False)
-    train_idx, val_idx = folder_split(
+    test_images = folder_images(test_dir or train_dir, spec, False)
+    train_idx, val_idx, test_idx = folder_split(
         config,
         train_images.targets,
         train_images.classes,
         val_images.classes if val_dir is not None else None,
         len(val_images),
+        test_images.classes if test_dir is not None else None,
+        len(test_images),
     )
+    test = None
+    if test_dir is not None or config.test_fraction is not None:
+        test = LabelledSubset(test_images, test_idx, test_images.targets)
     return (
         LabelledSubset(train_images, train_idx, train_images.targets),
         LabelledSubset(val_images, val_idx, val_images.targets),
+        test,
     )
 
 
 def _folder_label_names(config: DataConfig) -> list[str]:
     if objectstore.is_uri(config.root):
         return image_files.class_names(image_files.folder_layout(config.root).train)
-    train_dir, _ = local_folder_layout(config)
+    train_dir, _, _ = local_folder_layout(config)
     return class_folders(train_dir)
 
 
@@ -188,22 +198,22 @@ def _digit_pixels(size: tuple[int, int], interpolation: str) -> torch.Tensor:
     return torch.cat(chunks)
 
 
-def _digit_datasets(config: DataConfig, spec: InputSpec) -> tuple[Dataset, Dataset]:
+def _digit_datasets(config: DataConfig, spec: InputSpec) -> Splits:
     _, digit_of = _digits()
     digits = config.classes or ALL_DIGITS
     label_of = {digit: label for label, digit in enumerate(digits)}
     chosen = [i for i, digit in enumerate(digit_of) if digit in label_of]
     labels = [label_of[digit_of[i]] for i in chosen]
     names = [str(digit) for digit in digits]
-    train, val = stratified_split(labels, config.val_fraction, config.seed, names, "digits")
-    train = cap_per_class(train, labels, config.train_per_class, config.seed)
+    train, val, test = split_with_test(labels, config, names, "digits")
     pixels = _digit_pixels(spec.size, spec.interpolation)
 
     def subset(positions: list[int], augment: bool) -> _TensorImages:
         rows = torch.tensor([chosen[p] for p in positions], dtype=torch.long)
         return _TensorImages(pixels[rows], [labels[p] for p in positions], names, spec, augment)
 
-    return subset(train, config.augment), subset(val, False)
+    held_out = subset(test, False) if config.test_fraction is not None else None
+    return subset(train, config.augment), subset(val, False), held_out
 
 
 class _SyntheticImages(Dataset):
@@ -249,16 +259,19 @@ class _SyntheticImages(Dataset):
         return image, label
 
 
-def _synthetic_datasets(config: DataConfig, spec: InputSpec) -> tuple[Dataset, Dataset]:
+def _synthetic_datasets(config: DataConfig, spec: InputSpec) -> Splits:
     generator = torch.Generator().manual_seed(config.seed)
     balanced = torch.arange(config.num_samples) % config.num_classes
     labels = balanced[torch.randperm(config.num_samples, generator=generator)].tolist()
     names = [str(label) for label in range(config.num_classes)]
-    train, val = stratified_split(labels, config.val_fraction, config.seed, names, "synthetic")
-    train = cap_per_class(train, labels, config.train_per_class, config.seed)
+    train, val, test = split_with_test(labels, config, names, "synthetic")
+    held_out = None
+    if config.test_fraction is not None:
+        held_out = _SyntheticImages(config, spec, test, labels, False)
     return (
         _SyntheticImages(config, spec, train, labels, config.augment),
         _SyntheticImages(config, spec, val, labels, False),
+        held_out,
     )
 
 
@@ -279,10 +292,10 @@ def _synthetic_label_names(config: DataConfig) -> list[str]:
 class Source:
     """One kind of data section: what its labels mean, in label order, without reading
     the images (the model is built first; a weights file records them), and its
-    ``(train, val)`` datasets for an input spec."""
+    ``(train, val, test)`` datasets for an input spec."""
 
     label_names: Callable[[DataConfig], list[str]]
-    datasets: Callable[[DataConfig, InputSpec], tuple[Dataset, Dataset]]
+    datasets: Callable[[DataConfig, InputSpec], Splits]
 
 
 SOURCES: dict[str, Source] = {

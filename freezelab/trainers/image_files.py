@@ -35,11 +35,46 @@ def image_extensions() -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class FolderLayout:
-    """Where the class folders are: ``train`` and ``val`` (None when val is split off)."""
+    """Where the class folders are: ``train``, ``val`` (None when val is split off) and
+    ``test`` (None without a ``test/`` folder)."""
 
     root: str
     train: str
     val: str | None
+    test: str | None = None
+
+
+def layout_of(root: str, folders: set[str], test_fraction: float | None) -> FolderLayout:
+    """The layout of ``root`` from the names of its subfolders: ``train/`` with ``val/``,
+    ``test/`` or both, or the class folders directly under ``root``. A ``test/`` folder
+    is the test set: with ``data.test_fraction`` too, which one is meant is unclear.
+
+    >>> layout_of("pets", {"train", "test"}, None).test
+    'pets/test'
+    """
+    shown = redact_uri(root)
+    has_train, has_val, has_test = ("train" in folders, "val" in folders, "test" in folders)
+    if has_test and not has_train:
+        raise DataError(
+            f"data.root: {shown!r} has test/ but no train/; put the training images in train/ "
+            "beside it"
+        )
+    if has_test and test_fraction is not None:
+        raise DataError(
+            f"data.root: {shown!r} has a test/ folder, which is the test set; remove "
+            f"data.test_fraction ({test_fraction}) or the folder"
+        )
+    test = objectstore.join(root, "test") if has_test else None
+    if has_train and (has_val or has_test):
+        val = objectstore.join(root, "val") if has_val else None
+        return FolderLayout(root, objectstore.join(root, "train"), val, test)
+    if has_train or has_val:
+        have, missing = ("train", "val") if has_train else ("val", "train")
+        raise DataError(
+            f"data.root: {shown!r} has {have}/ but no {missing}/; give both, "
+            "or put the class folders directly under root"
+        )
+    return FolderLayout(root, root, None)
 
 
 def folder_filesystem(root: str) -> tuple[Any, str]:
@@ -79,8 +114,9 @@ def _why_missing(uri: str) -> str:
     return " (no such bucket)" if found.type == pyarrow.fs.FileType.NotFound else ""
 
 
-def folder_layout(root: str) -> FolderLayout:
-    """``train/`` and ``val/`` under ``root``, or the class folders directly under it."""
+def folder_layout(root: str, test_fraction: float | None = None) -> FolderLayout:
+    """``train/`` with ``val/``, ``test/`` or both under ``root``, or the class folders
+    directly under it (``layout_of``)."""
     import pyarrow.fs
 
     if objectstore.is_uri(root):
@@ -94,15 +130,7 @@ def folder_layout(root: str) -> FolderLayout:
         for e in _entries(root, recursive=False)
         if e.type == pyarrow.fs.FileType.Directory
     }
-    if "train" in folders and "val" in folders:
-        return FolderLayout(root, objectstore.join(root, "train"), objectstore.join(root, "val"))
-    if "train" in folders or "val" in folders:
-        have, missing = ("train", "val") if "train" in folders else ("val", "train")
-        raise DataError(
-            f"data.root: {redact_uri(root)!r} has {have}/ but no {missing}/; give both, "
-            "or put the class folders directly under root"
-        )
-    return FolderLayout(root, root, None)
+    return layout_of(root, folders, test_fraction)
 
 
 def class_names(directory: str) -> list[str]:

@@ -69,6 +69,8 @@ ADDED_FIELDS = {
     "data.loader": "auto",
     "data.skip_corrupt": False,
     "model.head_norm": "none",
+    "data.test_fraction": None,
+    "forgetting.source.test_fraction": None,  # the source task is a data section too
 }
 
 

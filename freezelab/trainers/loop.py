@@ -41,7 +41,7 @@ from freezelab.env import log_level
 from freezelab.policies import FreezePlan
 from freezelab.trainers import checkpoint as ckpt
 from freezelab.trainers.config import TrainConfig, validate_config
-from freezelab.trainers.data import build_datasets, build_eval_sets, label_names_of
+from freezelab.trainers.data import build_eval_sets, build_splits, build_test_sets, label_names_of
 from freezelab.trainers.ddp import (
     ReplicasDivergedError,
     SingleProcess,
@@ -96,11 +96,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = build_for_config(config)
     initial_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     if shards is None:
-        train_set, val_set, _ = build_datasets(config.data, model)
+        train_set, val_set, test_set, _ = build_splits(config.data, model)
     else:  # Ray Data reads the images; the loop knows their classes and counts
-        train_set, val_set = None, SimpleNamespace(classes=shards["classes"])
+        train_set, val_set, test_set = None, SimpleNamespace(classes=shards["classes"]), None
     eval_sets = build_eval_sets(config.data, model, val_set)
     num_classes = len(val_set.classes)
+    test_sets = build_test_sets(config.data, model, test_set)
     probe = _source_probe(config, model, device) if rank == 0 else None
     # The weights that rank 0 saves record what their labels mean (head_init.py).
     weights_metadata = labels_metadata(label_names_of(config.data)) if rank == 0 else None
@@ -110,7 +111,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     eval_batch = _eval_batch_size(config, device)
     # [1] prepare the data: a seeded DataLoader (prepared by Ray Train), or this rank's
     # Ray Data shards, read and decoded by Ray Data's tasks on any node's CPUs.
-    data = rank_data(config, shards, train_set, val_set, rank, world_size, eval_batch, in_process)
+    data = rank_data(
+        config, shards, train_set, val_set, test_sets, rank, world_size, eval_batch, in_process
+    )
     extra_loaders = eval_loaders(eval_sets, rank, world_size, eval_batch, config.data.num_workers)
 
     # -- resume ------------------------------------------------------------------
@@ -247,6 +250,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 _, extra[f"val_acc/{name}"], _ = _evaluate(
                     model, loader, device, config, phase.eval_caches[name]
                 )
+        if last:
+            extra.update(_test_metrics(model, data.tests, device, config))
         every = config.forgetting.every
         if probe is not None and (last or (every and (epoch + 1) % every == 0)):
             extra["source_probe_acc"] = probe.accuracy(model)
@@ -425,6 +430,23 @@ def _evaluate(
     model.train()
     totals = all_reduce(totals)
     return float(totals[0] / totals[2]), float(totals[1] / totals[2]), int(totals[2])
+
+
+def _test_metrics(
+    model: nn.Module, loaders: dict[str, Any], device: torch.device, config: TrainConfig
+) -> dict[str, float]:
+    """The held-out test set's metrics (``test_loss``, ``test_acc``, ``test_images``,
+    and ``test_acc/<shift>``): of the model the run hands over, at the last epoch only,
+    so that no per-epoch test number is there to choose by. No feature cache: one pass
+    would only fill it."""
+    metrics: dict[str, float] = {}
+    for name, loader in loaders.items():
+        loss, accuracy, images = _evaluate(model, loader, device, config, None)
+        if name:
+            metrics[f"test_acc/{name}"] = accuracy
+        else:
+            metrics.update(test_loss=loss, test_acc=accuracy, test_images=images)
+    return metrics
 
 
 @torch.no_grad()

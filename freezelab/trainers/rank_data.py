@@ -1,7 +1,7 @@
-"""What one rank reads: its batches to train on and to validate, and the order of its
-training rows as a function of (seed, epoch), from a seeded DataLoader (prepared by Ray
-Train) or from this rank's Ray Data shards. Every batch is ``(images, labels, row
-indices)``: the feature cache is keyed by the row index.
+"""What one rank reads: its batches to train on, to validate and to test, and the
+order of its training rows as a function of (seed, epoch), from a seeded DataLoader
+(prepared by Ray Train) or from this rank's Ray Data shards. Every batch is
+``(images, labels, row indices)``: the feature cache is keyed by the row index.
 
 >>> [row[1:] for row in Indexed([("a", 0), ("b", 1)])]
 [(0, 0), (1, 1)]
@@ -27,6 +27,9 @@ class RankData:
 
     train: Iterable[Any]
     val: Iterable[Any]
+    # This rank's stride of the held-out test set (key "") and of its shifted copies
+    # (key: the shift), by the suffix of their metric; empty without a test set.
+    tests: dict[str, Iterable[Any]]
     train_size: int  # rows of the whole training set: the feature cache's keys
     val_size: int  # rows of this rank's validation shard
     rows_per_epoch: int  # this rank's training rows in an epoch
@@ -39,6 +42,7 @@ def rank_data(
     shards: dict[str, Any] | None,
     train_set: Dataset | None,
     val_set: Dataset,
+    test_sets: dict[str, Dataset],
     rank: int,
     world_size: int,
     eval_batch: int,
@@ -47,12 +51,13 @@ def rank_data(
     if shards is not None:
         # Ray Data: its order per epoch is seeded as the sampler's is (ray_data.py says
         # what stays exact on resume).
-        train, val = ray_data.rank_batches(
+        train, val, test = ray_data.rank_batches(
             shards, rank, world_size, config.batch_size, eval_batch, config.seed
         )
         return RankData(
             train=train,
             val=val,
+            tests={"": test} if test is not None else {},
             train_size=shards["train_size"],
             val_size=len(val.rows),
             rows_per_epoch=len(train.rows),
@@ -80,6 +85,7 @@ def rank_data(
     return RankData(
         train=train,
         val=val,
+        tests=eval_loaders(test_sets, rank, world_size, eval_batch, config.data.num_workers),
         train_size=len(train_set),
         val_size=len(val_shard),
         rows_per_epoch=len(sampler),

@@ -5,10 +5,11 @@ The driver lists the folder (``image_files``), splits it with the DataLoader pat
 seeded functions (``splits.folder_split``), and builds one dataset per rank and split:
 ``train_<rank>`` holds that rank's rows of a seeded permutation of the training set,
 padded to equal length as ``DistributedSampler`` pads, so every rank takes the same
-number of steps; ``val_<rank>`` holds every ``world_size``-th validation row, as the
-DataLoader path's evaluation does (the whole set, no padding). A Ray Data task reads a
-block of files through pyarrow, decodes each with PIL as torchvision's loader does,
-and applies the model's timm transform: the same tensors as the DataLoader path.
+number of steps; ``val_<rank>`` (and ``test_<rank>`` with a held-out test split) holds
+every ``world_size``-th validation (test) row, as the DataLoader path's evaluation does
+(the whole set, no padding). A Ray Data task reads a block of files through pyarrow,
+decodes each with PIL as torchvision's loader does, and applies the model's timm
+transform: the same tensors as the DataLoader path.
 
 Order: each rank's rows arrive in their seeded order (``preserve_order``), through a
 local shuffle buffer seeded by (seed, epoch, rank). Without augmentation, an epoch's
@@ -51,25 +52,42 @@ SHUFFLE_BUFFER_ROWS = 512
 
 @dataclass(frozen=True)
 class ImageTable:
-    """An image folder's split: ``(file, label)`` of each train and val row, in index
-    order, and the class names (the label order)."""
+    """An image folder's split: ``(file, label)`` of each train, val and test row, in
+    index order, and the class names (the label order). ``test`` is None without a
+    held-out test split."""
 
     classes: list[str]
     train: list[tuple[str, int]]
     val: list[tuple[str, int]]
+    test: list[tuple[str, int]] | None = None
 
 
 def image_table(config: DataConfig) -> ImageTable:
     """List ``config.root`` and split it exactly as the DataLoader path does."""
-    layout = image_files.folder_layout(config.root)
+    layout = image_files.folder_layout(config.root, config.test_fraction)
     classes, train_files = image_files.image_files(layout.train)
     val_classes, val_files = (
         image_files.image_files(layout.val) if layout.val else (None, train_files)
     )
-    train_idx, val_idx = folder_split(
-        config, [label for _, label in train_files], classes, val_classes, len(val_files)
+    test_classes, test_files = (
+        image_files.image_files(layout.test) if layout.test else (None, train_files)
     )
-    return ImageTable(classes, [train_files[i] for i in train_idx], [val_files[i] for i in val_idx])
+    train_idx, val_idx, test_idx = folder_split(
+        config,
+        [label for _, label in train_files],
+        classes,
+        val_classes,
+        len(val_files),
+        test_classes,
+        len(test_files),
+    )
+    has_test = layout.test is not None or config.test_fraction is not None
+    return ImageTable(
+        classes,
+        [train_files[i] for i in train_idx],
+        [val_files[i] for i in val_idx],
+        [test_files[i] for i in test_idx] if has_test else None,
+    )
 
 
 def train_rows(size: int, seed: int, world_size: int, rank: int) -> list[int]:
@@ -99,8 +117,8 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 def shard_info(config: Any, world_size: int) -> dict[str, Any]:
     """What the loop needs to read its shards: the sizes, the class names, and the
-    datasets (``train_<rank>``, ``val_<rank>``), which the launcher hands to the
-    TorchTrainer, or in one process to the loop itself."""
+    datasets (``train_<rank>``, ``val_<rank>``, ``test_<rank>``), which the launcher
+    hands to the TorchTrainer, or in one process to the loop itself."""
     from ray.data import DataContext
 
     # Ray Data's progress bars, from every worker, would bury the run's own lines: -v only.
@@ -124,9 +142,15 @@ def shard_info(config: Any, world_size: int) -> dict[str, Any]:
         datasets[f"val_{rank}"] = _dataset(
             [(*table.val[i], j) for j, i in enumerate(rows)], config.data, spec, False
         )
+        if table.test is not None:  # strided as val is: the whole test set, once
+            rows = val_rows(len(table.test), world_size, rank)
+            datasets[f"test_{rank}"] = _dataset(
+                [(*table.test[i], j) for j, i in enumerate(rows)], config.data, spec, False
+            )
     info = {
         "train_size": len(table.train),
         "val_size": len(table.val),
+        "test_size": len(table.test) if table.test is not None else None,
         "classes": table.classes,
         "datasets": datasets,
     }
@@ -286,8 +310,8 @@ class ShardBatches:
 
 def rank_batches(
     info: dict[str, Any], rank: int, world_size: int, batch_size: int, eval_batch: int, seed: int
-) -> tuple[ShardBatches, ShardBatches]:
-    """This rank's train and val batches: from the Train worker's dataset shards
+) -> tuple[ShardBatches, ShardBatches, ShardBatches | None]:
+    """This rank's train, val and test batches (test None without a test split): from the Train worker's dataset shards
     (``ray.train.get_dataset_shard``), or in one process from the datasets themselves."""
     import ray.train
 
@@ -309,4 +333,13 @@ def rank_batches(
         rank=rank,
         what="val",
     )
-    return train, val
+    test = None
+    if info.get("test_size") is not None:
+        test = ShardBatches(
+            shard(f"test_{rank}"),
+            list(range(len(val_rows(info["test_size"], world_size, rank)))),
+            eval_batch,
+            rank=rank,
+            what="test",
+        )
+    return train, val, test

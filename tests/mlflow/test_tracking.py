@@ -1,6 +1,7 @@
 """MLflow tracking against a real sqlite store and a real ``mlflow server``."""
 
 import json
+import math
 from pathlib import Path
 
 import mlflow
@@ -451,3 +452,42 @@ def test_runs_that_start_at_once_each_record_the_shared_datasets(tiny_config, sq
     for run_id in runs.values():
         names = {d.dataset.name for d in client.get_run(run_id).inputs.dataset_inputs}
         assert names == {"digits[0,1,2]/train", "digits[0,1,2]/val"}
+
+
+def test_the_held_out_test_accuracy_is_a_final_metric_and_in_the_study_row(tiny_config, sqlite_uri):
+    from freezelab.report.consequences import group_measures
+    from freezelab.study_trials import study_row
+
+    config = _tracked(
+        tiny_config,
+        sqlite_uri,
+        name="held-out",
+        data={"test_fraction": 0.2, "eval_shifts": ["rotate:90"]},
+        mlflow={"log_model": False},
+    )
+    tracked = train(config)
+    client = mlflow.MlflowClient(sqlite_uri)
+    metrics = _run(client, tracked.run_id).data.metrics
+    for key in ("test_acc", "test_loss", "test_acc/rotate:90"):
+        # Logged once, at the last epoch: a final metric of the run, never a curve.
+        history = client.get_metric_history(tracked.run_id, key)
+        assert [m.step for m in history] == [config.epochs - 1], key
+        assert metrics[key] == tracked.outcome.metrics[key]
+    from freezelab.api import summarize
+
+    # The run's closing lines name it, with its image count.
+    assert f"test_acc {metrics['test_acc']:.4f} on 107 held-out images" in summarize(
+        config, tracked
+    )
+    row = study_row(config, tracked, ())
+    assert row["test_acc"] == metrics["test_acc"]
+    assert row["test_evaluations"] == {"rotate:90": metrics["test_acc/rotate:90"]}
+    assert row["evaluations"] == {"rotate:90": metrics["val_acc/rotate:90"]}
+    group: dict = {}
+    group_measures(group, [row, row])
+    assert group["test_evaluations"] == ["rotate:90"]
+    assert group["test_eval/rotate:90"] == pytest.approx(metrics["test_acc/rotate:90"])
+    # A run without a test split: the fields are there, empty.
+    without = _tracked(tiny_config, sqlite_uri, name="no-test", mlflow={"log_model": False})
+    row = study_row(without, train(without), ())
+    assert math.isnan(row["test_acc"]) and row["test_evaluations"] == {}

@@ -19,6 +19,8 @@ MODULES = [
     "freezelab.progress",
     "freezelab.trainers.models",
     "freezelab.trainers.shifts",
+    "freezelab.trainers.splits",
+    "freezelab.trainers.image_files",
     "freezelab.advise.advice",
     "freezelab.advise.candidates",
     "freezelab.advise.costs",

@@ -216,14 +216,15 @@ def test_reported_accuracy_is_the_saved_models_with_batchnorm_on_two_workers(
     ray_session, tiny_config
 ):
     from freezelab.trainers import checkpoint as ckpt
-    from freezelab.trainers.data import build_datasets
+    from freezelab.trainers.data import build_splits
     from freezelab.trainers.models import build_for_config
 
     config = tiny_config(
         name="bn-exact",
         policy={"type": "full"},
         epochs=2,
-        data={"train_per_class": 30},
+        # A held-out test set of 107 images: an odd count, strided over the ranks as val is.
+        data={"train_per_class": 30, "test_fraction": 0.2},
         **TWO_WORKERS,
     )
     outcome = run_training(config)
@@ -232,14 +233,17 @@ def test_reported_accuracy_is_the_saved_models_with_batchnorm_on_two_workers(
     model = build_for_config(config)
     ckpt.load_model_weights(outcome.checkpoint_dir, model)
     model.eval()
-    _, val_set, _ = build_datasets(config.data, model)
-    correct = total = 0
-    with torch.no_grad():
-        for images, labels in torch.utils.data.DataLoader(val_set, batch_size=64):
-            correct += int((model(images).argmax(1) == labels).sum())
-            total += len(labels)
-    # At most one sample apart (float ties between two logits).
-    assert abs(outcome.metrics["val_acc"] * total - correct) <= 1, (
-        outcome.metrics["val_acc"],
-        correct / total,
-    )
+    _, val_set, test_set, _ = build_splits(config.data, model)
+    assert outcome.metrics["test_images"] == len(test_set) == 107
+    for key, dataset in (("val_acc", val_set), ("test_acc", test_set)):
+        correct = total = 0
+        with torch.no_grad():
+            for images, labels in torch.utils.data.DataLoader(dataset, batch_size=64):
+                correct += int((model(images).argmax(1) == labels).sum())
+                total += len(labels)
+        # At most one sample apart (float ties between two logits).
+        assert abs(outcome.metrics[key] * total - correct) <= 1, (
+            key,
+            outcome.metrics[key],
+            correct / total,
+        )

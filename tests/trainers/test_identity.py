@@ -110,11 +110,15 @@ def test_two_processes_claiming_one_name_at_once_never_share_it(tiny_config):
 def test_a_run_recorded_before_a_field_existed_keeps_its_hash_and_resumes(tiny_config):
     from freezelab.trainers.location import ADDED_FIELDS, config_hash
 
-    config = tiny_config(name="older")
+    source = {"forgetting": {"source": {"kind": "digits", "classes": [0, 1]}}}
+    config = tiny_config(name="older", **source)
     recorded = config.safe_dict()
     for key in ADDED_FIELDS:  # as a run of a release before these fields recorded it
-        section, field = key.split(".")
-        del recorded[section][field]
+        *sections, field = key.split(".")
+        node = recorded
+        for section in sections:
+            node = node[section]
+        del node[field]
     now = config.safe_dict()
     assert config_hash(recorded) == config_hash(now)
     assert config_changes(recorded, now) == []
@@ -124,6 +128,6 @@ def test_a_run_recorded_before_a_field_existed_keeps_its_hash_and_resumes(tiny_c
     (location.path / RECORD_FILE).write_text(json.dumps({"uid": "old", "config": recorded}))
     assert location.claim(config) == "old"
     # Another value of an added field is a change, named as any other.
-    other = tiny_config(name="older", data={"loader": "torch"}).safe_dict()
+    other = tiny_config(name="older", data={"loader": "torch"}, **source).safe_dict()
     assert config_changes(recorded, other) == ["data.loader: (unset) -> 'torch'"]
     assert config_hash(other) != config_hash(recorded)

@@ -219,3 +219,79 @@ def test_the_epoch_that_fills_the_feature_cache_counts_the_backbone(tiny_config)
     assert (first["feature_cache"], second["feature_cache"]) == (0, 1)
     # Filling the cache runs the backbone; the cached epoch trains the head alone.
     assert first["train_flops"] > 10 * (second["train_flops"] - first["train_flops"]) > 0
+
+
+# -- the held-out test set -------------------------------------------------------------
+
+HELD_OUT = {"test_fraction": 0.2, "eval_shifts": ["rotate:90"]}
+
+
+def _accuracy_and_loss(model, dataset) -> tuple[float, float]:
+    with torch.no_grad():
+        images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+        labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])
+        logits = model(images)
+    accuracy = (logits.argmax(1) == labels).float().mean().item()
+    return accuracy, torch.nn.functional.cross_entropy(logits, labels).item()
+
+
+def test_the_test_set_is_evaluated_once_at_the_end_on_the_handed_over_model(tiny_config):
+    from freezelab.trainers.data import build_splits, build_test_sets
+
+    config = tiny_config(name="held-out", data=HELD_OUT)
+    outcome = run_training(config)
+    first, last = outcome.history
+    assert not [key for key in first if key.startswith("test_")]
+    assert {key for key in last if key.startswith("test_")} == {
+        "test_acc",
+        "test_loss",
+        "test_images",
+        "test_acc/rotate:90",
+    }
+    model = build_for_config(config)
+    ckpt.load_model_weights(outcome.checkpoint_dir, model)
+    model.eval()
+    _, _, test_set, _ = build_splits(config.data, model)
+    views = build_test_sets(config.data, model, test_set)
+    accuracy, loss = _accuracy_and_loss(model, test_set)
+    assert last["test_images"] == len(test_set) == 107
+    assert last["test_acc"] == pytest.approx(accuracy)
+    assert last["test_loss"] == pytest.approx(loss, rel=1e-5)
+    shifted, _ = _accuracy_and_loss(model, views["rotate:90"])
+    assert last["test_acc/rotate:90"] == pytest.approx(shifted)
+    assert outcome.metrics["test_acc"] == last["test_acc"]
+
+
+# Measured, not chosen by: these differ between two runs of the same config.
+TIMINGS = ("epoch_time_s", "images_per_s", "train_time_s", "peak_memory_mb")
+
+
+@pytest.mark.parametrize(
+    "policy", [{"type": "full"}, {"type": "head_only"}], ids=lambda p: p["type"]
+)
+def test_test_labels_change_no_choice(tiny_config, monkeypatch, policy):
+    """Labels of the test set replaced (all class 0, which changes the accuracy even of
+    a model that predicts one class): every train and val number, and the saved
+    weights, stay bit for bit; only the test metrics move (head_only: with the
+    frozen-feature cache on, which caches val but not test)."""
+    from freezelab.trainers import loop
+
+    plain = run_training(tiny_config(name="labels", policy=policy, data=HELD_OUT))
+    build_splits = loop.build_splits
+
+    def with_other_test_labels(data, model):
+        train, val, test, num_classes = build_splits(data, model)
+        test.targets = [0] * len(test.targets)
+        return train, val, test, num_classes
+
+    monkeypatch.setattr(loop, "build_splits", with_other_test_labels)
+    swapped = run_training(tiny_config(name="other-labels", policy=policy, data=HELD_OUT))
+
+    assert swapped.metrics["test_acc"] != plain.metrics["test_acc"]
+    assert swapped.metrics["test_acc/rotate:90"] != plain.metrics["test_acc/rotate:90"]
+    for before, after in zip(plain.history, swapped.history, strict=True):
+        kept = {k for k in before if k not in TIMINGS and not k.startswith("test_")}
+        assert kept == {k for k in after if k not in TIMINGS and not k.startswith("test_")}
+        assert {k: before[k] for k in kept} == {k: after[k] for k in kept}
+    a, b = _weights(plain), _weights(swapped)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

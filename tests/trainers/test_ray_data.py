@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from freezelab.trainers import ray_data
 from freezelab.trainers.config import DataConfig, validate_config
-from freezelab.trainers.data import DataError, build_datasets, resolve_loader
+from freezelab.trainers.data import DataError, build_datasets, build_splits, resolve_loader
 from freezelab.trainers.image_files import image_files
 from freezelab.trainers.launch import run_training
 from freezelab.trainers.transforms import input_spec
@@ -81,6 +81,23 @@ def test_listing_split_and_tensors_match_the_dataloader_path(folder):
     )
     for j in range(3):
         assert torch.equal(torch.from_numpy(rows["image"][j]), val[j][0])
+
+
+def test_the_test_split_and_a_test_folder_are_the_dataloader_paths(folder, tmp_path):
+    model = timm.create_model("test_resnet", num_classes=3)
+    config = _data(folder, test_fraction=0.25, train_per_class=3)
+    _, _, test, _ = build_splits(config, model)
+    table = ray_data.image_table(config)
+    paths = [Path(p) for p, _ in test.dataset.samples]
+    assert [Path(p) for p, _ in table.test] == [paths[i] for i in test.indices]
+    assert [label for _, label in table.test] == test.targets == [0, 0, 1, 1, 2, 2]
+    assert ray_data.image_table(_data(folder)).test is None
+    for part in ("train", "test"):
+        _jpeg_folder(tmp_path / part)
+    _, _, test, _ = build_splits(_data(tmp_path), model)
+    table = ray_data.image_table(_data(tmp_path))
+    assert [Path(p) for p, _ in table.test] == [Path(p) for p, _ in test.dataset.samples]
+    assert {Path(p).relative_to(tmp_path).parts[0] for p, _ in table.test} == {"test"}
 
 
 def test_rows_per_rank_cover_the_set_once_and_pad_like_distributed_sampler():
@@ -155,8 +172,23 @@ def test_each_epochs_order_is_a_function_of_seed_epoch_and_rank(ray_session, fol
 @pytest.mark.ray
 def test_one_process_run_resumes_bit_exactly_and_caches_features(ray_session, folder, tmp_path):
     # In one process Ray Data's datasets are iterated directly (no Train worker group).
-    common = {"data": {"loader": "ray_data"}, "epochs": 3}
+    common = {"data": {"loader": "ray_data", "test_fraction": 0.25}, "epochs": 3}
     whole = run_training(_run_config(tmp_path, folder, name="whole", **common))
+    # The held-out test set, read by Ray Data: the saved model's accuracy on the
+    # DataLoader path's test set.
+    from freezelab.trainers import checkpoint as ckpt
+    from freezelab.trainers.models import build_for_config
+
+    model = build_for_config(whole_config := _run_config(tmp_path, folder, name="whole", **common))
+    ckpt.load_model_weights(whole.checkpoint_dir, model)
+    _, _, test_set, _ = build_splits(whole_config.data, model.eval())
+    with torch.no_grad():
+        images = torch.stack([image for image, _ in test_set])
+        predicted = model(images).argmax(1).tolist()
+    assert whole.metrics["test_images"] == len(test_set) == 6
+    assert whole.metrics["test_acc"] == pytest.approx(
+        sum(p == t for p, t in zip(predicted, test_set.targets, strict=True)) / 6
+    )
 
     class StopAfterFirstEpoch(Exception):
         pass
