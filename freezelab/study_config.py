@@ -54,6 +54,8 @@ DEFAULT_STUDY: dict[str, Any] = {
         "data": {
             "classes": [5, 6, 7, 8, 9],
             "train_per_class": 20,
+            # Held out from every choice: the verdict and the consequences are read on it.
+            "test_fraction": 0.2,
             "eval_shifts": ["rotate:30", "gaussian_noise:0.3", "blur:1", "contrast:0.3"],
         },
         "optimizer": {"lr": 0.02},  # the rate of every policy under `select: null`
