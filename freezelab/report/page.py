@@ -43,6 +43,7 @@ COLUMNS = (
     ("backbone_drift", "backbone drift (final)", "{:.4f}"),
     ("cka", "backbone CKA", "{:.4f}"),
     ("status", "status", str),
+    ("diverged_reason", "diverged (left out)", str),
     ("run_id", "MLflow run", str),
 )
 CAPTIONS = {

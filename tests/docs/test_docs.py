@@ -238,12 +238,16 @@ def test_the_demo(ray_session, capsys):
     assert install == "python3.11 -m pip install -e ."  # what CI's first step runs
     # lp_ft probes for 3 epochs: the fine-tuning runs need 4; one seed of the three
     one_seed = ("--set", "seeds=[0]")
-    assert in_process(demo, *TINY_STUDY, "--set", "finetune.epochs=4", *one_seed) == 0
+    # two learning rates to choose from (the demo has three), compared after 2 epochs
+    rates = ("--set", "select.grid={optimizer.lr: [0.01, 0.05]}")
+    assert in_process(demo, *TINY_STUDY, "--set", "finetune.epochs=4", *one_seed, *rates) == 0
     out, err = capsys.readouterr()
     assert "Downloading artifacts" not in err  # the report reads each run quietly
-    assert "transfer study" in out and "val_acc (mean ± ci95)" in out
-    # the six policies the README names, on each of the two target variants
-    assert "trials finished: 12/12" in out
+    # the verdict on the held-out test split
+    assert "transfer study" in out and "test_acc (mean ± ci95)" in out
+    # each of the six policies the README names chooses its rate on each of the two
+    # target variants, then trains at it
+    assert "trials finished: 24/24" in out and "trials finished: 12/12" in out
     text = " ".join(out.split())
     for opening in ("(1) Compute.", "(2) Data that differs", "(3) Forgetting", "(4) The new head"):
         assert opening in text
@@ -260,6 +264,10 @@ def test_the_study_with_repeats(ray_session, capsys):
         command,
         *TINY_STUDY,
         "--set",
+        "finetune.epochs=3",
+        "--set",
+        "select.grace_epochs=1",
+        "--set",
         "seeds=[0, 1]",
         "--set",
         one_policy,
@@ -269,10 +277,10 @@ def test_the_study_with_repeats(ray_session, capsys):
     )
     assert code == 0
     out = " ".join(capsys.readouterr().out.split())
-    # the file's LR grid, two seeds each: every setting has an interval
-    assert "trials finished: 4/4" in out  # 1 policy x 2 learning rates x 2 seeds
-    assert "Each policy is compared at its own best setting" in out
-    assert "(95% interval, n=2)" in out
+    # the file's three learning rates, one chosen, then two seeds at it: an interval
+    assert "trials finished: 3/3" in out and "trials finished: 2/2" in out
+    assert "Each policy trained at its own values, chosen on val_acc" in out
+    assert "Ranked on test_acc" in out and "(95% interval, n=2)" in out
     # An absolute URI: MLflow caches its sqlite stores by URI, so a relative one would
     # reach the database of the first working directory that used it.
     uri = f"sqlite:///{Path.cwd()}/mlflow.db"

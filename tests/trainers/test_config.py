@@ -39,18 +39,18 @@ def test_every_shipped_config_validates(path):
             assert config.name == data["name"]
 
 
-def test_example_study_file_is_the_builtin_study_with_an_lr_grid():
+def test_example_study_file_is_the_builtin_study():
     from freezelab.study import finetune_configs, load_study
 
     data = yaml.safe_load((EXAMPLES / "transfer_study.yaml").read_text())
-    repeats = {key: data.pop(key) for key in ("grid",)}
-    assert data == DEFAULT_STUDY  # its 3 seeds too
-    assert len(data["seeds"]) == 3 and len(repeats["grid"]["optimizer.lr"]) > 1
+    assert data == DEFAULT_STUDY  # its 3 seeds and its selection too
     study = load_study(EXAMPLES / "transfer_study.yaml")
+    selecting = finetune_configs(study, "t", selecting=True)
+    rates = study.select.grid["optimizer.lr"]
+    assert len(selecting) == len(study.variants) * len(study.policies) * len(rates)
     configs = finetune_configs(study, "t")
-    runs_per_variant = len(study.policies) * len(repeats["grid"]["optimizer.lr"]) * 3
-    assert len(configs) == len(study.variants) * runs_per_variant
-    assert len({c.name for c in configs}) == len(configs)
+    assert len(configs) == len(study.variants) * len(study.policies) * 3
+    assert len({c.name for c in configs + selecting}) == len(configs) + len(selecting)
 
 
 def test_overrides_keep_yaml_types(tmp_path):
