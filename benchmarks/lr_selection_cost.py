@@ -35,7 +35,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=1, help="the verdict's seeds (the demo ships 3)")
     args = p.parse_args()
     seeds = [0] if args.smoke else list(range(args.seeds))
-    base = [*SMOKE, "finetune.epochs=3", "select.grace_epochs=1"] if args.smoke else []
+    base = []
+    if args.smoke:  # one target, two policies, 3 epochs compared after the first
+        base = [*SMOKE, "variants={}", "finetune.epochs=3", "select.grace_epochs=1"]
     rates = DEFAULT_STUDY["select"]["grid"]["optimizer.lr"]
     middle = rates[(len(rates) - 1) // 2]
     sides = {

@@ -81,6 +81,14 @@ def _runs_side_by_side_give_the_same_accuracies(rows: Rows) -> None:
     assert rows[0]["runs"] == 4, rows[0]
 
 
+def _selection_trains_well_under_the_full_grid(rows: Rows) -> None:
+    # Section 11: successive halving stops the values that fall behind, so choosing each
+    # policy's rate trains fewer epochs than every rate for every seed.
+    studies = _by(rows, "study")
+    selection, grid = studies["selection (ASHA)"], studies["full grid"]
+    assert selection["epochs_trained"] < grid["epochs_trained"], studies
+
+
 # name: (the table's title, the claim checked on its rows or None where the smoke sizes
 # cannot show one, and the marks it needs)
 SCRIPTS: dict[str, tuple[str, Callable[[Rows], None] | None, tuple]] = {
@@ -102,6 +110,11 @@ SCRIPTS: dict[str, tuple[str, Callable[[Rows], None] | None, tuple]] = {
     ),
     "advise_vs_sweep": ("advise_vs_sweep: ", _advise_costs_a_fraction_of_the_sweep, ()),
     "data_throughput": ("data_throughput: ", _every_path_delivers_images, (pytest.mark.ray,)),
+    "lr_selection_cost": (
+        "lr_selection_cost: ",
+        _selection_trains_well_under_the_full_grid,
+        (pytest.mark.ray,),
+    ),
     "study_concurrency": (
         "study_concurrency: ",
         _runs_side_by_side_give_the_same_accuracies,
