@@ -69,7 +69,16 @@ def run_sweep(
 
     param_space, search_alg, num_samples = search_for(sweep)
     scheduler = None
-    if sweep.asha is not None:
+    if sweep.asha is not None and sweep.asha.within == "policy":
+        from freezelab.sweep.schedulers import GroupedASHA, GroupOf
+
+        scheduler = GroupedASHA(
+            GroupOf("policy"),
+            max_t=base.epochs,
+            grace_period=sweep.asha.grace_period,
+            reduction_factor=sweep.asha.reduction_factor,
+        )
+    elif sweep.asha is not None:
         scheduler = tune.schedulers.ASHAScheduler(
             time_attr="training_iteration",
             max_t=base.epochs,

@@ -18,6 +18,7 @@ group run at once than one after another.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +34,8 @@ class GroupOf:
     key: str
 
     def __call__(self, config: dict[str, Any]) -> str:
-        return str(config.get("trial", config)[self.key])
+        value = config.get("trial", config)[self.key]
+        return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
 class GroupedASHA(FIFOScheduler):

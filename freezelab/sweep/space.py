@@ -174,8 +174,14 @@ def _probe_values(value: Any) -> list[Any]:
 
 
 class AshaSection(ConfigModel):
+    """Successive halving: at epochs ``grace_period``, x ``reduction_factor``, ... a trial
+    behind the others stops. ``within: policy`` compares a trial with the trials of its
+    own policy only, so that each policy keeps its best params (say, its own learning
+    rate) however it compares with the other policies."""
+
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2.0, gt=1.0)
+    within: Literal["all", "policy"] = "all"
 
 
 class SweepConfig(ConfigModel):

@@ -66,3 +66,31 @@ def test_a_restored_trial_joins_its_group():
     # Tune restores an experiment's unfinished trials without adding them again.
     restored = _trial("a2", "g")
     assert _report(scheduler, restored, 2, 0.5) == STOP
+
+
+def test_a_sweep_can_halve_within_each_policy():
+    # A sweep's trial entries hold the policy as a mapping: each policy is a group, so a
+    # policy's learning rates compete with each other, not with another policy's.
+    from freezelab.sweep.space import SweepConfig
+
+    full = {"trial": {"policy": {"type": "full"}, "params": {"optimizer.lr": 0.1}}}
+    probe = {"trial": {"policy": {"type": "head_only"}, "params": {"optimizer.lr": 0.1}}}
+    full_low = {"trial": {"policy": {"type": "full"}, "params": {"optimizer.lr": 0.01}}}
+    scheduler = GroupedASHA(GroupOf("policy"), max_t=8, grace_period=2, reduction_factor=3)
+    scheduler.set_search_properties("val_acc", "max")
+    trials = [
+        SimpleNamespace(trial_id=name, config=config)
+        for name, config in (("full", full), ("probe", probe), ("full_low", full_low))
+    ]
+    assert _report(scheduler, trials[0], 2, 0.9) == CONTINUE
+    assert _report(scheduler, trials[1], 2, 0.2) == CONTINUE  # the first of its policy
+    assert _report(scheduler, trials[2], 2, 0.5) == STOP
+    sweep = SweepConfig.model_validate(
+        {
+            "name": "s",
+            "base": {},
+            "space": {"policies": [{"type": "full"}]},
+            "asha": {"within": "policy"},
+        }
+    )
+    assert sweep.asha.within == "policy"
