@@ -71,19 +71,22 @@ class Choice:
     candidates: list[dict[str, Any]] = field(default_factory=list)
     note: str = ""
 
-    def describe(self, select: SelectionConfig) -> str:
+    def describe(self, select: SelectionConfig, with_note: bool = False) -> str:
         """The choice as the tables print it, flagged when it sits at an end of a numeric
-        grid (the best value may lie beyond it: widen the grid)."""
+        grid (the best value may lie beyond it: widen the grid), and with ``with_note``
+        the note on how it was made."""
         if self.point is None:
-            return "none finished"
-        parts = []
-        for key, value in self.point.items():
-            part = f"{short(key)}={value}"
-            values = select.grid[key]
-            if _numeric(values) and len(values) > 2 and value in (min(values), max(values)):
-                part += " (at the grid's edge)"
-            parts.append(part)
-        return ", ".join(parts)
+            return self.note or "none finished"
+        values = ", ".join(f"{short(k)}={v}" for k, v in self.point.items())
+        remarks = [
+            "at the grid's edge"
+            for key, value in self.point.items()
+            if _numeric(select.grid[key])
+            and len(select.grid[key]) > 2
+            and value in (min(select.grid[key]), max(select.grid[key]))
+        ][:1]
+        remarks += [self.note] if with_note and self.note else []
+        return values + (f" ({'; '.join(remarks)})" if remarks else "")
 
 
 def short(key: str) -> str:
@@ -206,7 +209,7 @@ def format_choices(choices: dict[str, Choice], select: SelectionConfig, labels: 
             {
                 "group": labels[group],
                 "tried": "  ".join(tried),
-                "chosen": choice.describe(select) + (f" ({choice.note})" if choice.note else ""),
+                "chosen": choice.describe(select, with_note=True),
             }
         )
     columns = (
