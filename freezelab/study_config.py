@@ -51,6 +51,10 @@ DEFAULT_STUDY: dict[str, Any] = {
     },
     "finetune": {
         "epochs": 8,
+        # An affine-free BatchNorm before every policy's linear classifier (MAE's linear
+        # probe): without it the linear heads on frozen features diverged on the inverted
+        # digits (6 of the 36 runs; BENCHMARKS section 11).
+        "model": {"head_norm": "batchnorm"},
         "data": {
             "classes": [5, 6, 7, 8, 9],
             "train_per_class": 20,
