@@ -184,27 +184,17 @@ def _run(
     )
     init_ray(address)
     weights = source_model.weights_file
-    choices, unchosen = None, []
     base = finetunes[0]
-    if study.select is not None:
-        choices = load_choices(home)
-        if choices is None:
-            choices = _select(study, home, weights, parent)
-            save_choices(home, choices)
-        else:
-            log.info("selection: made before, read from the study's folder")
-        print(f"each policy's own {', '.join(study.select.grid)}, chosen on val_acc:")
-        print(format_choices(choices, study.select, _group_labels(choices)))
+    choices = _choices(study, home, weights, parent) if study.select is not None else None
+    if choices is not None:
         finetunes = finetune_configs(study, tag, chosen=choices)
-        labels = _group_labels(choices)
-        unchosen = [(labels[g], c.note) for g, c in choices.items() if c.point is None]
     runs = [_on_driver(c, weights) for c in finetunes]
     rows, failed = _fine_tune(study, home, runs, parent) if runs else ([], [])
-    failed = unchosen + failed
     if choices is not None:
+        labels = _group_labels(choices)
+        failed = [(labels[g], c.note) for g, c in choices.items() if c.point is None] + failed
         for row in rows:
-            choice = choices[row["select_group"]]
-            row["selected"] = choice.describe(study.select)
+            row["selected"] = choices[row["select_group"]].describe(study.select)
     if not rows:
         if parent is not None:
             from freezelab.mlflow.sweep import fail_group_run
@@ -301,6 +291,22 @@ def _fit_trials(
     )
     outcomes = {t["trial"]["name"]: t for t in trial_outcomes(grid)}
     return {c.name: read_row(c) for c in runs}, outcomes
+
+
+def _choices(
+    study: StudyConfig, home: RunLocation, weights: str | None, parent: str | None
+) -> dict[str, Choice]:
+    """Each group's choice: made by the selection stage once, then read from the study's
+    folder (a resumed study does not choose again); printed either way."""
+    choices = load_choices(home)
+    if choices is None:
+        choices = _select(study, home, weights, parent)
+        save_choices(home, choices)
+    else:
+        log.info("selection: made before, read from the study's folder")
+    print(f"each policy's own {', '.join(study.select.grid)}, chosen on val_acc:")
+    print(format_choices(choices, study.select, _group_labels(choices)))
+    return choices
 
 
 def _select(
