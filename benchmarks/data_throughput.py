@@ -81,7 +81,7 @@ def ray_data_pass(config) -> tuple[int, float]:
     from freezelab.trainers import ray_data
 
     info = ray_data.shard_info(config, world_size=1)
-    train, _ = ray_data.rank_batches(info, 0, 1, config.batch_size, config.batch_size, 0)
+    train, _, _ = ray_data.rank_batches(info, 0, 1, config.batch_size, config.batch_size, 0)
     started, images = time.perf_counter(), 0
     for batch, _labels, _indices in train:
         images += len(batch)

@@ -12,7 +12,8 @@ of its own, timed from the command's start to its exit:
   compared at the rate with the best mean val_acc over its seeds.
 
 Besides wall time, the epochs that every fine-tuning and selection run trained (a count
-that load does not change), and whether the selection chose the rate that the full grid's
+that load does not change), the epochs spent choosing the rates (the selection's runs; the
+full grid's every run), and whether the selection chose the rate that the full grid's
 mean over seeds chose, group by group.
 
     python benchmarks/lr_selection_cost.py --seeds 1 --json lr_selection_cost.json
@@ -62,6 +63,9 @@ def main() -> None:
                 "study": side,
                 "verdict_runs": len(run["runs"]),
                 "epochs_trained": run["epochs_trained"],
+                "choosing_epochs": run["selection_epochs"]
+                if run["selection_epochs"]
+                else (run["epochs_trained"] if side == "full grid" else 0),
                 "wall_s": round(run["wall_s"], 1),
                 "finetune_s": round(run["finetune_s"], 1),
                 "wall_ratio": round(run["wall_s"] / one["wall_s"], 2),
@@ -75,6 +79,7 @@ def main() -> None:
             "study",
             "verdict_runs",
             "epochs_trained",
+            "choosing_epochs",
             "wall_s",
             "finetune_s",
             "wall_ratio",

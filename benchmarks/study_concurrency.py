@@ -88,16 +88,17 @@ def run_demo(overrides: list[str]) -> dict[str, Any]:
                 "variant": row.get("variant", ""),
                 "setting": row.get("setting", ""),
             }
-        choices = {}
+        choices, selection_epochs = {}, 0
         for path in Path(folder, "freezelab_runs").glob("*/selection.json"):
             for group, choice in json.loads(path.read_text()).items():
                 choices[group] = choice
-                epochs += sum(c["epochs"] for c in choice["candidates"])
+                selection_epochs += sum(c["epochs"] for c in choice["candidates"])
         return {
             "wall_s": wall,
             "finetune_s": phase["end"] - phase["start"],
             "runs": rows,
-            "epochs_trained": epochs,
+            "epochs_trained": epochs + selection_epochs,
+            "selection_epochs": selection_epochs,
             "choices": choices,
             "output": "".join(lines),
         }

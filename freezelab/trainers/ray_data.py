@@ -311,8 +311,9 @@ class ShardBatches:
 def rank_batches(
     info: dict[str, Any], rank: int, world_size: int, batch_size: int, eval_batch: int, seed: int
 ) -> tuple[ShardBatches, ShardBatches, ShardBatches | None]:
-    """This rank's train, val and test batches (test None without a test split): from the Train worker's dataset shards
-    (``ray.train.get_dataset_shard``), or in one process from the datasets themselves."""
+    """This rank's train, val and test batches (test None without a test split): from
+    the Train worker's dataset shards (``ray.train.get_dataset_shard``), or in one
+    process from the datasets themselves."""
     import ray.train
 
     def shard(name: str) -> Any:

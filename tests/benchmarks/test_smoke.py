@@ -83,10 +83,12 @@ def _runs_side_by_side_give_the_same_accuracies(rows: Rows) -> None:
 
 def _selection_trains_well_under_the_full_grid(rows: Rows) -> None:
     # Section 11: successive halving stops the values that fall behind, so choosing each
-    # policy's rate trains fewer epochs than every rate for every seed.
+    # policy's rate trains fewer epochs than every rate to the end (0.56x on the full
+    # sizes; at the smoke sizes, 3 epochs, only the first rung can stop a run).
     studies = _by(rows, "study")
     selection, grid = studies["selection (ASHA)"], studies["full grid"]
-    assert selection["epochs_trained"] < grid["epochs_trained"], studies
+    assert 0 < selection["choosing_epochs"] < grid["choosing_epochs"], studies
+    assert studies["one rate"]["choosing_epochs"] == 0, studies
 
 
 # name: (the table's title, the claim checked on its rows or None where the smoke sizes
@@ -135,8 +137,9 @@ def test_script_runs_in_smoke_mode_and_holds_its_claim(name: str, tmp_path: Path
         capture_output=True,
         text=True,
         # Each smoke run takes under 50 s alone (sweep_efficiency starts Ray and runs two
-        # Tune sweeps); the margin is for a loaded 2-core machine.
-        timeout=180,
+        # Tune sweeps), but lr_selection_cost's three demos 2 minutes; the margin is for a
+        # loaded 2-core machine.
+        timeout=360,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert title in result.stdout

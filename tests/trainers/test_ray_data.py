@@ -160,7 +160,7 @@ def test_each_epochs_order_is_a_function_of_seed_epoch_and_rank(ray_session, fol
     info = ray_data.shard_info(_run_config(tmp_path, folder, data={"loader": "ray_data"}), 2)
 
     def order(epoch: int, rank: int = 0, seed: int = 0) -> list[int]:
-        train, _ = ray_data.rank_batches(info, rank, 2, 4, 4, seed)
+        train, _, _ = ray_data.rank_batches(info, rank, 2, 4, 4, seed)
         train.set_epoch(epoch)
         return [int(i) for _, _, indices in train for i in indices]
 
