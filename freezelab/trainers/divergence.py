@@ -3,11 +3,13 @@
 A run has *diverged* when its training loss
 
 - is not finite (NaN or infinite) at any epoch, or
-- ends a phase above the chance loss: at the last epoch of each phase (lp_ft's
+- ends a phase far above the chance loss: at the last epoch of each phase (lp_ft's
   probe, each step of gradual) and at the run's last epoch, the epoch's mean
-  training loss is above ``chance_loss(C) = ln C``, the cross-entropy of the uniform
-  prediction over C classes (with label smoothing too). A model that does worse on
-  its own training data than predicting nothing has learned nothing usable.
+  training loss is above ``threshold(C) = 2 ln C``, twice the cross-entropy of the
+  uniform prediction over C classes (``chance_loss``): on its own training data the
+  model then gives the true class 1/C² of the probability on average, far worse than
+  predicting nothing. A run between ln C and 2 ln C has learned little, not diverged:
+  it stays in the ranking, where its accuracy says so.
 
 Only the ends of phases are judged: a phase may start above chance (a fresh head, or
 a backbone just unfrozen) and still converge. The answer depends on the history
@@ -19,7 +21,7 @@ uninterrupted one.
 ...     {"epoch": 1, "phase": "fine-tune", "train_loss": 0.4},
 ... ]
 >>> divergence_of(history, num_classes=5)
-"phase 'probe' ended at train_loss 97.3 > ln(5) = 1.61 (epoch 1)"
+"phase 'probe' ended at train_loss 97.3 > 2 ln(5) = 3.22 (epoch 1)"
 >>> divergence_of([{"epoch": 0, "phase": "main", "train_loss": 0.9}], num_classes=5) is None
 True
 """
@@ -40,6 +42,11 @@ def chance_loss(num_classes: int) -> float:
     return math.log(num_classes)
 
 
+def threshold(num_classes: int) -> float:
+    """The training loss above which a phase's end counts as diverged: 2 ln C."""
+    return 2 * chance_loss(num_classes)
+
+
 def divergence_of(
     history: Sequence[dict[str, Any]], num_classes: int, *, finished: bool = True
 ) -> str | None:
@@ -51,7 +58,7 @@ def divergence_of(
     run in progress passes False: its last epoch ends a phase only once the next
     epoch shows another one.
     """
-    chance = chance_loss(num_classes)
+    limit = threshold(num_classes)
     epochs = sorted(history, key=lambda m: int(m["epoch"]))
     for index, metrics in enumerate(epochs):
         loss = float(metrics["train_loss"])
@@ -62,9 +69,9 @@ def divergence_of(
         ends_phase = (
             finished if following is None else following.get("phase") != metrics.get("phase")
         )
-        if ends_phase and loss > chance:
+        if ends_phase and loss > limit:
             return (
                 f"phase {metrics.get('phase')!r} ended at train_loss {loss:.4g} > "
-                f"ln({num_classes}) = {chance:.2f} (epoch {shown})"
+                f"2 ln({num_classes}) = {limit:.2f} (epoch {shown})"
             )
     return None

@@ -416,8 +416,11 @@ def head_init_decision(
     device); built here otherwise. A weights file is read (an MLflow model URI
     downloaded); ``keep`` with a classifier that cannot be kept raises ConfigError.
 
-    >>> from freezelab.trainers.config import load_config
-    >>> head_init_decision(load_config("examples/train_tiny.yaml"))
+    >>> from freezelab.trainers.config import validate_config
+    >>> data = {"kind": "synthetic", "num_samples": 16, "num_classes": 2}
+    >>> model, policy = {"name": "test_resnet"}, {"type": "full"}
+    >>> config = validate_config({"name": "x", "model": model, "data": data, "policy": policy, "epochs": 1})
+    >>> head_init_decision(config)
     HeadInit(action='reset', reason='no pretrained weights: a fresh model')
     """
     from freezelab.trainers.artifacts import download_weights, is_model_uri

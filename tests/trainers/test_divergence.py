@@ -10,7 +10,7 @@ from faults import CrashAfterEpoch, Interrupted
 
 from freezelab.api import train
 from freezelab.mlflow.run import DIVERGED_TAG
-from freezelab.trainers.divergence import chance_loss, divergence_of
+from freezelab.trainers.divergence import chance_loss, divergence_of, threshold
 from freezelab.trainers.launch import run_training
 from freezelab.trainers.location import RunLocation
 
@@ -43,18 +43,20 @@ def test_a_non_finite_loss_at_any_epoch_is_flagged(value):
 def test_a_phase_that_ends_above_chance_is_flagged_by_name():
     history = _history(("probe", 120.0), ("probe", 97.3), ("fine-tune", 0.9), ("fine-tune", 0.2))
     assert divergence_of(history, 5) == (
-        "phase 'probe' ended at train_loss 97.3 > ln(5) = 1.61 (epoch 2)"
+        "phase 'probe' ended at train_loss 97.3 > 2 ln(5) = 3.22 (epoch 2)"
     )
 
 
 def test_the_run_last_epoch_ends_its_phase_only_when_the_run_is_finished():
-    history = _history(("main", 0.9), ("main", 1.7))
+    history = _history(("main", 0.9), ("main", 3.5))
     assert divergence_of(history, 5, finished=False) is None
     assert divergence_of(history, 5) == (
-        "phase 'main' ended at train_loss 1.7 > ln(5) = 1.61 (epoch 2)"
+        "phase 'main' ended at train_loss 3.5 > 2 ln(5) = 3.22 (epoch 2)"
     )
+    # Above chance but below twice it: a run that learned little, not one that diverged.
+    assert divergence_of(_history(("main", 0.9), ("main", 1.7)), 5) is None
     # Once the next epoch shows another phase, the last one's end is judged.
-    later = _history(("probe", 1.7), ("fine-tune", 1.0))
+    later = _history(("probe", 3.5), ("fine-tune", 1.0))
     assert divergence_of(later, 5, finished=False).startswith("phase 'probe' ended")
 
 
@@ -89,7 +91,7 @@ def test_a_nan_loss_is_flagged_and_the_run_finishes(tiny_config):
 
 def test_a_head_that_ends_its_phase_above_chance_is_flagged(tiny_config):
     # A learning rate that blows the head's logits up without reaching NaN: the loss stays
-    # finite but far above ln(3). The probe phase is judged when the next epoch begins.
+    # finite but far above 2 ln(3). The probe phase is judged when the next epoch begins.
     config = tiny_config(
         name="probe-blowup",
         epochs=3,
@@ -98,10 +100,10 @@ def test_a_head_that_ends_its_phase_above_chance_is_flagged(tiny_config):
     )
     outcome = run_training(config, progress=False)
     losses = [m["train_loss"] for m in outcome.history]
-    assert all(math.isfinite(loss) for loss in losses[:2]) and losses[1] > chance_loss(3)
+    assert all(math.isfinite(loss) for loss in losses[:2]) and losses[1] > threshold(3)
     assert [m["diverged"] for m in outcome.history] == [0, 0, 1]
     assert outcome.metrics["diverged_reason"].startswith(
-        f"phase 'probe' ended at train_loss {losses[1]:.4g} > ln(3) = 1.10 (epoch 2)"
+        f"phase 'probe' ended at train_loss {losses[1]:.4g} > 2 ln(3) = 2.20 (epoch 2)"
     )
 
 
