@@ -21,8 +21,10 @@ SMALLER = [
     "base.model.name=test_resnet",
     "base.batch_size=32",
     "pretrain.epochs=1",
-    "finetune.epochs=2",
-    "select.grace_epochs=1",
+    "finetune.epochs=1",
+    # each policy at one rate: the selection stage has tests of its own (and the README's
+    # demo command runs it, in tests/docs)
+    "select=null",
     "seeds=[0]",
     "policies=[{type: full}, {type: head_only}]",
     "variants={}",
@@ -65,10 +67,6 @@ def test_demo_pretrains_on_two_workers_runs_the_study_as_trials_and_stops_its_ra
         # The pretraining on Ray Train: each of its 2 workers reports the group it is in.
         assert "2 workers on 1 node(s)" in out, out[-3000:]
         # The fine-tuning runs as Tune trials, counted as they finish, then the tables.
-        # First each policy's learning rate, chosen on val (2 policies x 3 rates), then
-        # the runs the verdict compares, at the chosen rates.
-        assert "trials finished: 6/6" in out, out[-3000:]
-        assert "each policy's own optimizer.lr, chosen on val_acc" in out, out[-3000:]
         assert "trials finished: 2/2" in out, out[-3000:]
         assert "fine-tuning on the target task" in out, out[-3000:]
         assert "each setting over its seeds" in out, out[-3000:]
