@@ -67,23 +67,25 @@ def decide(
     """
     if mode not in ("auto", "keep", "reset"):
         raise ValueError(f"model.head_init must be auto, keep or reset, got {mode!r}")
-    if not fits:
-        if mode == "keep":
-            raise ConfigError(
-                f"model.head_init keep: the classifier of {source} cannot be kept: {why_not} "
-                "(head_init auto or reset starts from a fresh head)"
-            )
-        return HeadInit("reset", f"classifier not loadable: {why_not}")
+    if not fits and mode == "keep":
+        raise ConfigError(
+            f"model.head_init keep: the classifier of {source} cannot be kept: {why_not} "
+            "(head_init auto or reset starts from a fresh head)"
+        )
     if mode == "reset":
         return HeadInit("reset", "head_init reset")
+    same = recorded is not None and target is not None and list(recorded) == list(target)
+    if mode == "auto" and recorded is not None and not same:
+        # The reason that matters first: another task, whatever the file's head looks like.
+        shown = show_labels(target) if target is not None else "unknown"
+        return HeadInit("reset", f"labels differ: {shown} vs {show_labels(recorded)}")
+    if not fits:
+        return HeadInit("reset", f"classifier not loadable: {why_not}")
     if mode == "keep":
         return HeadInit("kept", "head_init keep")
     if recorded is None:
         return HeadInit("reset", "labels unknown: the weights do not record theirs")
-    if target is not None and list(recorded) == list(target):
-        return HeadInit("kept", f"same labels {show_labels(target)}")
-    shown = show_labels(target) if target is not None else "unknown"
-    return HeadInit("reset", f"labels differ: {shown} vs {show_labels(recorded)}")
+    return HeadInit("kept", f"same labels {show_labels(target)}")
 
 
 def show_labels(labels: Sequence[str]) -> str:
