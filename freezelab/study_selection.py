@@ -135,9 +135,10 @@ def choose(
     epochs: int,
 ) -> dict[str, Choice]:
     """Each group's choice from its selection runs (``configs``: group -> configs, each
-    with its point in ``config.mlflow.tags`` under ``freezelab.select``): the best
-    last-epoch val_acc among the runs that trained every epoch and did not diverge. A
-    group whose every finished run diverged takes the best of them, with a note."""
+    with its values in its ``freezelab.select.point`` tag): the best last-epoch val_acc
+    among the runs that trained every epoch and did not diverge (a tie goes to the value
+    tried first, the grid's middle). A group whose every finished run diverged takes the
+    best of them, with a note."""
     choices = {}
     for group, members in configs.items():
         candidates = []
