@@ -1,234 +1,248 @@
-"""advise_vs_sweep: ``freezelab advise``'s ranking against the sweep's, on the demo's tasks.
+"""advise_vs_sweep: ``freezelab advise``'s pick against the corrected study's verdict.
 
-The demo's pretraining (``freezelab.study``'s built-in study: ResNet-18 on digits 0-4 at
-32x32, 4 epochs) runs once, in this process (or ``--weights`` names its result from an
-earlier run). Then, for each target task, ``advise`` ranks the study's six candidate
-policies (those the demo's sweep compares), and every candidate is fine-tuned under 3
-seeds with the study's fine-tuning config (digits 5-9, 20 labels per class, 8 epochs),
-each run in this process (``num_workers: 0``) with MLflow, shifted evaluations and the
-forgetting probe off. The tasks: the demo's two variants
-(``new-digits``, ``new-digits-inverted``) and a third that freezelab builds offline,
-``source-digits-relabelled`` (the pretraining digits 0-4 with their labels reversed, 20
-per class: a shift of the labels alone).
+The ground truth is the transfer study as ``freezelab demo`` runs it (the built-in
+study: ResNet-18 pretrained on digits 0-4 at 32x32; each policy at its own learning
+rate chosen on val from {0.002, 0.01, 0.05} by successive halving; 3 seeds; the verdict
+on the held-out test split), run once in this process over four target tasks that
+freezelab builds offline:
 
-Reported per task: Spearman's rank correlation between advise's scores and the sweep's
-mean val_acc (the last epoch's) over the seeds, and its 95% interval over the three
-per-seed rankings; whether advise's first pick is in the sweep's top 2 (by mean); and
-advise's wall time over the sweep's (the sum of its runs' wall times).
+- ``new-digits``: digits 5-9, 20 labels per class (the demo's first variant);
+- ``new-digits-inverted``: the same, inverted (the demo's second);
+- ``source-permuted``: the pretraining digits 0-4 with their labels permuted (a shift of
+  the labels alone: the features fit, the head must be new);
+- ``new-digits-rotated``: digits 5-9 rotated by 90 degrees (a stronger input shift than
+  inversion for a network whose features are not rotation-invariant).
+
+Then, per task, ``advise`` (its default budget, 10% of a 3-seed study's FLOPs; the
+study's rate grid as ``--rates``) ranks the study's six policies on the same fine-tuning
+config and the same pretrained weights, tracked in the same MLflow store.
+
+Reported per task: advise's pick and rate; the study's best policy by mean test_acc and
+the group of policies that the study cannot tell apart from it (95% interval of the
+difference holding 0, Welch's t, as the study's summary says it); whether the pick is
+in that group; regret (the best mean test_acc minus the pick's); Spearman's rank
+correlation between advise's order and the study's means; advise's training FLOPs over
+the study's (every selection and verdict run of that task, as the loop counted them,
+from MLflow) and its wall time over the study's (the sum of that task's runs'
+durations: the study runs the tasks side by side).
 
     python benchmarks/advise_vs_sweep.py --json advise_vs_sweep.json
     python benchmarks/advise_vs_sweep.py --smoke
+
+The design of advise was settled before this ran (``freezelab/advise/search.py``).
 """
 
 from __future__ import annotations
 
-import copy
-import statistics
+import json
+import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import _common
+import yaml
 
 TASKS: dict[str, dict[str, Any]] = {
     "new-digits": {},
     "new-digits-inverted": {"data": {"shift": "invert"}},
-    "source-digits-relabelled": {"data": {"classes": [4, 3, 2, 1, 0]}},
+    "source-permuted": {"data": {"classes": [3, 0, 4, 1, 2]}},
+    "new-digits-rotated": {"data": {"shift": "rotate:90"}},
 }
-# --smoke: the study shrunk to seconds. A tiny model; a pretraining that only has to
-# give weights (one epoch on 30 images per digit); a tenth of the images for validation;
-# one torch thread (two on a busy 2-core machine wait for each other whenever one is
-# descheduled); three policies, two seeds and four epochs each, so that the sweep costs
-# several times advise's one look at the model (the claim the smoke test reads).
+# --smoke: one task, three policies, a tiny model and short runs; the claim it checks
+# (advise spends at most its budget of the study's FLOPs) holds at any size.
 SMOKE = [
     "base.model.name=test_resnet",
-    "base.data.val_fraction=0.1",
-    "base.performance.torch_threads=1",
+    "base.batch_size=16",
     "pretrain.epochs=1",
     "pretrain.data.train_per_class=30",
     "finetune.epochs=4",
+    "finetune.data.eval_shifts=[]",
+    "seeds=[0, 1]",
+    "select.grace_epochs=1",
+    "policies=[{type: full}, {type: head_only}, {type: last_n, n: 1}]",
+    "register_best_as=null",
 ]
-SMOKE_SEEDS, SMOKE_POLICIES = 2, 3
-# What the benchmark leaves out of the study's fine-tuning runs: measurement it does not
-# read, and MLflow.
-QUIET = {
-    "data": {"eval_shifts": []},
-    "metrics": {"gradients": False},
-    "checkpoint": {"every": 100, "keep": 1},
-    "mlflow": {"enabled": False},
-    "scaling": {"num_workers": 0},
-}
 
 
 def main() -> None:
     p = _common.parser(__doc__.splitlines()[0], repeats=1)
-    p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per policy")
-    p.add_argument("--weights", help="the pretrained weights (safetensors): skip the pretraining")
     p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
-    p.add_argument(
-        "--sweep-json",
-        nargs="+",
-        metavar="JSON",
-        help="take the sweep's per-seed val_acc and wall time from these earlier --json "
-        "outputs instead of fine-tuning again (advise is measured anew)",
-    )
+    p.add_argument("--budget", type=float, default=0.1, help="advise's --budget")
     args = p.parse_args()
     _common.check_device(args.device)
-    if args.smoke:
-        args.seeds = SMOKE_SEEDS
-    from freezelab.api import train
-    from freezelab.study import load_study, stage_config
+    import ray
 
-    study = load_study(None, SMOKE if args.smoke else [])
+    from freezelab.study import load_study
+
     tasks = {name: TASKS[name] for name in (args.tasks[:1] if args.smoke else args.tasks)}
-    rows, details = [], []
-    with tempfile.TemporaryDirectory() as root:
-        quiet = {**QUIET, "storage_path": str(Path(root) / "runs")}
+    with tempfile.TemporaryDirectory(prefix="advise-bench-") as root:
+        os.chdir(root)
+        uri = f"sqlite:///{root}/mlflow.db"
+        overrides = [
+            *(SMOKE if args.smoke else []),
+            f"variants={json.dumps(tasks)}",
+            f"base.mlflow={json.dumps({'enabled': True, 'tracking_uri': uri})}",
+            f"base.storage_path={root}/runs",
+        ]
         if args.device == "cuda":
-            quiet["scaling"] = {"num_workers": 1, "use_gpu": True}
+            overrides.append("finetune.scaling={num_workers: 1, use_gpu: true}")
+        study = load_study(None, overrides)
+        ray.init(address="local", num_cpus=os.cpu_count(), log_to_driver=False)
         started = time.perf_counter()
-        weights = args.weights
-        if weights is None:
-            pretrain = stage_config(
-                study, study.pretrain, "bench-pretrain", **_without(quiet, "data")
-            )
-            weights = train(pretrain, progress=False).outcome.weights_file
-            print(f"  pretraining: {time.perf_counter() - started:.0f} s", flush=True)
-        for task, task_overrides in tasks.items():
-            stage = _merge(_merge(study.finetune, task_overrides), quiet)
-            base = stage_config(
-                study, stage, f"bench-{task}", policy={"type": "full"}, model={"weights": weights}
-            )
-            earlier = _earlier_sweep(args.sweep_json, task) if args.sweep_json else None
-            row, table = _compare(args, train, base, task, study.policies, earlier)
+        outcome = _run_study(overrides)
+        print(f"  the study: {time.perf_counter() - started:.0f} s", flush=True)
+        weights = _pretrained_weights(study, outcome.tag)
+        cost = _study_cost(uri, outcome.tag)
+        rows, details = [], []
+        for task in tasks:
+            row, table = _compare(args, study, task, weights, outcome, cost[task], root)
             rows.append(row)
             details += table
             print(f"  {task}: {row}", flush=True)
             _common.write_json(args.json, "advise_vs_sweep", args, rows + details)  # so far
-    title = (
-        f"advise_vs_sweep: {study.base['model']['name']}, {args.seeds} seeds per policy, "
-        f"{len(rows)} tasks"
-    )
+        ray.shutdown()
+    title = f"advise_vs_sweep: {study.base['model']['name']}, {len(rows)} tasks"
     _common.print_table(title, list(rows[0]), rows)
-    _common.print_table("each policy, advise's score and the sweep's", list(details[0]), details)
+    _common.print_table("each policy: advise against the study", list(details[0]), details)
     _common.write_json(args.json, "advise_vs_sweep", args, rows + details)
 
 
-def _earlier_sweep(paths: list[str], task: str) -> tuple[dict[str, list[float]], float]:
-    """Per-seed val_acc by policy label, and the sweep's wall time, of ``task`` in an
-    earlier run's JSON."""
-    import json
+def _run_study(overrides: list[str]) -> Any:
+    from freezelab.study import run_study
 
-    for path in paths:
-        rows = json.loads(Path(path).read_text())["rows"]
-        summary = [r for r in rows if r.get("task") == task and "sweep_s" in r]
-        if summary:
-            accuracy = {
-                r["policy"]: [float(a) for a in r["val_acc_by_seed"].split()]
-                for r in rows
-                if r.get("task") == task and "val_acc_by_seed" in r
-            }
-            return accuracy, summary[0]["sweep_s"]
-    raise SystemExit(f"--sweep-json: no task {task!r} in {', '.join(paths)}")
+    return run_study(None, overrides=overrides)
+
+
+def _pretrained_weights(study: Any, tag: str) -> str:
+    """The study's pretrained weights: its pretraining run again, which finds itself
+    finished and hands back its file."""
+    from freezelab.api import train
+    from freezelab.mlflow.tracking import PRETRAIN, STAGE_TAG
+    from freezelab.study import STUDY_TAG, stage_config
+
+    pretrain = stage_config(
+        study,
+        study.pretrain,
+        f"{tag}-pretrain",
+        mlflow={"tags": {STAGE_TAG: PRETRAIN, STUDY_TAG: tag}, "run_name": "pretrain"},
+    )
+    return train(pretrain, progress=False).outcome.weights_file
+
+
+def _study_cost(uri: str, tag: str) -> dict[str, dict[str, float]]:
+    """Per task: the training FLOPs and the summed durations of the study's selection
+    and verdict runs (stopped selection runs count what they trained)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string=f"tags.`freezelab.study` = '{tag}'",
+        max_results=5000,
+    )
+    cost: dict[str, dict[str, float]] = {}
+    for run in runs:
+        if run.data.tags.get("freezelab.stage") not in ("finetune", "select"):
+            continue
+        task = run.data.tags.get("freezelab.variant", "")
+        found = cost.setdefault(task, {"flops": 0.0, "wall_s": 0.0, "runs": 0})
+        found["flops"] += run.data.metrics.get("train_flops", 0.0)
+        found["wall_s"] += ((run.info.end_time or 0) - run.info.start_time) / 1000
+        found["runs"] += 1
+    return cost
 
 
 def _compare(
-    args,
-    train,
-    base,
+    args: Any,
+    study: Any,
     task: str,
-    policies: list[dict[str, Any]],
-    earlier: tuple[dict[str, list[float]], float] | None = None,
+    weights: str,
+    outcome: Any,
+    cost: dict[str, float],
+    root: str,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     from scipy.stats import spearmanr
 
-    from freezelab.advise.candidates import distinct_valid
-    from freezelab.advise.measure import advise
-    from freezelab.policies import from_dict
-    from freezelab.stats import summarize
-    from freezelab.trainers.preflight import build_unallocated
+    from freezelab.advise_run import run_advise
+    from freezelab.report.rows import group_rows
+    from freezelab.stats import difference
+    from freezelab.study_config import stage_config
+    from freezelab.trainers.config import deep_merge
 
-    started = time.perf_counter()
-    chosen = [from_dict(p) for p in (policies[:SMOKE_POLICIES] if args.smoke else policies)]
-    candidates = distinct_valid(build_unallocated(base), chosen, base.epochs)
-    advice = advise(base, candidates)
-    advise_s = time.perf_counter() - started
-    scores = {r.policy.label(): r.score for r in advice.ranking}
-    accuracy: dict[str, list[float]] = {p.label(): [] for p in candidates}
-    sweep_s = 0.0
-    if earlier is not None:
-        accuracy, sweep_s = earlier
-    for seed in range(0 if earlier else args.seeds):  # round-robin: load hits all alike
-        for policy in candidates:
-            config = base.model_copy(
-                update={
-                    "policy": policy,
-                    "seed": seed,
-                    "name": f"{base.name}-{policy.slug()}-seed{seed}",
-                }
-            )
-            tracked = train(config, progress=False)
-            sweep_s += tracked.wall_time_s
-            accuracy[policy.label()].append(tracked.outcome.metrics["val_acc"])
-    labels = [p.label() for p in candidates]
-    means = {label: statistics.mean(accuracy[label]) for label in labels}
-    advised = [scores[label] for label in labels]
-    per_seed = [
-        float(spearmanr(advised, [accuracy[label][seed] for label in labels]).statistic)
-        for seed in range(len(accuracy[labels[0]]))
+    # The study's verdict on this task: each policy at its chosen rate, over its seeds.
+    groups = [g for g in group_rows(outcome.rows) if g["variant"] == task and g["best_of_policy"]]
+    means = {g["policy"]: g for g in groups}
+    best = max(groups, key=lambda g: g["score"])
+    best_label = best["policy"]
+    tied = [
+        label
+        for label, g in means.items()
+        if g is best or difference(best["values"], g["values"]).settled is not True
     ]
-    per_seed = [0.0 if value != value else value for value in per_seed]  # nan: a constant side
-    interval = summarize(per_seed)
-    by_sweep = sorted(labels, key=lambda label: -means[label])
-    first = advice.ranking[0].policy.label()
+    # advise on the study's fine-tuning config of this task, over the study's policies.
+    stage = deep_merge(study.finetune, study.variants[task])
+    config = stage_config(
+        study, stage, f"advise-{task}", policy={"type": "full"}, model={"weights": weights}
+    ).to_dict()
+    folder = Path(root, f"advise-{task}")
+    folder.mkdir()
+    (folder / "base.yaml").write_text(yaml.safe_dump(config))
+    sweep = {"name": f"advise-{task}", "base": "base.yaml", "space": {"policies": study.policies}}
+    (folder / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    started = time.perf_counter()
+    advice = run_advise(
+        folder / "sweep.yaml",
+        budget=args.budget,
+        rates=list(study.select.grid["optimizer.lr"]),
+    ).advice
+    advise_s = time.perf_counter() - started
+    pick = advice.recommended.policy.label()
+    order = [r.policy.label() for r in advice.ranking]
+    labels = sorted(means)
+    spearman = spearmanr(
+        [-order.index(label) for label in labels], [means[label]["score"] for label in labels]
+    ).statistic
     row = {
         "task": task,
-        "policies": len(labels),
-        "spearman": float(spearmanr(advised, [means[label] for label in labels]).statistic),
-        "spearman_seed_mean": interval.mean,
-        "ci95_low": interval.ci95_low,
-        "ci95_high": interval.ci95_high,
-        "advise_first": first,
-        "sweep_top2": " / ".join(by_sweep[:2]),
-        "first_in_top2": first in by_sweep[:2],
-        "first_sweep_rank": by_sweep.index(first) + 1,
+        "advise_pick": f"{pick} lr={advice.recommended.lr:g}",
+        "study_best": best_label,
+        "study_tied": " / ".join(tied),
+        "pick_in_tied": pick in tied,
+        "regret": best["score"] - means[pick]["score"],
+        "spearman": float(spearman),
+        "advise_tied": " / ".join(r.policy.label() for r in advice.tied),
+        "flops_share": advice.spent_flops / cost["flops"],
+        "planned_share": advice.plan.planned_flops / cost["flops"],
+        "images_per_epoch": advice.plan.images_per_epoch,
         "advise_s": advise_s,
-        "sweep_s": sweep_s,
-        "time_fraction": advise_s / sweep_s,
+        "study_runs_s": cost["wall_s"],
+        "time_share": advise_s / cost["wall_s"],
     }
-    advise_rank = {r.policy.label(): i for i, r in enumerate(advice.ranking, 1)}
+    by_study = sorted(labels, key=lambda label: -means[label]["score"])
     table = [
         {
             "task": task,
-            "policy": label,
-            "advise_score": scores[label],
-            "advise_rank": advise_rank[label],
-            "val_acc_mean": means[label],
-            "val_acc_ci95": _half_width(accuracy[label]),
-            "sweep_rank": by_sweep.index(label) + 1,
-            "val_acc_by_seed": " ".join(f"{a:.3f}" for a in accuracy[label]),
+            "policy": r.policy.label(),
+            "advise_rank": i,
+            "advise_lr": r.lr,
+            "advise_val_acc": r.score,
+            "advise_runs": len(r.values),
+            "study_rank": by_study.index(r.policy.label()) + 1,
+            "study_lr": means[r.policy.label()].get("selected") or "",
+            "study_test_acc": means[r.policy.label()]["score"],
+            "study_ci95_half": _half(means[r.policy.label()]),
         }
-        for label in sorted(labels, key=lambda label: advise_rank[label])
+        for i, r in enumerate(advice.ranking, 1)
     ]
     return row, table
 
 
-def _half_width(values: list[float]) -> float | None:
-    from freezelab.stats import summarize
-
-    found = summarize(values)
-    return None if found.ci95_high is None else found.ci95_high - found.mean
-
-
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    from freezelab.trainers.config import deep_merge
-
-    return deep_merge(base, update)
-
-
-def _without(section: dict[str, Any], *keys: str) -> dict[str, Any]:
-    return {k: copy.deepcopy(v) for k, v in section.items() if k not in keys}
+def _half(group: dict[str, Any]) -> float | None:
+    if group["ci95_low"] is None:
+        return None
+    return (group["ci95_high"] - group["ci95_low"]) / 2
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ freezelab compare EXPERIMENT [--format table|md|csv|json] [--sort METRIC] [--wit
 freezelab report EXPERIMENT_OR_SWEEP [--out DIR] [--tracking-uri URI] [--with-pretraining]
 freezelab sync RUN_DIR_OR_STORAGE [--tracking-uri URI]
 freezelab demo [--config STUDY] [--resume]
-freezelab advise CONFIG_OR_SWEEP [--format table|json] [--samples N] [--address RAY_ADDRESS]
+freezelab advise CONFIG_OR_SWEEP [--budget SHARE] [--rates LR,...] [--format table|json]
+                 [--samples N] [--address RAY_ADDRESS]
 freezelab schema [train|sweep]
 
 Every mistake in what the user asked for ends in one line on stderr and exit code 2
@@ -232,22 +233,42 @@ def _parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser(
         "advise",
-        help="which layers to freeze for this data, predicted in seconds (nothing trains)",
+        help="which layers to freeze for this data: short budgeted fine-tuning of each "
+        "candidate",
         description="Rank freeze policies for a train config's model and data (its policy "
-        "is ignored), or a sweep file's candidate policies, from LogME per layer group and a "
-        "few batches of gradients; log the advice as an MLflow run (freezelab.stage=advise).",
+        "is ignored), or a sweep file's candidate policies, by fine-tuning each briefly: "
+        "every candidate at a few learning rates with successive halving within each, the "
+        "best three under two more seeds, within --budget of the FLOPs of a 3-seed study "
+        "of the same candidates. Prints the ranking with intervals, the candidates it cannot "
+        "tell apart, and the signals (LogME, gradients, BatchNorm shift) that explain it; "
+        "logs it all as an MLflow run (freezelab.stage=advise).",
     )
     p.add_argument("config", metavar="CONFIG_OR_SWEEP", help="a train config or a sweep file")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.add_argument(
+        "--budget",
+        type=float,
+        default=0.1,
+        help="the share of a 3-seed study's training FLOPs that advise may spend "
+        "(default: 0.1)",
+    )
+    p.add_argument(
+        "--rates",
+        type=_rates,
+        default=None,
+        metavar="LR,LR,...",
+        help="learning rates to try per candidate (default: the config's x 0.2, 1, 5)",
+    )
+    p.add_argument(
         "--samples",
         type=int,
         default=2000,
-        help="training images to measure on, at most (default: 2000; at least the class count)",
+        help="training images the signals are measured on, at most (default: 2000; at least "
+        "the class count)",
     )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument(
-        "--address", default=None, help="run on one worker of this Ray cluster (default: here)"
+        "--address", default=None, help="the Ray cluster whose CPUs/GPUs train the short runs"
     )
     p.set_defaults(run=_advise)
 
@@ -374,6 +395,15 @@ def _demo(args: argparse.Namespace) -> int:
     return 3 if outcome.failed else 0
 
 
+def _rates(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give learning rates separated by commas, e.g. 0.002,0.01,0.05"
+        ) from None
+
+
 def _advise(args: argparse.Namespace) -> int:
     import contextlib
 
@@ -387,7 +417,12 @@ def _advise(args: argparse.Namespace) -> int:
     )
     with quiet:
         outcome = run_advise(
-            args.config, samples=args.samples, overrides=args.overrides, address=args.address
+            args.config,
+            samples=args.samples,
+            overrides=args.overrides,
+            address=args.address,
+            budget=args.budget,
+            rates=args.rates,
         )
     if args.format == "json":
         print(json.dumps({**outcome.advice.to_dict(), "run_id": outcome.run_id}, indent=2))

@@ -46,8 +46,8 @@ from freezelab.study_selection import (
     load_choices,
     save_choices,
 )
-from freezelab.study_trials import STUDY_FILE, StudyTrials, read_row, study_tag
-from freezelab.trainers.config import TrainConfig, apply_override, validate_config
+from freezelab.study_trials import STUDY_FILE, study_tag
+from freezelab.trainers.config import TrainConfig
 from freezelab.trainers.location import RunLocation
 
 log = logging.getLogger(__name__)
@@ -262,35 +262,24 @@ def _fit_trials(
     scheduler: Any = None,
     groups: dict[str, str] | None = None,
 ) -> tuple[dict[str, dict[str, Any] | None], dict[str, dict[str, Any]]]:
-    """``runs`` as the Tune experiment ``name`` (continued when it exists), in their
-    order: each run's row (None when it did not finish) and Tune's outcome of it."""
-    from ray import tune
+    """``runs`` as the Tune experiment ``name`` (``study_trials.fit_runs``)."""
+    from freezelab.study_trials import fit_runs
 
-    from freezelab.mlflow.tracking import source_tags
-    from freezelab.sweep.trials import fit_trials, plan_trials, trial_outcomes
-
-    plan = plan_trials(runs[0], study.max_concurrent, f"study {study.name!r}")
-    runs = [_overridden(c, plan.overrides) for c in runs]
-    log.info(f"up to {plan.concurrent} at once, {plan.describe(runs[0].scaling.num_workers)}")
     varying = tuple(k for k, values in study.grid.items() if len(values) > 1)
     if study.select is not None:
         varying += tuple(study.select.grid)
-    entries = [{"name": c.name, **({"group": groups[c.name]} if groups else {})} for c in runs]
-    grid = fit_trials(
-        StudyTrials({c.name: c.to_dict() for c in runs}, varying, source_tags()),
-        plan,
-        {"trial": tune.grid_search(entries)},
-        name=name,
-        storage_path=storage_path,
-        parent_run_id=parent,
-        resume=tune.Tuner.can_restore(RunLocation(storage_path, name).directory),
-        epochs=runs[0].epochs,
-        count=len(runs),
+    return fit_runs(
+        runs,
+        name,
+        storage_path,
+        parent,
+        group=f"study {study.name!r}",
         kind="study",
+        varying=varying,
+        max_concurrent=study.max_concurrent,
         scheduler=scheduler,
+        groups=groups,
     )
-    outcomes = {t["trial"]["name"]: t for t in trial_outcomes(grid)}
-    return {c.name: read_row(c) for c in runs}, outcomes
 
 
 def _choices(
@@ -388,14 +377,6 @@ def _on_driver(config: TrainConfig, weights: str | None) -> TrainConfig:
     uri = resolve_tracking_uri(config.mlflow.tracking_uri)
     tracking = config.mlflow.model_copy(update={"tracking_uri": uri})
     return config.model_copy(update={"model": model, "mlflow": tracking})
-
-
-def _overridden(config: TrainConfig, overrides: tuple[str, ...]) -> TrainConfig:
-    """``config`` with the trial plan's overrides (workers, their resources, threads)."""
-    data = config.to_dict()
-    for override in overrides:
-        apply_override(data, override)
-    return validate_config(data, origin=f"run {config.name!r}")
 
 
 def study_page(uri: str, parent_run_id: str) -> str:

@@ -63,6 +63,59 @@ class StudyTrials:
         where.write_file(ROW_FILE, json.dumps(study_row(config, tracked, self.varying)))
 
 
+def fit_runs(
+    runs: list[TrainConfig],
+    name: str,
+    storage_path: str,
+    parent: str | None,
+    *,
+    group: str,
+    kind: str,
+    varying: tuple[str, ...] = (),
+    max_concurrent: int | None = None,
+    scheduler: Any = None,
+    groups: dict[str, str] | None = None,
+) -> tuple[dict[str, dict[str, Any] | None], dict[str, dict[str, Any]]]:
+    """``runs`` as the Tune experiment ``name`` (continued when it exists), nested under
+    MLflow run ``parent``: each run's row (None when it did not finish) and Tune's
+    outcome of it (``trial_outcomes``), by run name. ``groups`` puts each run's group
+    in its trial entry, for ``GroupedASHA``."""
+    from ray import tune
+
+    from freezelab.mlflow.tracking import source_tags
+    from freezelab.sweep.trials import fit_trials, plan_trials, trial_outcomes
+
+    plan = plan_trials(runs[0], max_concurrent, group)
+    runs = [_overridden(c, plan.overrides) for c in runs]
+    log.info(f"up to {plan.concurrent} at once, {plan.describe(runs[0].scaling.num_workers)}")
+    entries = [{"name": c.name, **({"group": groups[c.name]} if groups else {})} for c in runs]
+    grid = fit_trials(
+        StudyTrials({c.name: c.to_dict() for c in runs}, varying, source_tags()),
+        plan,
+        {"trial": tune.grid_search(entries)},
+        name=name,
+        storage_path=storage_path,
+        parent_run_id=parent,
+        resume=tune.Tuner.can_restore(RunLocation(storage_path, name).directory),
+        epochs=runs[0].epochs,
+        count=len(runs),
+        kind=kind,
+        scheduler=scheduler,
+    )
+    outcomes = {t["trial"]["name"]: t for t in trial_outcomes(grid)}
+    return {c.name: read_row(c) for c in runs}, outcomes
+
+
+def _overridden(config: TrainConfig, overrides: tuple[str, ...]) -> TrainConfig:
+    """``config`` with the trial plan's overrides (workers, their resources, threads)."""
+    from freezelab.trainers.config import apply_override
+
+    data = config.to_dict()
+    for override in overrides:
+        apply_override(data, override)
+    return validate_config(data, origin=f"run {config.name!r}")
+
+
 def read_row(config: TrainConfig) -> dict[str, Any] | None:
     """The row a finished fine-tuning run left, None when it did not finish."""
     text = RunLocation.of(config).read_file(ROW_FILE)

@@ -13,7 +13,9 @@ results to its own group's ``AsyncHyperBandScheduler``.
 
 ASHA keeps the first trial to reach a rung (there is nothing to compare it with yet):
 the order of a group's trials matters, and so does their timing when more trials of a
-group run at once than one after another.
+group run at once than one after another. ``group_epochs`` caps what a group's trials
+train in all (``freezelab advise`` holds its budget so): a trial that reports past it
+stops, whatever ASHA says.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class GroupedASHA(FIFOScheduler):
         reduction_factor: float,
         metric: str | None = None,
         mode: str | None = None,
+        group_epochs: int | None = None,
     ):
         super().__init__()
         self._group_of = group_of
@@ -64,6 +67,8 @@ class GroupedASHA(FIFOScheduler):
         self._groups: dict[str, AsyncHyperBandScheduler] = {}
         self._group_of_trial: dict[str, str] = {}
         self.stopped: dict[str, int] = {}  # trial id -> the iteration it was stopped at
+        self._group_epochs = group_epochs
+        self._spent: dict[str, int] = {}  # group -> iterations its trials reported
 
     def rungs(self) -> list[int]:
         """The iterations at which a group's trials are compared."""
@@ -99,8 +104,12 @@ class GroupedASHA(FIFOScheduler):
         if trial.trial_id not in scheduler._trial_info:  # restored: a fresh start
             scheduler.on_trial_add(tune_controller, trial)
         action = scheduler.on_trial_result(tune_controller, trial, result)
+        group = self._group_of_trial[trial.trial_id]
+        self._spent[group] = self._spent.get(group, 0) + 1
         if result.get("training_iteration", 0) >= self._asha["max_t"]:
             return TrialScheduler.CONTINUE  # its last epoch: the run ends on its own
+        if self._group_epochs is not None and self._spent[group] >= self._group_epochs:
+            action = TrialScheduler.STOP  # the group's epochs are spent, however it scored
         if action == TrialScheduler.STOP:
             self.stopped[trial.trial_id] = int(result.get("training_iteration", 0))
         return action

@@ -94,3 +94,22 @@ def test_a_sweep_can_halve_within_each_policy():
         }
     )
     assert sweep.asha.within == "policy"
+
+
+def test_a_group_stops_training_when_its_epochs_are_spent():
+    # advise's budget: a group's trials train at most group_epochs in all, counted from
+    # their reports, whatever ASHA would let through; other groups are not charged.
+    scheduler = _scheduler(reduction_factor=3, group_epochs=10)
+    first, second, other = _trial("a1", "g"), _trial("a2", "g"), _trial("b1", "h")
+    for trial in (first, second, other):
+        scheduler.on_trial_add(None, trial)
+    for epoch in range(1, 9):  # the first trial trains all 8 epochs: 8 spent
+        assert _report(scheduler, first, epoch, 0.5) == CONTINUE
+    # The second does better at the rung (ASHA would keep it), but the group has 2
+    # epochs left: it stops at its second report.
+    assert _report(scheduler, second, 1, 0.9) == CONTINUE
+    assert _report(scheduler, second, 2, 0.9) == STOP
+    assert scheduler.stopped == {"a2": 2}
+    # Another group has its own count.
+    for epoch in range(1, 9):
+        assert _report(scheduler, other, epoch, 0.5) == CONTINUE
