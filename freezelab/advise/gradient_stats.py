@@ -14,7 +14,9 @@ groups that the plan freezes get no gradient: exactly 0):
   where the group should move; near 0: a batch's gradient is mostly noise.
 
 Norm layers run as the plan sets them (``train`` where their group trains), as in the
-first steps of a run under that plan; their running statistics are restored after.
+first steps of a run under that plan (``plan_modes``); their running statistics are
+restored after. ``head_to_backbone`` is the head's relative gradient norm over the
+whole backbone's: far above 1 under a random new head.
 
 >>> import timm, torch
 >>> from freezelab.policies import from_dict
