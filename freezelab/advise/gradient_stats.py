@@ -14,7 +14,9 @@ groups that the plan freezes get no gradient: exactly 0):
   where the group should move; near 0: a batch's gradient is mostly noise.
 
 Norm layers run as the plan sets them (``train`` where their group trains), as in the
-first steps of a run under that plan; their running statistics are restored after.
+first steps of a run under that plan (``plan_modes``); their running statistics are
+restored after. ``head_to_backbone`` is the head's relative gradient norm over the
+whole backbone's: far above 1 under a random new head.
 
 >>> import timm, torch
 >>> from freezelab.policies import from_dict
@@ -29,14 +31,15 @@ first steps of a run under that plan; their running statistics are restored afte
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+import math
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from freezelab.policies import FreezePlan
+from freezelab.policies import FreezePlan, LayerGroup
 from freezelab.policies.apply import keeps_statistics
 from freezelab.policies.groups import NORM_TYPES, group_of_module
 
@@ -71,7 +74,7 @@ def gradient_statistics(
     squared_norms = torch.zeros(count, dtype=torch.float64)  # sum over b of ||g_b||^2
     norms = torch.zeros(count, dtype=torch.float64)  # sum over b of ||g_b||
     batches_seen = 0
-    with _untouched(model, plan):
+    with plan_modes(model, plan):
         for images, labels in batches:
             loss = F.cross_entropy(model(images), labels, label_smoothing=label_smoothing)
             grads = torch.autograd.grad(loss, tensors, allow_unused=True)
@@ -111,6 +114,19 @@ def gradient_statistics(
     return result
 
 
+def head_to_backbone(groups: Sequence[LayerGroup], stats: dict[str, GroupGradients]) -> float:
+    """The head's relative gradient norm over the whole backbone's (its gradient norm
+    over its weight norm, all backbone groups together); inf when the backbone gets
+    no gradient."""
+    backbone = [stats[g.name] for g in groups if not g.is_head]
+    head = [stats[g.name] for g in groups if g.is_head]
+    grad = math.sqrt(math.fsum(g.grad_norm**2 for g in backbone))
+    weight = math.sqrt(math.fsum(g.weight_norm**2 for g in backbone))
+    backbone_relative = grad / weight if weight > 0 else 0.0
+    head_relative = head[0].rel_grad_norm if head else 0.0
+    return head_relative / backbone_relative if backbone_relative > 0 else math.inf
+
+
 def _by_group(values: list[torch.Tensor], owner: torch.Tensor, count: int) -> torch.Tensor:
     """Per-parameter values summed into their groups."""
     totals = torch.zeros(count, dtype=torch.float64)
@@ -118,9 +134,10 @@ def _by_group(values: list[torch.Tensor], owner: torch.Tensor, count: int) -> to
 
 
 @contextlib.contextmanager
-def _untouched(model: nn.Module, plan: FreezePlan) -> Iterator[None]:
-    """The model in the plan's modes for the gradient pass; its ``requires_grad``
-    flags, modes and buffers (BatchNorm's running statistics) restored afterwards."""
+def plan_modes(model: nn.Module, plan: FreezePlan) -> Iterator[None]:
+    """The model in the plan's modes, as in the first steps of a run under it; its
+    ``requires_grad`` flags, modes and buffers (BatchNorm's running statistics) restored
+    afterwards."""
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     modes = {name: m.training for name, m in model.named_modules()}
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
 
-from freezelab.advise.gradient_stats import gradient_statistics
+from freezelab.advise.gradient_stats import gradient_statistics, head_to_backbone
 from freezelab.policies import from_dict
 
 
@@ -53,3 +54,17 @@ def test_batches_that_agree_have_a_higher_snr_than_random_labels():
     )
     random = gradient_statistics(model, plan, _batches(4))
     assert agree["head"].grad_snr > 10 * random["head"].grad_snr
+
+
+def test_head_to_backbone_is_the_ratio_of_relative_norms_and_inf_without_backbone_gradient():
+    model = timm.create_model("test_resnet", num_classes=3)
+    full = from_dict({"type": "full"}).plan(model, 0)
+    stats = gradient_statistics(model, full, _batches())
+    backbone = [stats[g.name] for g in full.groups if not g.is_head]
+    grad = sum(g.grad_norm**2 for g in backbone) ** 0.5
+    weight = sum(g.weight_norm**2 for g in backbone) ** 0.5
+    expected = stats["head"].rel_grad_norm / (grad / weight)
+    assert head_to_backbone(full.groups, stats) == pytest.approx(expected)
+    head_only = from_dict({"type": "head_only"}).plan(model, 0)
+    frozen = gradient_statistics(model, head_only, _batches())
+    assert head_to_backbone(head_only.groups, frozen) == float("inf")
