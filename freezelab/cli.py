@@ -233,8 +233,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser(
         "advise",
-        help="which layers to freeze for this data: short budgeted fine-tuning of each "
-        "candidate",
+        help="which layers to freeze for this data: short budgeted fine-tuning of each candidate",
         description="Rank freeze policies for a train config's model and data (its policy "
         "is ignored), or a sweep file's candidate policies, by fine-tuning each briefly: "
         "every candidate at a few learning rates with successive halving within each, the "
@@ -249,8 +248,7 @@ def _parser() -> argparse.ArgumentParser:
         "--budget",
         type=float,
         default=0.1,
-        help="the share of a 3-seed study's training FLOPs that advise may spend "
-        "(default: 0.1)",
+        help="the share of a 3-seed study's training FLOPs that advise may spend (default: 0.1)",
     )
     p.add_argument(
         "--rates",

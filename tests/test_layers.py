@@ -36,7 +36,8 @@ LAYERS = {
     "freezelab.objectstore": 0,
     "freezelab.policies": 1,
     "freezelab.trainers": 2,
-    # advise's measurements and rules; `freezelab advise` itself is advise_run.
+    # advise's measurements and its search's plan and ranking; `freezelab advise` itself
+    # (the search's Tune trials) is advise_run.
     "freezelab.advise": 2,
     "freezelab.mlflow": 3,
     "freezelab.report": 4,

@@ -33,8 +33,8 @@ from freezelab.advise.features import group_outputs
 from freezelab.advise.gradient_stats import gradient_statistics, head_to_backbone
 from freezelab.advise.head_fit import fit_head, head_inputs
 from freezelab.advise.logme import logme
+from freezelab.advise.search import AdviseError
 from freezelab.advise.signals import GroupSignal, Signals
-from freezelab.errors import FreezelabError
 from freezelab.policies import from_dict, layer_groups
 from freezelab.trainers.config import TrainConfig
 from freezelab.trainers.data import build_datasets
@@ -46,10 +46,6 @@ DEFAULT_SAMPLES = 2000
 DEFAULT_BATCHES = 8
 _FEATURE_BATCH = 256
 _MIN_SAMPLES = 4
-
-
-class AdviseError(FreezelabError, ValueError):
-    """What ``freezelab advise`` cannot work with: too few samples, no candidate."""
 
 
 def measure_signals(
