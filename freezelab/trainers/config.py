@@ -215,7 +215,11 @@ class DataConfig(ConfigModel):
                 )
         if self.epoch_fraction is not None and (
             self.loader == "ray_data"
-            or (self.loader == "auto" and self.kind == "image_folder" and objectstore.is_uri(self.root))
+            or (
+                self.loader == "auto"
+                and self.kind == "image_folder"
+                and objectstore.is_uri(self.root)
+            )
         ):
             raise ValueError(
                 "epoch_fraction is not supported with loader 'ray_data'"
