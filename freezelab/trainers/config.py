@@ -118,6 +118,13 @@ class DataConfig(ConfigModel):
     num_workers: int = Field(0, ge=0)
     input_size: int | None = Field(None, ge=1)  # square side; wins over the model's own size
     train_per_class: int | None = Field(None, ge=1)  # few-shot cap, any kind
+    # Each epoch trains on a fresh random subset of ceil(f * N) of the N training rows
+    # (N after train_per_class), drawn from (run seed, epoch) before the rows are split
+    # among ranks (``rank_data.EpochSubsetSampler``); None: every row, every epoch.
+    # Steps, the LR schedule, train_images and train_flops follow the subset. The
+    # frozen-feature cache is off with it (it holds a set of rows no epoch covers), and
+    # Ray Data does not support it.
+    epoch_fraction: float | None = Field(None, gt=0.0, le=1.0)
     root: str | None = None
     classes: tuple[int, ...] | None = None  # digits to keep, relabelled 0.. in this order
     num_samples: int | None = Field(None, ge=2)
@@ -206,6 +213,18 @@ class DataConfig(ConfigModel):
                     f"{' and '.join(shifted)}: not available with loader 'ray_data' yet; "
                     "use a local folder with loader 'torch'"
                 )
+        if self.epoch_fraction is not None and (
+            self.loader == "ray_data"
+            or (
+                self.loader == "auto"
+                and self.kind == "image_folder"
+                and objectstore.is_uri(self.root)
+            )
+        ):
+            raise ValueError(
+                "epoch_fraction is not supported with loader 'ray_data'"
+                + (" (which loader 'auto' takes for a URI root)" if self.loader == "auto" else "")
+            )
         if self.test_fraction is not None and self.test_fraction + self.val_fraction >= 1:
             raise ValueError(
                 f"test_fraction={self.test_fraction} and val_fraction={self.val_fraction} "
@@ -284,6 +303,13 @@ class ForgettingSection(_Section):
     source: DataConfig | None = None
     every: int | None = Field(None, ge=1)
     max_iter: int = Field(500, ge=1)  # L-BFGS iterations of the probe
+
+    @field_validator("source")
+    @classmethod
+    def _whole_source(cls, value: DataConfig | None) -> DataConfig | None:
+        if value is not None and value.epoch_fraction is not None:
+            raise ValueError("epoch_fraction does not apply: the probe fits the whole source set")
+        return value
 
 
 class CheckpointSection(_Section):

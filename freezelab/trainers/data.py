@@ -54,9 +54,11 @@ def resolve_loader(config: DataConfig, nodes: int) -> Literal["torch", "ray_data
     if objectstore.is_uri(config.root):
         chosen = "ray_data"
     else:
-        # Input shifts are applied by the DataLoader path only (a URI with them is refused).
+        # Input shifts and epoch_fraction are applied by the DataLoader path only (a URI
+        # with them is refused).
         shifted = config.shift is not None or bool(config.eval_shifts)
-        chosen = "ray_data" if nodes > 1 and not shifted else "torch"
+        torch_only = shifted or config.epoch_fraction is not None
+        chosen = "ray_data" if nodes > 1 and not torch_only else "torch"
     if chosen == "torch" and config.skip_corrupt:
         raise DataError(
             "data.skip_corrupt: the DataLoader reads this local folder on one node (loader "

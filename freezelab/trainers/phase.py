@@ -115,6 +115,11 @@ def _new_cache(
     if not config.performance.feature_cache:
         return None
     blocker = cache_blocker(model, plan, deterministic)
+    if blocker is None and config.data.epoch_fraction is not None:
+        # The cache reads features only once it holds every row, which a new subset per
+        # epoch reaches late or never; filling it bit by bit would also make a step's
+        # counted FLOPs (those of the epoch that fills it) wrong for later epochs.
+        blocker = "data.epoch_fraction draws a new subset of rows every epoch"
     if blocker is not None:
         if rank == 0 and plan.trainable_param_names <= {
             n for g in plan.groups if g.is_head for n in g.param_names

@@ -9,7 +9,8 @@ order of its training rows as a function of (seed, epoch), from a seeded DataLoa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,10 +68,16 @@ def rank_data(
     import ray.train.torch
 
     # Ray's own sampler ignores the run's seed; this one is seeded and also used on a
-    # single process, so the order of samples depends only on (seed, epoch).
-    sampler = DistributedSampler(
-        train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=config.seed
-    )
+    # single process, so the order of samples depends only on (seed, epoch). Ray keeps
+    # any DistributedSampler (a subclass included) that the loader already has.
+    if config.data.epoch_fraction is None:
+        sampler = DistributedSampler(
+            train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=config.seed
+        )
+    else:
+        sampler = EpochSubsetSampler(
+            train_set, config.data.epoch_fraction, world_size, rank, seed=config.seed
+        )
     train = DataLoader(
         Indexed(train_set),
         batch_size=config.batch_size,
@@ -92,6 +99,48 @@ def rank_data(
         set_epoch=sampler.set_epoch,
         cached_order=lambda: sampler,
     )
+
+
+def subset_size(fraction: float, rows: int) -> int:
+    """The rows an epoch draws: ``ceil(fraction * rows)``, at least one, and immune to
+    float noise (``0.07 * 100`` is ``7.000000000000001``).
+
+    >>> subset_size(0.5, 7), subset_size(0.07, 100), subset_size(1.0, 7)
+    (4, 7, 7)
+    """
+    return max(1, math.ceil(round(fraction * rows, 9)))
+
+
+class EpochSubsetSampler(DistributedSampler):
+    """A DistributedSampler that trains each epoch on a fresh random subset of
+    ``subset_size(fraction, len(dataset))`` rows: the first rows of the permutation
+    seeded by ``seed + epoch`` (DistributedSampler's own), strided across ranks and
+    padded to equal shares as DistributedSampler does. The subset is drawn before it is
+    split, so every rank draws the same one, and it depends on (seed, epoch) alone: a
+    resumed run draws what the uninterrupted run drew. The indices are those of the
+    whole dataset. With ``fraction=1`` the order is DistributedSampler's.
+
+    >>> sampler = EpochSubsetSampler(range(10), 0.5, num_replicas=2, rank=0, seed=0)
+    >>> len(sampler), len(set(sampler) | set(EpochSubsetSampler(range(10), 0.5, 2, 1)))
+    (3, 5)
+    """
+
+    def __init__(
+        self, dataset: Dataset, fraction: float, num_replicas: int, rank: int, seed: int = 0
+    ):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.subset_size = subset_size(fraction, len(dataset))
+        self.num_samples = math.ceil(self.subset_size / self.num_replicas)
+        self.total_size = self.num_samples * self.num_replicas
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        chosen = torch.randperm(len(self.dataset), generator=generator)[: self.subset_size]
+        indices = chosen.tolist()
+        padding = self.total_size - len(indices)
+        indices += (indices * math.ceil(padding / len(indices)))[:padding]
+        return iter(indices[self.rank : self.total_size : self.num_replicas])
 
 
 class Indexed(Dataset):

@@ -101,6 +101,43 @@ def test_bad_config_names_field_and_value(update, expected):
     assert expected in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"epoch_fraction": 0}, "data.epoch_fraction: Input should be greater than 0 (got 0)"),
+        ({"epoch_fraction": -0.5}, "data.epoch_fraction: Input should be greater than 0"),
+        ({"epoch_fraction": 1.01}, "data.epoch_fraction: Input should be less than or equal to 1"),
+        (
+            {"kind": "image_folder", "root": "pets", "loader": "ray_data", "epoch_fraction": 0.5},
+            "data: epoch_fraction is not supported with loader 'ray_data'",
+        ),
+        (
+            {"kind": "image_folder", "root": "s3://bucket/pets", "epoch_fraction": 0.5},
+            "data: epoch_fraction is not supported with loader 'ray_data' (which loader 'auto'",
+        ),
+    ],
+)
+def test_bad_epoch_fraction_is_one_line(data, expected):
+    kind = {"kind": "digits"} if "kind" not in data else {}
+    with pytest.raises(ConfigError) as err:
+        validate_config({**TINY, "data": {**kind, **data}})
+    assert expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_epoch_fraction_keeps_auto_on_the_dataloader_and_off_the_probe_source():
+    from freezelab.trainers.data import resolve_loader
+
+    folder = validate_config({**TINY, "data": {"kind": "image_folder", "root": "pets"}}).data
+    subset = folder.model_copy(update={"epoch_fraction": 0.5})
+    assert resolve_loader(folder, nodes=2) == "ray_data"
+    assert resolve_loader(subset, nodes=2) == "torch"
+    with pytest.raises(ConfigError, match="forgetting.source: epoch_fraction does not apply"):
+        validate_config(
+            {**TINY, "forgetting": {"source": {"kind": "digits", "epoch_fraction": 0.5}}}
+        )
+
+
 def test_missing_file_and_bad_override(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")

@@ -183,6 +183,25 @@ def test_two_workers_match_one_process_on_the_same_global_batch(ray_session, tin
 
 
 @pytest.mark.ray
+def test_two_workers_split_the_same_epoch_subset_as_one_process(ray_session, tiny_config):
+    # data.epoch_fraction draws each epoch's subset before the ranks split it, and Ray's
+    # prepare_data_loader keeps the sampler: 2 workers x batch 8 take one process's
+    # steps at batch 16, epoch after epoch (as in the test above).
+    common = {
+        "policy": {"type": "head_only"},
+        "epochs": 2,
+        "data": {"train_per_class": 32, "epoch_fraction": 0.5},
+        "optimizer": {"momentum": 0.0},
+    }
+    one = run_training(tiny_config(name="one-half", batch_size=16, **common))
+    two = run_training(tiny_config(name="two-half", batch_size=8, **common, **TWO_WORKERS))
+    assert one.metrics["train_images/rank0"] == 48 * 2  # ceil(0.5 * 96) per epoch
+    assert_two_ranks_split(two.metrics, train_size=48, epochs=2)
+    a, b = load_file(one.weights_file), load_file(two.weights_file)
+    torch.testing.assert_close(a["fc.weight"], b["fc.weight"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.ray
 def test_a_request_that_can_never_fit_fails_clearly(ray_session, tiny_config):
     config = tiny_config(
         name="huge", scaling={"num_workers": 2, "resources_per_worker": {"CPU": 4}}

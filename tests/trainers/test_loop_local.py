@@ -221,6 +221,52 @@ def test_the_epoch_that_fills_the_feature_cache_counts_the_backbone(tiny_config)
     assert first["train_flops"] > 10 * (second["train_flops"] - first["train_flops"]) > 0
 
 
+# -- data.epoch_fraction ---------------------------------------------------------------
+
+
+def test_epoch_fraction_trains_each_epoch_on_its_share_and_costs_it(tiny_config):
+    from freezelab.trainers.optim import lr_factor
+
+    # 72 training rows (3 classes x 24), batches of 12: 6 steps an epoch, 3 with half.
+    common = {"policy": {"type": "full"}, "epochs": 3, "batch_size": 12}
+    whole = run_training(tiny_config(name="whole", **common))
+    half = run_training(tiny_config(name="half", data={"epoch_fraction": 0.5}, **common))
+    for epoch, (w, h) in enumerate(zip(whole.history, half.history, strict=True), start=1):
+        assert w["train_images"] == 72 * epoch
+        assert h["train_images"] == 36 * epoch  # ceil(0.5 * 72) per epoch
+        assert h["train_flops"] == pytest.approx(w["train_flops"] / 2, rel=1e-9)
+    # The LR schedule's progress counts the subset's steps: epoch e's last step is step
+    # 3e + 2 at 3 steps per epoch (at the whole set's 6 it would read as half as far).
+    config = tiny_config(name="half", data={"epoch_fraction": 0.5}, **common)
+    for epoch, metrics in enumerate(half.history):
+        factor = lr_factor(config.schedule, (3 * epoch + 2) / 3, config.epochs)
+        assert metrics["lr/head"] == pytest.approx(config.optimizer.lr * factor)
+
+
+def test_epoch_fraction_turns_the_feature_cache_off(tiny_config):
+    config = tiny_config(
+        name="frac-cache", policy={"type": "head_only"}, data={"epoch_fraction": 0.5}
+    )
+    assert [h["feature_cache"] for h in run_training(config).history] == [0, 0]
+
+
+def test_epoch_fraction_resumes_to_identical_weights(tiny_config):
+    common = {
+        "policy": {"type": "lp_ft", "probe_epochs": 2},
+        "epochs": 4,
+        "data": {"epoch_fraction": 0.4},
+    }
+    reference = _weights(run_training(tiny_config(name="frac-straight", **common)))
+    config = tiny_config(name="frac-interrupted", **common)
+    where = RunLocation.of(config)
+    crash = CrashAfterEpoch(2, where.local_checkpoint_dir, config.checkpoint.keep)
+    with pytest.raises(Interrupted):
+        run_training(config, reporter=crash)
+    weights = _weights(run_training(config))
+    for name in reference:
+        assert torch.equal(weights[name], reference[name]), name
+
+
 # -- the held-out test set -------------------------------------------------------------
 
 HELD_OUT = {"test_fraction": 0.2, "eval_shifts": ["rotate:90"]}
