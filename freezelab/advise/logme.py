@@ -120,8 +120,10 @@ def _max_evidence(
         gamma = float(np.sum(beta * sigma / denom))
         weight_energy = float(np.sum((beta * s * z / denom) ** 2))
         residual = float(np.sum((alpha * z / denom) ** 2)) + outside
-        new_alpha = gamma / max(weight_energy, 1e-300)
-        new_beta = max(n - gamma, 1e-12) / max(residual, 1e-300)
+        # Clamped: features that are constant (a dead stage) or that interpolate the
+        # labels drive a precision to 0 or infinity, whose log the evidence takes.
+        new_alpha = min(max(gamma / max(weight_energy, 1e-300), 1e-12), 1e12)
+        new_beta = min(max(max(n - gamma, 1e-12) / max(residual, 1e-300), 1e-12), 1e12)
         done = (
             abs(new_alpha - alpha) <= _CONVERGED * alpha
             and abs(new_beta - beta) <= _CONVERGED * beta

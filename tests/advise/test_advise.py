@@ -104,7 +104,9 @@ def test_the_json_holds_the_ranking_with_intervals_the_budget_and_the_signals(ad
         assert [t["lr"] for t in r["tried"]] == [0.005, 0.05]
     budget = found["budget"]
     assert 0 < budget["spent_flops"] <= budget["planned_flops"] <= 0.5 * budget["reference_flops"]
-    assert budget["images_per_epoch"] == 12 and budget["epoch_fraction"] == 0.5
+    # Half the FLOPs of a study: a share of the 24 training images per epoch.
+    assert budget["train_images"] == 24 and budget["images_per_epoch"] < 24
+    assert budget["epoch_fraction"] == budget["images_per_epoch"] / 24
     groups = {g["name"]: g for g in found["signals"]["groups"]}
     assert list(groups) == ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
     assert isinstance(groups["layer4"]["logme"], float)

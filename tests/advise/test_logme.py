@@ -75,3 +75,12 @@ def test_labels_linear_in_one_stage_score_highest_there(stage_outputs, stage):
     labels = np.argmax(chosen @ np.random.default_rng(1).normal(size=(chosen.shape[1], 4)), 1)
     scores = {name: logme(f.double().numpy(), labels).score for name, f in stage_outputs.items()}
     assert max(scores, key=scores.get) == stage, scores
+
+
+def test_constant_features_score_without_failing():
+    # A dead stage (every image the same vector, or zeros) explains nothing, and its
+    # evidence is a number: the precisions it drives to 0 or infinity are clamped.
+    labels = np.arange(30) % 3
+    for features in (np.ones((30, 8)), np.zeros((30, 8))):
+        found = logme(features, labels)
+        assert found.fit == 0.0 and np.isfinite(found.score)
