@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,7 +278,7 @@ def _search(
             {
                 "lr": c["point"]["optimizer.lr"],
                 "epochs": c["epochs"],
-                "val_acc": c["val_acc"],
+                "val_acc": None if math.isnan(c["val_acc"]) else c["val_acc"],
                 "note": c.get("diverged") or c.get("error") or "",
             }
             for c in choice.candidates

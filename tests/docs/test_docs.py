@@ -114,7 +114,7 @@ RUN = {
     'freezelab inspect --model vgg16 --head \'{"pool": "flatten", "hidden": [256]}\' '
     "--policy examples/policies/vgg16_keras_last5.yaml": "test_the_keras_recipe_inspection",
     "freezelab train examples/train_tiny.yaml": "test_the_tiny_train_config",
-    "freezelab advise examples/train_tiny.yaml": "test_the_advise_command",
+    "freezelab advise examples/sweep_tiny.yaml": "test_the_advise_command",
     "ray get-auth-token --generate": "test_the_token_command",
     "freezelab sweep examples/sweep_tiny.yaml": "test_the_tiny_sweep",
     "freezelab sweep examples/sweep_optuna.yaml": "test_the_optuna_sweep_resumes_after_a_kill",
@@ -328,16 +328,21 @@ def test_the_token_command(tmp_path):
 
 
 @pytest.mark.ray
-def test_the_advise_command(capsys):
+def test_the_advise_command(ray_session, capsys):
     import mlflow
 
     command = next(c for c in RUN if RUN[c] == "test_the_advise_command")
-    # A few hundred images: the default is all 717 training digits of the file's data.
-    assert in_process(command, "--samples", "200", **LOCAL_PATHS) == 0
+    # The sweep's four candidates at two rates, on fewer images and epochs.
+    smaller = "overrides=[scaling.num_workers=1, epochs=2, data.train_per_class=8]"
+    extra = ["--samples", "40", "--rates", "0.02,0.1", "--set", smaller]
+    assert in_process(command, *extra, **LOCAL_PATHS) == 0
     out = capsys.readouterr().out
-    assert "candidate policies, best first:" in out and "paste into a train config" in out
+    assert "candidates, best first" in out and "paste into a train config" in out
+    assert "training FLOPs" in out and "signals (they explain the ranking" in out
     pasted = out.split("paste into a train config:\n", 1)[1].split("\nMLflow run:")[0]
-    from_dict(yaml.safe_load(pasted)["policy"])  # a policy, ready for the config
+    found = yaml.safe_load(pasted)
+    from_dict(found["policy"])  # a policy and its rate, ready for the config
+    assert found["optimizer"]["lr"] in (0.02, 0.1)
     run_id = re.search(r"MLflow run: (\w+)", out).group(1)
     client = mlflow.MlflowClient(f"sqlite:///{Path.cwd()}/mlflow.db")
     assert client.get_run(run_id).data.tags["freezelab.stage"] == "advise"
