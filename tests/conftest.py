@@ -126,13 +126,11 @@ def small_study_run(ray_session, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("small-study")
     printed = io.StringIO()
-    before = os.getcwd()
-    os.chdir(folder)  # the study writes relative to the working directory
-    try:
-        with contextlib.redirect_stdout(printed):
-            outcome = run_study(None, overrides=SMALL_STUDY)
-    finally:
-        os.chdir(before)
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
+        # as ``_work_in_tmp`` sets up a test, which runs after session fixtures
+        patch.chdir(folder)
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        outcome = run_study(None, overrides=SMALL_STUDY)
     return SimpleNamespace(outcome=outcome, out=printed.getvalue(), folder=folder)
 
 

@@ -57,6 +57,7 @@ def run_demo_command(folder: Path, timeout: float = 600) -> DemoRun:
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)  # its own ./mlflow.db, as in a test's folder
     command = [sys.executable, "-m", "freezelab", "demo"]
     for size in SIZES:
         command += ["--set", size]
