@@ -7,8 +7,11 @@ shares the session-scoped ``ray_session``; loop logic runs in one process withou
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -108,3 +111,33 @@ def ray_session(s3_endpoint):
         ray.init(address="local", num_cpus=2, log_to_driver=True)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def small_study_run(ray_session, tmp_path_factory):
+    """The built-in study shrunk by ``SMALL_STUDY`` (two target variants x two policies,
+    one seed), run once on the shared Ray session at its default concurrency (2 at once
+    on its 2 CPUs): ``.outcome`` (what ``run_study`` returned), ``.out`` (what it
+    printed) and ``.folder`` (where it ran: its ``mlflow.db``, runs and report). Several
+    tests read this one run instead of each running the same study again."""
+    from small_study import SMALL_STUDY
+
+    from freezelab.study import run_study
+
+    folder = tmp_path_factory.mktemp("small-study")
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
+        # as ``_work_in_tmp`` sets up a test, which runs after session fixtures
+        patch.chdir(folder)
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        outcome = run_study(None, overrides=SMALL_STUDY)
+    return SimpleNamespace(outcome=outcome, out=printed.getvalue(), folder=folder)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """``freezelab demo`` in a subprocess with a Ray of its own, run once for the tests
+    that read it (``tests/demo_command.py``): a ``DemoRun``."""
+    from demo_command import run_demo_command
+
+    return run_demo_command(tmp_path_factory.mktemp("demo"))

@@ -17,10 +17,10 @@ SMALL = SMALL_STUDY
 
 @pytest.mark.ray
 def test_study_pretrains_then_compares_policies_on_each_variant_and_writes_a_report(
-    ray_session, tmp_path, capsys
+    small_study_run,
 ):
-    rows = run_study(None, overrides=SMALL).rows
-    out = capsys.readouterr().out
+    # SMALL's study, run once for this test and the concurrency test (conftest.py)
+    rows, out, folder = small_study_run.outcome.rows, small_study_run.out, small_study_run.folder
     # the built-in study's two target variants, each policy on each
     assert [(r["variant"], r["policy"]) for r in rows] == [
         ("new-digits", "full"),
@@ -48,14 +48,14 @@ def test_study_pretrains_then_compares_policies_on_each_variant_and_writes_a_rep
     for opening in ("(1) Compute.", "(2) Data that differs", "(3) Forgetting", "(4) The new head"):
         assert opening in text
     assert "The gain of not freezing over freezing the backbone" in text
-    reports = list(Path("freezelab_reports").glob("*/index.html"))
+    reports = list((folder / "freezelab_reports").glob("*/index.html"))
     assert len(reports) == 1
     assert "report of the study:" in out and reports[0].name in out
     page = reports[0].read_text()
     assert "report: study &#x27;transfer-study-" in page
     assert "(4) The new head" in page and 'alt="forgetting"' in page
     # ... and in MLflow, where the report read them
-    uri = f"sqlite:///{Path.cwd()}/mlflow.db"
+    uri = f"sqlite:///{folder}/mlflow.db"
     logged = mlflow.MlflowClient(uri).get_run(rows[2]["run_id"]).data
     assert logged.tags["freezelab.variant"] == "new-digits-inverted"
     assert logged.metrics["val_acc/rotate:30"] == rows[2]["evaluations"]["rotate:30"]

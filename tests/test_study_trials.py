@@ -44,25 +44,27 @@ def _study_runs(uri: str) -> tuple[list, list]:
 
 @pytest.mark.ray
 def test_runs_side_by_side_give_the_results_of_runs_one_at_a_time(
-    ray_session, tmp_path, monkeypatch, capsys
+    small_study_run, tmp_path, capsys
 ):
-    results = {}
-    for concurrent in (1, 2):
-        folder = tmp_path / f"at-once-{concurrent}"
-        folder.mkdir()
-        monkeypatch.chdir(folder)
-        outcome = run_study(None, overrides=[*FOUR_RUNS, f"max_concurrent={concurrent}"])
-        out = capsys.readouterr().out
+    # Side by side: the shared run of SMALL_STUDY (conftest.py), up to 2 at once on the
+    # session's 2 CPUs. One at a time: the same study again, here.
+    one_at_a_time = run_study(
+        None, overrides=[*SMALL_STUDY, "register_best_as=null", "max_concurrent=1"]
+    )
+    runs = {
+        1: (one_at_a_time, capsys.readouterr().out, tmp_path),
+        2: (small_study_run.outcome, small_study_run.out, small_study_run.folder),
+    }
+    for concurrent, (outcome, out, folder) in runs.items():
         assert f"up to {concurrent} at once, each trial {{'CPU': 1.0}}" in out
         assert "trials finished: 4/4" in out
-        results[concurrent] = outcome
         # MLflow: one parent, and one child per fine-tuning run under it
         parents, finetunes = _study_runs(f"sqlite:///{folder}/mlflow.db")
         assert [p.info.run_id for p in parents] == [outcome.parent_run_id]
         assert sorted(r.info.run_id for r in finetunes) == sorted(r["run_id"] for r in outcome.rows)
         assert {r.data.tags["mlflow.parentRunId"] for r in finetunes} == {outcome.parent_run_id}
         assert parents[0].info.status == "FINISHED"
-    one, two = results[1], results[2]
+    one, two = runs[1][0], runs[2][0]
     assert len(one.rows) == len(two.rows) == 4 and not one.failed and not two.failed
     for a, b in zip(one.rows, two.rows, strict=True):
         assert (a["run_name"], a["seed"]) == (b["run_name"], b["seed"])

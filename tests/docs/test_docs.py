@@ -231,17 +231,18 @@ TINY_STUDY = [
 ]
 
 
-@pytest.mark.ray
-def test_the_demo(ray_session, capsys):
+@pytest.mark.ray  # the command starts a Ray of its own (in a subprocess)
+def test_the_demo(demo_run):
+    """The README's demo command in a subprocess, as a user runs it; the run is shared
+    with ``tests/test_demo.py`` (``tests/demo_command.py`` has its sizes)."""
+    from demo_command import SIZES
+
     command = next(c for c in RUN if RUN[c] == "test_the_demo")
     install, demo = command.split(" && ")
     assert install == "python3.11 -m pip install -e ."  # what CI's first step runs
-    # lp_ft probes for 3 epochs: the fine-tuning runs need 4; one seed of the three
-    one_seed = ("--set", "seeds=[0]")
-    # two learning rates to choose from (the demo has three), compared after 2 epochs
-    rates = ("--set", "select.grid={optimizer.lr: [0.01, 0.05]}")
-    assert in_process(demo, *TINY_STUDY, "--set", "finetune.epochs=4", *one_seed, *rates) == 0
-    out, err = capsys.readouterr()
+    assert demo_run.command == [*argv(demo), *(w for size in SIZES for w in ("--set", size))]
+    out, err = demo_run.out, demo_run.err
+    assert demo_run.returncode == 0, (out + err)[-3000:]
     assert "Downloading artifacts" not in err  # the report reads each run quietly
     # the verdict on the held-out test split
     assert "transfer study" in out and "test_acc (mean ± ci95)" in out
@@ -251,7 +252,7 @@ def test_the_demo(ray_session, capsys):
     text = " ".join(out.split())
     for opening in ("(1) Compute.", "(2) Data that differs", "(3) Forgetting", "(4) The new head"):
         assert opening in text
-    assert len(list(Path("freezelab_reports").glob("*/index.html"))) == 1
+    assert len(list((demo_run.folder / "freezelab_reports").glob("*/index.html"))) == 1
 
 
 @pytest.mark.ray
