@@ -97,6 +97,13 @@ def prepare(
         entries = _sweep_policies(sweep)
         config = sweep.trial_config(entries[0], {}, f"{sweep.name}-advise")
         policies, origin = [from_dict(e) for e in entries], f"sweep {sweep.name}"
+        if sweep.space.params:
+            # advise searches the rates itself (--rates); the sweep's other params stay
+            # at the base config's values.
+            log.warning(
+                f"advise: the sweep's params ({', '.join(sweep.space.params)}) are not searched: "
+                "each candidate is tried at --rates, with the base config's other values"
+            )
     else:
         config, origin = load_config(path, overrides=overrides), "default"
     if config.data.loader == "ray_data":
