@@ -22,7 +22,13 @@ from typing import Any
 import yaml
 
 from freezelab.errors import FreezelabError
-from freezelab.mlflow.tracking import ADVISE, PRETRAIN, SELECT, STAGE_TAG
+from freezelab.mlflow.tracking import (  # noqa: F401  (VARIANT_TAG: re-exported)
+    ADVISE,
+    PRETRAIN,
+    SELECT,
+    STAGE_TAG,
+    VARIANT_TAG,
+)
 from freezelab.redact import redact_uri
 from freezelab.trainers import checkpoint as ckpt
 from freezelab.trainers.location import RunLocation, config_changes
@@ -32,7 +38,6 @@ PARENT_TAG = "mlflow.parentRunId"
 GROUP_TAG = "freezelab.group"
 DIVERGED_TAG = "freezelab.diverged"  # the reason a run counts as diverged
 SELECTED_TAG = "freezelab.select.point"  # a study run's values of select.grid, as JSON
-VARIANT_TAG = "freezelab.variant"
 DRIFT_PREFIX = "drift/"
 HISTORY_KEYS = (
     "val_acc",
