@@ -287,7 +287,11 @@ def _group_configs(
         name += f"-seed{seed}" if len(study.seeds) > 1 and not selecting else ""
         # What the MLflow UI shows: the policy first, short enough for the runs table's
         # column (``full · inverted``); the whole label in a tag, the study in another.
-        values_shown = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items()]
+        # A verdict run's selected values (one per policy and variant) tell no two of
+        # its runs apart: they are params and in the label, not in the name.
+        named = values if selecting else point
+        values_shown = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in named.items()]
+        values_whole = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items()]
         seed_shown = [f"seed={seed}"] if len(study.seeds) > 1 and not selecting else []
         shown = ["select" if selecting else "", names[label], names.get(variant, "")]
         whole = ["select" if selecting else "", label, variant]
@@ -303,7 +307,7 @@ def _group_configs(
                     "run_name": RUN_NAME_SEPARATOR.join(
                         filter(None, shown + values_shown + seed_shown)
                     ),
-                    "tags": {LABEL_TAG: " ".join(filter(None, whole + values_shown + seed_shown))},
+                    "tags": {LABEL_TAG: " ".join(filter(None, whole + values_whole + seed_shown))},
                 },
             )
         )
