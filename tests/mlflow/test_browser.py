@@ -136,7 +136,8 @@ def test_the_printed_page_opens_on_each_variants_ranking_with_its_cost(study, br
     # parent, no pretraining), best test_acc first; the cost beside it.
     assert {"test_acc", "val_acc", "train_time_s"} <= set(headers), headers
     metric_columns = [h for h in headers if h in ("test_acc", "train_time_s", "val_acc")]
-    by_name = {r["run_name"]: r for r in rows}
+    runs = {r["run_id"]: client.get_run(r["run_id"]) for r in rows}
+    by_name = {run.info.run_name: run for run in runs.values()}
     groups: dict[str, list[list[str]]] = {}
     for cells in table:
         if cells[0].startswith("Group: "):
@@ -149,16 +150,20 @@ def test_the_printed_page_opens_on_each_variants_ranking_with_its_cost(study, br
         expected = sorted(
             (r for r in rows if r["variant"] == variant), key=lambda r: -r["test_acc"]
         )
-        assert [cells[0] for cells in members] == [r["run_name"] for r in expected]
+        assert [cells[0] for cells in members] == [
+            runs[r["run_id"]].info.run_name for r in expected
+        ]
         for cells in members:
             values = dict(zip(metric_columns, cells[-len(metric_columns) :], strict=True))
-            run = client.get_run(by_name[cells[0]]["run_id"])
+            run = by_name[cells[0]]
             assert float(values["test_acc"]) == pytest.approx(run.data.metrics["test_acc"])
             assert float(values["train_time_s"]) == pytest.approx(run.data.metrics["train_time_s"])
     # Short names: the policy and the variant, the whole label in a tag.
     for row in rows:
-        policy, variant = row["run_name"].split(" · ")
+        run = runs[row["run_id"]]
+        policy, variant = run.info.run_name.split(" · ")
         assert policy == row["policy"] and row["variant"].endswith(variant)
+        assert run.data.tags["freezelab.label"] == f"{row['policy']} {row['variant']}"
 
 
 def test_the_study_states_its_answer_in_its_description(study, browser, shoot):
