@@ -58,7 +58,7 @@ def test_study_pretrains_then_compares_policies_on_each_variant_and_writes_a_rep
     uri = f"sqlite:///{Path.cwd()}/mlflow.db"
     logged = mlflow.MlflowClient(uri).get_run(rows[2]["run_id"]).data
     assert logged.tags["freezelab.variant"] == "new-digits-inverted"
-    assert logged.metrics["val_acc/rotate:30"] == rows[2]["evaluations"]["rotate:30"]
+    assert logged.metrics["shifted/val_acc/rotate:30"] == rows[2]["evaluations"]["rotate:30"]
     assert logged.metrics["forgetting"] == rows[2]["forgetting"]
     assert {"source_probe_acc", "source_probe_acc_start", "early/grad_norm/layer1"} <= set(
         logged.metrics

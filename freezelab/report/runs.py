@@ -32,6 +32,7 @@ from freezelab.mlflow.tracking import (  # noqa: F401  (VARIANT_TAG: re-exported
 from freezelab.redact import redact_uri
 from freezelab.trainers import checkpoint as ckpt
 from freezelab.trainers.location import RunLocation, config_changes
+from freezelab.trainers.shifts import SHIFTED_PREFIX
 
 SWEEP_KIND_TAG = "freezelab.kind"
 PARENT_TAG = "mlflow.parentRunId"
@@ -57,7 +58,7 @@ HISTORY_KEYS = (
 )
 # Metric families read whole: evaluations under shifts and on extra sets (of the
 # held-out test set too), and the gradient norms of the early steps (at their global step).
-HISTORY_PREFIXES = ("val_acc/", "test_acc/", "early/grad_norm/")
+HISTORY_PREFIXES = (SHIFTED_PREFIX, "early/grad_norm/")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
