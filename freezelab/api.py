@@ -21,6 +21,7 @@ from freezelab.redact import redact_uri
 from freezelab.trainers.config import TrainConfig
 from freezelab.trainers.launch import init_ray, worker_resources
 from freezelab.trainers.preflight import check_run
+from freezelab.trainers.shifts import SHIFTED_PREFIX, shifted_metric
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,9 @@ def summarize(config: TrainConfig, tracked: TrackedOutcome) -> str:
     ]
     if "test_acc" in m:  # the held-out test set, evaluated once on the handed-over model
         shifted = "".join(
-            f", {k} {v:.4f}" for k, v in sorted(m.items()) if k.startswith("test_acc/")
+            f", {k.removeprefix(SHIFTED_PREFIX)} {v:.4f}"
+            for k, v in sorted(m.items())
+            if k.startswith(shifted_metric("test", ""))
         )
         lines.insert(
             2,

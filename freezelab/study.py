@@ -26,7 +26,7 @@ from freezelab import objectstore
 from freezelab.api import train
 from freezelab.console import Column, format_table
 from freezelab.errors import ConfigError, FreezelabError
-from freezelab.mlflow.tracking import PRETRAIN, STAGE_TAG
+from freezelab.mlflow.tracking import PRETRAIN, STAGE_TAG, VARIANT_TAG
 from freezelab.redact import redact_uri
 from freezelab.study_config import (
     DEFAULT_STUDY,
@@ -176,7 +176,7 @@ def _run(
     if finetunes[0].mlflow.enabled:
         from freezelab.mlflow.sweep import start_group_run
 
-        parent, _ = start_group_run(finetunes[0], tag, "study")
+        parent, _ = start_group_run(_parent_config(finetunes[0]), tag, "study")
     source_model = train(pretrain, address=address, parent_run_id=parent).outcome
     log.info(
         f"source model val_acc {source_model.metrics.get('val_acc', float('nan')):.3f}; "
@@ -212,11 +212,23 @@ def _run(
         from freezelab.mlflow.sweep import finish_study_run
         from freezelab.mlflow.tracking import resolve_tracking_uri
         from freezelab.report import build_report
+        from freezelab.report.description import (
+            study_description,
+            summary_markdown,
+            variant_winners,
+        )
 
         uri = resolve_tracking_uri(base.mlflow.tracking_uri)
+        _save_view(uri, parent, tag, groups)
         report = build_report(parent, out_dir=Path("freezelab_reports") / tag, tracking_uri=uri)
-        best = next(g for g in groups if g["best_of_policy"])
-        finish_study_run(base, parent, best, report.summary, rows)
+        finish_study_run(
+            base,
+            parent,
+            variant_winners(report.settings),
+            study_description(report.settings, report.summary),
+            summary_markdown(f"transfer study {tag}", report.settings, report.summary),
+            rows,
+        )
         log.info(f"report of the study: {report.index}")
         log.info(f"compare the runs in the MLflow UI: {study_page(uri, parent)}")
     if failed:
@@ -379,14 +391,49 @@ def _on_driver(config: TrainConfig, weights: str | None) -> TrainConfig:
     return config.model_copy(update={"model": model, "mlflow": tracking})
 
 
+def _parent_config(config: TrainConfig) -> TrainConfig:
+    """The config the study's parent run is opened with: a fine-tuning run's, without
+    the tags that describe that one run (its variant, label, selection group), so that
+    grouping the runs table by variant never puts the parent inside a variant."""
+    from freezelab.study_config import LABEL_TAG
+    from freezelab.study_selection import POINT_TAG
+
+    own = {VARIANT_TAG, LABEL_TAG, GROUP_TAG, POINT_TAG}
+    tags = {k: v for k, v in config.mlflow.tags.items() if k not in own}
+    return config.model_copy(update={"mlflow": config.mlflow.model_copy(update={"tags": tags})})
+
+
+def _save_view(uri: str, parent_run_id: str, tag: str, groups: list[dict[str, Any]]) -> None:
+    """Save the runs table the study's page opens on (``mlflow.views``)."""
+    import mlflow
+
+    from freezelab.mlflow.views import save_study_view, study_view, view_key
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    variants = any(g["variant"] for g in groups)
+    try:
+        save_study_view(
+            client, experiment_id, view_key(tag), study_view(tag, groups[0]["metric"], variants)
+        )
+    except Exception as err:  # the page then opens on the experiment's runs, unsorted
+        log.warning(f"MLflow: the study's view of its runs was not saved: {err}")
+
+
 def study_page(uri: str, parent_run_id: str) -> str:
-    """Where to read a study in the MLflow UI (with the command that serves a local store)."""
+    """Where to read a study in the MLflow UI (with the command that serves a local
+    store): its fine-tuning runs by target variant, best first, with their cost
+    (the view ``_save_view`` saved), else the experiment's runs."""
     import mlflow
 
     from freezelab.mlflow.tracking import ui_page
+    from freezelab.mlflow.views import has_view, view_key
 
-    experiment_id = mlflow.MlflowClient(tracking_uri=uri).get_run(parent_run_id).info.experiment_id
-    page = ui_page(uri, experiment_id)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    parent = client.get_run(parent_run_id)
+    experiment_id = parent.info.experiment_id
+    key = view_key(parent.data.tags.get(STUDY_TAG, ""))
+    page = ui_page(uri, experiment_id, view=key if has_view(client, experiment_id, key) else None)
     if uri.startswith(("http://", "https://")):
         return page
     return f"run `mlflow ui --backend-store-uri {uri}`, then open {page}"
@@ -416,6 +463,7 @@ def _register_best(base: TrainConfig, rows: list[dict[str, Any]], groups, name: 
         name,
         base.mlflow.alias,
         chosen_by=f"study {base.mlflow.tags.get(STUDY_TAG, base.name)}",
+        study=base.mlflow.tags.get(STUDY_TAG, ""),
         policy=winner["policy"],
         setting=winner["setting"],
         variant=winner["variant"],

@@ -20,9 +20,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from freezelab.config_io import ConfigModel, read_mapping
 from freezelab.errors import ConfigError, describe_validation_error
-from freezelab.mlflow.tracking import SELECT, STAGE_TAG
+from freezelab.mlflow.tracking import SELECT, STAGE_TAG, STUDY_TAG, VARIANT_TAG
 from freezelab.policies import from_dict
-from freezelab.report.runs import VARIANT_TAG
 from freezelab.study_selection import (
     GROUP_TAG,
     POINT_TAG,
@@ -169,7 +168,6 @@ class StudyConfig(ConfigModel):
         return self
 
 
-STUDY_TAG = "freezelab.study"  # the study's id, on each of its runs
 # What a study sets per run: a grid over them would be overwritten.
 GRID_FORBIDDEN = ("name", "seed", "policy")
 
@@ -218,6 +216,7 @@ def finetune_configs(
     configs = []
     source = deep_merge(study.base, study.pretrain).get("data")
     seeds = [study.select.seed] if selecting else study.seeds
+    names = short_names(study)
     for variant, overrides in (study.variants or {"": {}}).items():
         for policy in study.policies:
             for point in grid_points(study.grid):
@@ -242,6 +241,7 @@ def finetune_configs(
                         seeds,
                         source,
                         selecting,
+                        names,
                     )
     if study.register_best_as and not selecting and configs and not configs[0].mlflow.log_model:
         raise ConfigError(f"study {study.name!r}: register_best_as needs mlflow.log_model: true")
@@ -259,6 +259,7 @@ def _group_configs(
     seeds: list[int],
     source: Any,
     selecting: bool,
+    names: dict[str, str],
 ) -> list[TrainConfig]:
     """The runs of one (variant, policy, grid point) at the values ``extra`` of
     ``select.grid``, one per seed."""
@@ -284,10 +285,16 @@ def _group_configs(
         name = f"{tag}-{'select-' if selecting else ''}{variant + '-' if variant else ''}"
         name += from_dict(policy).slug() + suffix
         name += f"-seed{seed}" if len(study.seeds) > 1 and not selecting else ""
-        # What the MLflow UI shows: the policy first, the study in a tag.
-        shown = ["select" if selecting else "", label, variant]
-        shown += [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items()]
-        shown += [f"seed={seed}"] if len(study.seeds) > 1 and not selecting else []
+        # What the MLflow UI shows: the policy first, short enough for the runs table's
+        # column (``full · inverted``); the whole label in a tag, the study in another.
+        # A verdict run's selected values (one per policy and variant) tell no two of
+        # its runs apart: they are params and in the label, not in the name.
+        named = values if selecting else point
+        values_shown = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in named.items()]
+        values_whole = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items()]
+        seed_shown = [f"seed={seed}"] if len(study.seeds) > 1 and not selecting else []
+        shown = ["select" if selecting else "", names[label], names.get(variant, "")]
+        whole = ["select" if selecting else "", label, variant]
         configs.append(
             stage_config(
                 study,
@@ -296,7 +303,51 @@ def _group_configs(
                 policy=policy,
                 seed=seed,
                 model={"weights": "PENDING"},
-                mlflow={"run_name": " ".join(filter(None, shown))},
+                mlflow={
+                    "run_name": RUN_NAME_SEPARATOR.join(
+                        filter(None, shown + values_shown + seed_shown)
+                    ),
+                    "tags": {LABEL_TAG: " ".join(filter(None, whole + values_whole + seed_shown))},
+                },
             )
         )
     return configs
+
+
+# Between the parts of a run's name in the MLflow UI: ``full · inverted · seed=1``.
+RUN_NAME_SEPARATOR = " · "
+# A run's whole name (the policy's full label, the variant's full name), when its run
+# name is shortened.
+LABEL_TAG = "freezelab.label"
+
+
+def short_names(study: StudyConfig) -> dict[str, str]:
+    """The short names that a study's run names use, by policy label and by variant
+    name: a policy by its type, unless another policy of the study has the same type
+    (then by its type and the values of its fields: ``last_n(1)``); a variant without
+    the words every variant's name starts with (``new-digits``, ``new-digits-inverted``
+    -> ``new-digits``, ``inverted``).
+
+    >>> study = load_study(None)
+    >>> names = short_names(study)
+    >>> names["lp_ft(probe_epochs=3, ft_lr_factor=0.5)"], names["new-digits-inverted"]
+    ('lp_ft', 'inverted')
+    """
+    policies = [from_dict(p) for p in study.policies]
+    types = [p.type for p in policies]
+    names = {}
+    for policy in policies:
+        label = policy.label()
+        if types.count(policy.type) == 1:
+            names[label] = policy.type
+        else:
+            names[label] = re.sub(r"\w+=", "", label).replace(", ", ",")
+    variants = [v.split("-") for v in study.variants]
+    common = 0
+    while len(variants) > 1 and all(
+        len(v) > common and v[common] == variants[0][common] for v in variants
+    ):
+        common += 1
+    for words, name in zip(variants, study.variants, strict=True):
+        names[name] = "-".join(words[common:]) or name
+    return names

@@ -58,7 +58,7 @@ def test_study_pretrains_then_compares_policies_on_each_variant_and_writes_a_rep
     uri = f"sqlite:///{folder}/mlflow.db"
     logged = mlflow.MlflowClient(uri).get_run(rows[2]["run_id"]).data
     assert logged.tags["freezelab.variant"] == "new-digits-inverted"
-    assert logged.metrics["val_acc/rotate:30"] == rows[2]["evaluations"]["rotate:30"]
+    assert logged.metrics["shifted/val_acc/rotate:30"] == rows[2]["evaluations"]["rotate:30"]
     assert logged.metrics["forgetting"] == rows[2]["forgetting"]
     assert {"source_probe_acc", "source_probe_acc_start", "early/grad_norm/layer1"} <= set(
         logged.metrics
@@ -75,12 +75,14 @@ def test_study_pretrains_then_compares_policies_on_each_variant_and_writes_a_rep
     assert names == sorted(
         [
             "pretrain",
-            "full new-digits",
-            "head_only new-digits",
-            "full new-digits-inverted",
-            "head_only new-digits-inverted",
+            "full · new-digits",
+            "head_only · new-digits",
+            "full · inverted",
+            "head_only · inverted",
         ]
     )
+    labels = {run.data.tags.get("freezelab.label") for run in children}
+    assert "head_only new-digits-inverted" in labels
     stages = {run.info.run_name: run.data.tags["freezelab.stage"] for run in children}
     assert stages.pop("pretrain") == "pretrain" and set(stages.values()) == {"finetune"}
     # Digits 5-9 are a new task for the model of digits 0-4: every fine-tuning run starts
@@ -96,10 +98,19 @@ def test_study_pretrains_then_compares_policies_on_each_variant_and_writes_a_rep
     # setting's val_acc beside it.
     best = max(r["test_acc"] for r in rows)
     winners = [r for r in rows if r["test_acc"] == best]
-    assert parent.data.metrics["best_test_acc"] == best
-    assert parent.data.tags["freezelab.best.policy"] in {r["policy"] for r in winners}
-    assert parent.data.metrics["best_val_acc"] in {r["val_acc"] for r in winners}
-    assert parent.data.tags["mlflow.note.content"].startswith("On the target 'new-digits'")
+    # Each variant's winner: its metrics and tags, the table that opens its description.
+    for variant in ("new-digits", "new-digits-inverted"):
+        members = [r for r in rows if r["variant"] == variant]
+        top = max(r["test_acc"] for r in members)
+        tops = [r for r in members if r["test_acc"] == top]
+        assert parent.data.metrics[f"best/{variant}/test_acc"] == top
+        assert parent.data.metrics[f"best/{variant}/val_acc"] in {r["val_acc"] for r in tops}
+        policy = parent.data.tags[f"freezelab.best.{variant}.policy"]
+        assert policy in {r["policy"] for r in tops}
+    assert "freezelab.variant" not in parent.data.tags
+    description = parent.data.tags["mlflow.note.content"]
+    assert description.startswith("**new-digits**: ")
+    assert "| policy | test_acc | cost: train s per run |" in description.splitlines()[2]
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["freezelab.stage"] == "study"
     # the model the study hands over: registered, and a module its users can fine-tune
@@ -107,7 +118,9 @@ def test_study_pretrains_then_compares_policies_on_each_variant_and_writes_a_rep
     champion = registry.get_model_version_by_alias("transfer-study-best", "champion")
     assert champion.run_id in {r["run_id"] for r in winners}
     assert f"compare the runs in the MLflow UI: run `mlflow ui --backend-store-uri {uri}`" in out
-    assert "?workflowType=machine_learning" in out
+    # ... on the study's own view of its runs (tests/mlflow/test_browser.py opens it)
+    assert "?viewStateShareKey=freezelab-transfer-study-" in out
+    assert "workflowType=machine_learning" in out
     # the pretraining is another task: compare leaves it out unless asked
     from freezelab.mlflow.compare import compare_rows
 

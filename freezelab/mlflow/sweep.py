@@ -135,31 +135,50 @@ def _register_winner(sweep: Any, base: Any, outcome: Any, uri: str, model_uri: s
 
 
 def finish_study_run(
-    base: Any, run_id: str, best: dict[str, Any], summary: str, rows: list[dict[str, Any]]
+    base: Any,
+    run_id: str,
+    winners: dict[str, dict[str, Any]],
+    description: str,
+    details: str,
+    rows: list[dict[str, Any]],
 ) -> None:
-    """Close a study's parent run with what it found: the best setting (tags
-    ``freezelab.best.*``, metric ``best_val_acc``: its mean last-epoch val_acc, and
-    ``best_test_acc`` when the verdict is on a test split), the
-    summary as the run's description, and every fine-tuning run's row as an artifact."""
+    """Close a study's parent run with what it found in each target variant
+    (``winners``: the variant's winning setting, ``""`` for a study without variants):
+    metrics ``best/<variant>/<metric>`` (its verdict metric, and val_acc and
+    ``train_time_s`` beside it), tags ``freezelab.best.<variant>.policy`` and
+    ``.setting``; the ``description`` (the run page's), its whole text ``details`` as
+    ``summary.md``, and every fine-tuning run's row as ``results.json``."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=resolve_tracking_uri(base.mlflow.tracking_uri))
-    client.log_metric(run_id, "best_val_acc", float(best["val_acc"]))
-    if best.get("metric") == "test_acc":
-        client.log_metric(run_id, "best_test_acc", float(best["score"]))
-    tags = {
-        "freezelab.best.policy": best["policy"],
-        "freezelab.best.setting": best["setting"] or "-",
-        "freezelab.best.variant": best["variant"] or "-",
-        "mlflow.note.content": summary,  # the run page's description
-    }
+    tags = {"mlflow.note.content": description}
+    for variant, best in winners.items():
+        metrics = {best["metric"]: best["score"], "val_acc": best["val_acc"]}
+        metrics["train_time_s"] = best.get("train_time_s")
+        for name, value in metrics.items():
+            if value is not None:
+                client.log_metric(run_id, best_metric(variant, name), float(value))
+        prefix = f"freezelab.best.{variant}." if variant else "freezelab.best."
+        tags[prefix + "policy"] = best["policy"]
+        tags[prefix + "setting"] = best["setting"] or "-"
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "results.json"
-        path.write_text(json.dumps(rows, indent=2, default=str))
-        client.log_artifact(run_id, str(path))
+        (Path(tmp) / "results.json").write_text(json.dumps(rows, indent=2, default=str))
+        (Path(tmp) / "summary.md").write_text(details)
+        client.log_artifact(run_id, str(Path(tmp) / "results.json"))
+        client.log_artifact(run_id, str(Path(tmp) / "summary.md"))
     client.set_terminated(run_id)
+
+
+def best_metric(variant: str, metric: str) -> str:
+    """The parent run's metric of a variant's winner: ``best/new-digits/test_acc``
+    (``best/test_acc`` in a study without variants).
+
+    >>> best_metric("new-digits", "test_acc"), best_metric("", "val_acc")
+    ('best/new-digits/test_acc', 'best/val_acc')
+    """
+    return f"best/{variant}/{metric}" if variant else f"best/{metric}"
 
 
 def fail_group_run(base: Any, run_id: str) -> None:

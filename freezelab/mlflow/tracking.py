@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import subprocess
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -99,20 +100,26 @@ def open_store(uri: str, timeout_s: float = 5.0) -> Any:
 LOCAL_UI = "http://127.0.0.1:5000"
 
 
-def ui_page(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
+def ui_page(
+    tracking_uri: str, experiment_id: str, run_id: str | None = None, *, view: str | None = None
+) -> str:
     """The MLflow UI's page of an experiment's runs (or of one run) for a store: the
     server itself, or ``mlflow ui``'s default address for a local file. The page opens
-    in the UI's model-training view (MLflow 3's UI otherwise opens on GenAI pages).
+    in the UI's model-training view (MLflow 3's UI otherwise opens on GenAI pages), and
+    on the experiment's shared view ``view`` when given (``views.py``).
 
     >>> ui_page("http://bob:pw@mlflow:5000/", "3", "abc")
     'http://mlflow:5000/#/experiments/3/runs/abc?workflowType=machine_learning'
+    >>> ui_page("sqlite:///mlflow.db", "3", view="freezelab-s1")
+    'http://127.0.0.1:5000/#/experiments/3/runs?viewStateShareKey=freezelab-s1&workflowType=machine_learning'
     """
     if tracking_uri.startswith(("http://", "https://")):
         base = strip_credentials(tracking_uri)[0].rstrip("/")
     else:
         base = LOCAL_UI
     page = f"{base}/#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
-    return page + "?workflowType=machine_learning"
+    query = {"viewStateShareKey": view} if view and not run_id else {}
+    return page + "?" + urllib.parse.urlencode({**query, "workflowType": "machine_learning"})
 
 
 def flatten_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -219,6 +226,11 @@ def _digest(described: dict[str, Any], folder: str | None) -> str:
 
 STAGE_TAG = "freezelab.stage"
 PRETRAIN = "pretrain"
+# The runs a verdict compares (a study's, a sweep's trials, a single run).
+FINETUNE = "finetune"
+# A study's id, on each of its runs; its target variant, on each fine-tuning run.
+STUDY_TAG = "freezelab.study"
+VARIANT_TAG = "freezelab.variant"
 # A study's selection runs (each policy's own learning rate): the verdict reads none.
 SELECT = "select"
 # `freezelab advise`: signals and a ranking, no training (compare and report skip it).
@@ -237,7 +249,7 @@ def run_tags(config: Any) -> dict[str, str]:
         "freezelab.version": __version__,
         "freezelab.run_name": config.name,
         # pretrain, finetune or trial: `compare` and `report` leave pretraining out.
-        STAGE_TAG: "finetune",
+        STAGE_TAG: FINETUNE,
     }
     node_id = ray_node_id()
     if node_id:

@@ -87,28 +87,38 @@ def register_winner(
     metric: str,
     values: Sequence[float],
     others: dict[str, Sequence[float]],
+    study: str = "",
 ) -> str:
     """Register ``model_uri`` as ``name`` (alias ``alias``) with the verdict of its
     setting (``values`` of ``metric``) against ``others``: tags ``freezelab.policy``,
-    ``freezelab.variant``, ``freezelab.separated`` (and ``freezelab.tied_with``), and a
-    description that names the policy, the variant, the metric with its interval and
-    ``chosen_by`` (``"study NAME"``, ``"sweep NAME"``). Returns the version."""
+    ``freezelab.variant``, ``freezelab.verdict`` (the metric with its interval),
+    ``freezelab.chosen_by``, ``freezelab.study`` (a study's id, when ``study``),
+    ``freezelab.separated`` (and ``freezelab.tied_with``), and a description that names
+    the policy, the variant, the metric with its interval and ``chosen_by``
+    (``"study NAME"``, ``"sweep NAME"``). Returns the version."""
     from freezelab.mlflow.models import register, registry_client
 
     found = verdict(values, others, metric)
     stats = summarize(values)
     shown = f"{policy} [{setting}]" if setting else policy
+    measured = f"{metric} {with_interval(stats.mean, stats.ci95_low, stats.ci95_high, stats.n)}"
     description = (
-        f"The winner of {chosen_by}: policy {shown}, variant {variant or '-'}, {metric} "
-        f"{with_interval(stats.mean, stats.ci95_low, stats.ci95_high, stats.n)}. {found.reason}"
+        f"The winner of {chosen_by}: policy {shown}, variant {variant or '-'}, {measured}. "
+        f"{found.reason}"
     )
     version = register(tracking_uri, model_uri, name, alias)
     client = registry_client(tracking_uri)
     tags = {
         "freezelab.policy": policy,
         "freezelab.variant": variant or "-",
+        "freezelab.verdict": measured,
+        "freezelab.chosen_by": chosen_by,
         "freezelab.separated": str(found.separated).lower(),
     }
+    if setting:
+        tags["freezelab.setting"] = setting
+    if study:
+        tags["freezelab.study"] = study
     if not found.separated:
         tags["freezelab.tied_with"] = ", ".join(found.tied_with)
     for key, value in tags.items():

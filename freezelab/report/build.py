@@ -128,7 +128,8 @@ def build_report(
     figures = draw_figures(directory, ordered, rows, groups)
     summary = summarize_variants(groups, diverged_rows(rows))
     index = directory / "index.html"
-    index.write_text(html_page(found.description, rows, groups, figures, summary, notes))
+    study_url = _study_url(client, uri, found.parent_run_id)
+    index.write_text(html_page(found.description, rows, groups, figures, summary, notes, study_url))
     (directory / "report.json").write_text(
         json.dumps(
             {
@@ -161,6 +162,22 @@ def build_report(
         logged,
         location,
     )
+
+
+def _study_url(client: Any, uri: str, parent_run_id: str | None) -> str | None:
+    """The MLflow page of a study's runs (its saved view), when the target is a study
+    that saved one."""
+    from freezelab.mlflow.tracking import STUDY_TAG, ui_page
+    from freezelab.mlflow.views import has_view, view_key
+
+    if parent_run_id is None:
+        return None
+    parent = client.get_run(parent_run_id)
+    study = parent.data.tags.get(STUDY_TAG)
+    experiment_id = parent.info.experiment_id
+    if not study or not has_view(client, experiment_id, view_key(study)):
+        return None
+    return ui_page(uri, experiment_id, view=view_key(study))
 
 
 def _similarities(

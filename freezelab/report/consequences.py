@@ -7,9 +7,9 @@ know; (4) most of all while a new, untrained head sends large gradients into the
 Each is a number per run (README, "What the study measures"):
 
 - (1) ``train_flops`` and ``train_time_s``, the run's training cost;
-- (2) ``val_acc`` and ``val_acc/<shift or set>`` (``data.eval_shifts``,
+- (2) ``val_acc`` and ``shifted/val_acc/<shift or set>`` (``data.eval_shifts``,
   ``data.eval_sets``), and the study's target variants (``data.shift``); with a
-  held-out test set also ``test_acc`` and ``test_acc/<shift>`` (``test_evaluations``);
+  held-out test set also ``test_acc`` and ``shifted/test_acc/<shift>`` (``test_evaluations``);
 - (3) ``forgetting``: the source-task probe's accuracy at the start minus at the end;
 - (4) ``backbone_grad_early``: the mean L2 norm of the backbone's gradient over the
   first measured steps in which the backbone trains (``early/grad_norm/<group>``),
@@ -32,13 +32,14 @@ from typing import Any
 
 from freezelab.stats import difference
 from freezelab.trainers.reporting import history_from_epochs
+from freezelab.trainers.shifts import shifted_metric
 
 __all__ = ["consequences", "group_measures", "history_from_epochs", "run_measures"]
 from freezelab.stats import summarize as stats_summary
 
 EARLY_PREFIX = "early/grad_norm/"
-EVAL_PREFIX = "val_acc/"
-TEST_PREFIX = "test_acc/"  # the same evaluations on the held-out test split
+EVAL_PREFIX = shifted_metric("val", "")
+TEST_PREFIX = shifted_metric("test", "")  # the same evaluations on the held-out test split
 # Per-run measures that the settings summarize with an interval.
 MEASURES = ("train_flops", "forgetting", "source_probe_acc", "backbone_grad_early")
 FULL, HEAD_ONLY, LP_FT = "full", "head_only", "lp_ft"

@@ -39,14 +39,16 @@ def draw_figures(
     ``groups`` are the settings (``group_rows``), and each setting has one color."""
     import matplotlib
 
-    color_of = {g["label"]: _color(i, len(groups)) for i, g in enumerate(groups)}
+    # One color per policy and setting, the same in every target variant.
+    labels = list(dict.fromkeys(g["label"] for g in groups))
+    color_of = {label: _color(i, len(labels)) for i, label in enumerate(labels)}
     gray = (0.5, 0.5, 0.5, 1.0)
     colors = [color_of.get(row["label"], gray) for row in rows]
     paths = {}
     # Labels are policy labels and run names, never math: a regex's "$" stays a "$".
     with matplotlib.rc_context({"text.parse_math": False}):
         figures = {
-            "accuracy_vs_time": _accuracy_vs_time(groups, rows, colors),
+            "accuracy_vs_time": _accuracy_vs_time(groups, rows, color_of),
             "learning_curves": _learning_curves(records, rows, colors),
             "drift": _drift(records, [_run_label(row, rows) for row in rows]),
             "cka": _similarity(groups, [color_of[g["label"]] for g in groups]),
@@ -85,76 +87,94 @@ def _color(index: int, count: int):
     return matplotlib.colormaps["tab10" if count <= 10 else "tab20"](index % 20)
 
 
-def _accuracy_vs_time(groups: list[dict[str, Any]], rows: list[dict[str, Any]], colors) -> Any:
-    figure = _figure(7, 4.5)
-    ax = figure.add_subplot()
-    ax.scatter(
-        [number_or(r["train_time_s"], math.nan) for r in rows],
-        [number_or(r.get(_metric(groups)), math.nan) for r in rows],
-        color=colors,
-        s=12,
-        alpha=0.45,
-        zorder=2,
-    )
-    front = pareto_front(time_and_accuracy(groups))
-    for i, group in enumerate(groups):
-        x, y = number_or(group["train_time_s"], math.nan), group["score"]
-        error = None
-        if group["ci95_low"] is not None:
-            error = [[y - group["ci95_low"]], [group["ci95_high"] - y]]
-        ax.errorbar(
-            [x],
-            [y],
-            yerr=error,
-            fmt="o",
-            color=_color(i, len(groups)),
-            markeredgecolor="black" if i in front else "none",
-            markersize=7,
-            capsize=3,
-            zorder=3,
+def _accuracy_vs_time(groups: list[dict[str, Any]], rows: list[dict[str, Any]], color_of) -> Any:
+    """A panel per target variant (another task: its settings are compared among
+    themselves): each run, each setting's mean and interval, the variant's Pareto front."""
+    variants = by_variant(groups)
+    figure = _figure(7 if len(variants) == 1 else 5.5 * min(len(variants), 3), 4.5)
+    axes = figure.subplots(1, len(variants), squeeze=False)[0]
+    metric = _metric(groups)
+    gray = (0.5, 0.5, 0.5, 1.0)
+    for ax, (variant, members) in zip(axes, variants.items(), strict=True):
+        runs = [r for r in rows if r.get("variant", "") == variant]
+        ax.scatter(
+            [number_or(r["train_time_s"], math.nan) for r in runs],
+            [number_or(r.get(metric), math.nan) for r in runs],
+            color=[color_of.get(r["label"], gray) for r in runs],
+            s=12,
+            alpha=0.45,
+            zorder=2,
         )
-        ax.annotate(group["label"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    if len(front) > 1:
-        xs = [groups[i]["train_time_s"] for i in front]
-        ys = [groups[i]["score"] for i in front]
-        ax.step(xs, ys, where="post", linestyle="--", color="gray", label="Pareto front", zorder=1)
-        ax.legend(loc="lower right", fontsize=8)
-    times = [t for t, _ in time_and_accuracy(groups) if 0 < t < math.inf]
-    if times and max(times) / min(times) > 20:
-        ax.set_xscale("log")
-    ax.set_xlabel("training time per run (s, train_time_s)")
-    ax.set_ylabel(f"{_metric(groups)} of the model each run hands over")
+        front = pareto_front(time_and_accuracy(members))
+        for i, group in enumerate(members):
+            x, y = number_or(group["train_time_s"], math.nan), group["score"]
+            error = None
+            if group["ci95_low"] is not None:
+                error = [[y - group["ci95_low"]], [group["ci95_high"] - y]]
+            ax.errorbar(
+                [x],
+                [y],
+                yerr=error,
+                fmt="o",
+                color=color_of[group["label"]],
+                markeredgecolor="black" if i in front else "none",
+                markersize=7,
+                capsize=3,
+                zorder=3,
+            )
+            ax.annotate(
+                group["label"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8
+            )
+        if len(front) > 1:
+            xs = [members[i]["train_time_s"] for i in front]
+            ys = [members[i]["score"] for i in front]
+            ax.step(
+                xs, ys, where="post", linestyle="--", color="gray", label="Pareto front", zorder=1
+            )
+            ax.legend(loc="lower right", fontsize=8)
+        times = [t for t, _ in time_and_accuracy(members) if 0 < t < math.inf]
+        if times and max(times) / min(times) > 20:
+            ax.set_xscale("log")
+        ax.set_xlabel("training time per run (s, train_time_s)")
+        if variant:
+            ax.set_title(f"target {variant!r}", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"{metric} of the model each run hands over")
     repeats = max(g["n"] for g in groups) > 1
-    ax.set_title(
+    figure.suptitle(
         "Accuracy against training compute"
         + (": mean and 95% interval per setting, dots are runs" if repeats else "")
     )
-    ax.grid(alpha=0.3)
     return figure
 
 
 def _learning_curves(records: list[RunRecord], rows: list[dict[str, Any]], colors) -> Any:
-    figure = _figure(11, 4.5)
-    axes = figure.subplots(1, 2)
-    labelled = set()
-    for record, row, color in zip(records, rows, colors, strict=True):
-        # One legend entry per setting; its repeats share the color.
-        label = None if row["label"] in labelled else row["label"]
-        labelled.add(row["label"])
+    """val_acc and train_loss per epoch, a row of panels per target variant."""
+    variants = list(dict.fromkeys(row.get("variant", "") for row in rows))
+    figure = _figure(11, 4.5 if len(variants) == 1 else 3.5 * len(variants))
+    grid = figure.subplots(len(variants), 2, squeeze=False)
+    for variant, axes in zip(variants, grid, strict=True):
+        labelled = set()
+        for record, row, color in zip(records, rows, colors, strict=True):
+            if row.get("variant", "") != variant:
+                continue
+            # One legend entry per setting; its repeats share the color.
+            label = None if row["label"] in labelled else row["label"]
+            labelled.add(row["label"])
+            for ax, key in zip(axes, ("val_acc", "train_loss"), strict=True):
+                series = record.series(key)
+                ax.plot(
+                    [e + 1 for e, _ in series],
+                    [v for _, v in series],
+                    marker=".",
+                    color=color,
+                    label=label,
+                    alpha=0.8,
+                )
         for ax, key in zip(axes, ("val_acc", "train_loss"), strict=True):
-            series = record.series(key)
-            ax.plot(
-                [e + 1 for e, _ in series],
-                [v for _, v in series],
-                marker=".",
-                color=color,
-                label=label,
-                alpha=0.8,
-            )
-    for ax, key in zip(axes, ("val_acc", "train_loss"), strict=True):
-        _epoch_axis(ax)
-        ax.set_title(key)
-    axes[0].legend(fontsize=7, loc="best")
+            _epoch_axis(ax)
+            ax.set_title(key + (f" (target {variant!r})" if variant else ""), fontsize=9)
+        axes[0].legend(fontsize=7, loc="best")
     return figure
 
 

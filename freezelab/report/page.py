@@ -17,6 +17,7 @@ from freezelab.report.summary import score_with_interval
 
 # (key, header, format) of the settings table: one row per policy and setting.
 SETTING_COLUMNS = (
+    ("variant", "target variant", str),
     ("label", "policy [setting]", str),
     ("n", "runs", "{}"),
     ("mean_ci95", "verdict: mean ± 95% interval", str),
@@ -30,6 +31,7 @@ SETTING_COLUMNS = (
 )
 # ... and of the runs table: one row per run.
 COLUMNS = (
+    ("variant", "target variant", str),
     ("label", "policy [setting]", str),
     ("seed", "seed", str),
     ("run_name", "run", str),
@@ -69,15 +71,32 @@ def html_page(
     figures: dict[str, Path],
     summary: str,
     notes: list[str],
+    study_url: str | None = None,
 ) -> str:
     """One self-contained page: the figures are embedded as data URIs, so the page
-    shows them wherever it is opened, MLflow's sandboxed artifact view included."""
+    shows them wherever it is opened, MLflow's sandboxed artifact view included.
+    ``study_url``: the MLflow page of the study's runs, linked at the top.
+
+    The runs' links open in place (``target="_top"``) where the page is opened on its
+    own. Inside MLflow's artifact view the page is a sandboxed frame that may run
+    scripts but not navigate or open windows: there a script points the links at the
+    server that shows the page (the ``mlflow ui`` the user runs, whatever its port) and
+    says that a link opens from its context menu."""
     import base64
     from html import escape
 
     from freezelab.mlflow.tracking import LOCAL_UI
 
     shown = [{**g, "mean_ci95": score_with_interval(g)} for g in groups]
+    varied = any(r.get("variant") for r in rows)
+    setting_columns = tuple(c for c in SETTING_COLUMNS if varied or c[0] != "variant")
+    columns = tuple(c for c in COLUMNS if varied or c[0] != "variant")
+    study_link = (
+        f'<p id="study-link"><a href="{escape(study_url)}" target="_top">The study\'s runs in '
+        "MLflow</a>: its fine-tuning runs by target variant, best first, with their cost.</p>"
+        if study_url
+        else ""
+    )
     images = "".join(
         f'<figure><img src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}"'
         f' alt="{escape(name)}" data-file="{escape(path.name)}">'
@@ -96,6 +115,9 @@ td:first-child, th {{ text-align: left; }}
 img {{ max-width: 100%; }} figure {{ margin: 1.5em 0; }} figcaption {{ color: #555; }}
 </style></head><body>
 <h1>freezelab report: {escape(title)}</h1>
+<p id="sandboxed" hidden>MLflow shows this report in a sandboxed frame, where a click on a link
+does nothing: right-click a link and open it in a new tab.</p>
+{study_link}
 <h2>Summary</h2><div id="summary">{paragraphs}</div>
 <h2>Policies and settings</h2>
 <p>One row per policy and setting (the values of the params that vary, the seed aside),
@@ -104,9 +126,9 @@ when the data has a test split, is the held-out accuracy of the model a run hand
 no choice read; val_acc is the last epoch's accuracy on the val split, on which every choice
 (learning rate, setting, checkpoint) was made. The 95% interval is Student's t over the
 setting's finished runs that did not diverge.</p>
-{_table("settings", SETTING_COLUMNS, shown)}
+{_table("settings", setting_columns, shown)}
 <h2>Runs</h2>
-{_table("runs", COLUMNS, rows)}
+{_table("runs", columns, rows)}
 <p>Each MLflow run links to its page in the MLflow UI: the tracking server's, or for a local
 store the address of <code>mlflow ui</code> ({escape(LOCAL_UI)}).</p>
 <p>Training time is <code>train_time_s</code>, the sum of the training passes; the trainable
@@ -114,7 +136,22 @@ share is that of the last epoch; backbone drift is the mean over the non-head la
 their relative L2 drift at the last epoch.</p>
 <h2>Figures</h2>
 {images}<h2>Notes</h2><ul>{noted}</ul>
+<script>{_IN_MLFLOW}</script>
 </body></html>
+"""
+
+
+# Inside MLflow's artifact view (a frame loaded from a blob: URL, whose referrer is the
+# MLflow server the user has open), links point at that server.
+_IN_MLFLOW = """
+if (location.protocol === "blob:" && /^https?:/.test(document.referrer)) {
+  const server = new URL(document.referrer).origin;
+  for (const link of document.querySelectorAll("a[href*='/#/experiments/']")) {
+    const target = new URL(link.href);
+    link.href = server + target.pathname + target.search + target.hash;
+  }
+  document.getElementById("sandboxed").hidden = false;
+}
 """
 
 
@@ -126,9 +163,9 @@ def _table(name: str, columns: tuple, rows: list[dict[str, Any]]) -> str:
     def cell(row: dict[str, Any], key: str, fmt: Any) -> str:
         text = escape(_format(row.get(key), fmt))
         if key == "run_id" and row.get("mlflow_url"):
-            # The run's page in the MLflow UI (a new tab: MLflow shows this page framed).
+            # The run's page in the MLflow UI, in place of the report (``html_page``).
             url = escape(row["mlflow_url"])
-            return f'<td><a href="{url}" target="_blank" rel="noopener">{text}</a></td>'
+            return f'<td><a href="{url}" target="_top">{text}</a></td>'
         return f"<td>{text}</td>"
 
     body = "".join(

@@ -22,17 +22,23 @@ from typing import Any
 import yaml
 
 from freezelab.errors import FreezelabError
-from freezelab.mlflow.tracking import ADVISE, PRETRAIN, SELECT, STAGE_TAG
+from freezelab.mlflow.tracking import (  # noqa: F401  (VARIANT_TAG: re-exported)
+    ADVISE,
+    PRETRAIN,
+    SELECT,
+    STAGE_TAG,
+    VARIANT_TAG,
+)
 from freezelab.redact import redact_uri
 from freezelab.trainers import checkpoint as ckpt
 from freezelab.trainers.location import RunLocation, config_changes
+from freezelab.trainers.shifts import SHIFTED_PREFIX
 
 SWEEP_KIND_TAG = "freezelab.kind"
 PARENT_TAG = "mlflow.parentRunId"
 GROUP_TAG = "freezelab.group"
 DIVERGED_TAG = "freezelab.diverged"  # the reason a run counts as diverged
 SELECTED_TAG = "freezelab.select.point"  # a study run's values of select.grid, as JSON
-VARIANT_TAG = "freezelab.variant"
 DRIFT_PREFIX = "drift/"
 HISTORY_KEYS = (
     "val_acc",
@@ -52,7 +58,7 @@ HISTORY_KEYS = (
 )
 # Metric families read whole: evaluations under shifts and on extra sets (of the
 # held-out test set too), and the gradient norms of the early steps (at their global step).
-HISTORY_PREFIXES = ("val_acc/", "test_acc/", "early/grad_norm/")
+HISTORY_PREFIXES = (SHIFTED_PREFIX, "early/grad_norm/")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 

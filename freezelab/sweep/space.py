@@ -206,7 +206,8 @@ class SweepConfig(ConfigModel):
     @field_validator("metric")
     @classmethod
     def _not_chosen_on_test(cls, value: str) -> str:
-        if value.startswith("test_"):
+        # test_acc, test_loss, and the test split under a shift (shifted/test_acc/...)
+        if any(part.startswith("test_") for part in value.split("/")):
             raise ValueError(
                 f"metric {value!r}: the held-out test set judges the chosen run, it never "
                 "chooses one; choose on val_acc (or another val metric)"

@@ -132,8 +132,8 @@ class DataConfig(ConfigModel):
     image_size: int | None = Field(None, ge=1)  # generated side, resized to the input size
     # Input-level shifts (``freezelab.trainers.shifts``): ``shift`` changes the task's
     # own images, train and val; each of ``eval_shifts`` is a shifted copy of the val
-    # set, reported as val_acc/<shift>; each of ``eval_sets`` (name: image folder with
-    # the same class folders) is reported as val_acc/<name>.
+    # set, reported as shifted/val_acc/<shift>; each of ``eval_sets`` (name: image folder
+    # with the same class folders) is reported as shifted/val_acc/<name>.
     shift: str | None = None
     eval_shifts: tuple[str, ...] = ()
     eval_sets: dict[str, str] = Field(default_factory=dict)
@@ -165,7 +165,7 @@ class DataConfig(ConfigModel):
             if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
                 raise ValueError(
                     f"eval_sets name {name!r}: letters, digits, '_', '.' and '-' only "
-                    "(it names the metric val_acc/<name>)"
+                    "(it names the metric shifted/val_acc/<name>)"
                 )
             if name.partition(":")[0] in SHIFT_KINDS:
                 raise ValueError(f"eval_sets name {name!r} is the name of a shift")

@@ -192,7 +192,7 @@ def build_splits(
 
 
 def build_eval_sets(config: DataConfig, model: torch.nn.Module, val: Dataset) -> dict[str, Dataset]:
-    """The extra evaluation sets, by the name their metric takes (``val_acc/<name>``):
+    """The extra evaluation sets, by the name their metric takes (``shifted/val_acc/<name>``):
     a shifted copy of ``val`` for each of ``eval_shifts``, then each of ``eval_sets``
     (read as the val set is, with the same class names as the training data)."""
     spec = input_spec(config, model)
@@ -215,7 +215,7 @@ def build_test_sets(
 ) -> dict[str, Dataset]:
     """The held-out test set and a shifted copy of it for each of ``eval_shifts``, by
     the suffix of their metric: ``""`` for ``test_acc``, ``<shift>`` for
-    ``test_acc/<shift>``; empty without a test set."""
+    ``shifted/test_acc/<shift>``; empty without a test set."""
     if test is None:
         return {}
     spec = input_spec(config, model)

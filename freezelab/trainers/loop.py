@@ -61,6 +61,7 @@ from freezelab.trainers.optim import lr_factor, set_lr, state_by_name
 from freezelab.trainers.phase import Phase, enter_phase, same_phase
 from freezelab.trainers.rank_data import eval_loaders, rank_data
 from freezelab.trainers.reporting import RayTrainReporter, Reporter
+from freezelab.trainers.shifts import shifted_metric
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +248,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         extra: dict[str, float] = {}
         if last or (epoch + 1) % config.metrics.eval_every == 0:
             for name, loader in extra_loaders.items():
-                _, extra[f"val_acc/{name}"], _ = _evaluate(
+                _, extra[shifted_metric("val", name)], _ = _evaluate(
                     model, loader, device, config, phase.eval_caches[name]
                 )
         if last:
@@ -436,14 +437,14 @@ def _test_metrics(
     model: nn.Module, loaders: dict[str, Any], device: torch.device, config: TrainConfig
 ) -> dict[str, float]:
     """The held-out test set's metrics (``test_loss``, ``test_acc``, ``test_images``,
-    and ``test_acc/<shift>``): of the model the run hands over, at the last epoch only,
+    and ``shifted/test_acc/<shift>``): of the model the run hands over, at the last epoch only,
     so that no per-epoch test number is there to choose by. No feature cache: one pass
     would only fill it."""
     metrics: dict[str, float] = {}
     for name, loader in loaders.items():
         loss, accuracy, images = _evaluate(model, loader, device, config, None)
         if name:
-            metrics[f"test_acc/{name}"] = accuracy
+            metrics[shifted_metric("test", name)] = accuracy
         else:
             metrics.update(test_loss=loss, test_acc=accuracy, test_images=images)
     return metrics

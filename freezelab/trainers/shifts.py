@@ -1,7 +1,7 @@
 """Input-level shifts: named, seeded, deterministic changes of a dataset's images.
 
 A shift is written ``kind`` or ``kind:VALUE``, the same in a config and in the
-metric it names (``val_acc/rotate:30``):
+metric it names (``shifted/val_acc/rotate:30``, ``shifted_metric``):
 
 - ``rotate:DEG``: rotated by DEG degrees about the centre (bilinear, black corners);
 - ``gaussian_noise:SIGMA``: plus Gaussian noise of standard deviation SIGMA, drawn
@@ -31,6 +31,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+# The accuracies under a shift or on an extra evaluation set: a prefix of their own, so
+# that MLflow's charts of val_acc and test_acc hold those metrics alone.
+SHIFTED_PREFIX = "shifted/"
+
+
+def shifted_metric(split: str, name: str) -> str:
+    """The metric of a split's accuracy under a shift (or on an extra set) ``name``.
+
+    >>> shifted_metric("val", "rotate:30"), shifted_metric("test", "invert")
+    ('shifted/val_acc/rotate:30', 'shifted/test_acc/invert')
+    """
+    return f"{SHIFTED_PREFIX}{split}_acc/{name}"
+
 
 # kind -> the meaning of its value (None: the kind takes no value)
 SHIFT_KINDS: dict[str, str | None] = {

@@ -15,7 +15,7 @@ from servers import Server
 from small_study import SMALL_STUDY
 
 from freezelab.mlflow.tracking import ui_page
-from freezelab.study import run_study
+from freezelab.study import run_study, study_page
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
@@ -96,28 +96,112 @@ def _css(driver, selector):
     return driver.find_elements(By.CSS_SELECTOR, selector)
 
 
-def test_the_experiment_opens_on_its_runs_named_by_policy(study, browser, shoot):
+def _runs_table(driver) -> tuple[list[str], list[list[str]]]:
+    """The runs table as it shows: its column headers, and each row's cells (a run's
+    name, then its columns; a group's name) in the order shown. The grid draws the
+    pinned name column and the others as two rows with one row-index each."""
+    headers = driver.execute_script(
+        "return Array.from(document.querySelectorAll('[role=columnheader]'))"
+        ".map(h => h.innerText.trim()).filter(t => t)"
+    )
+    headers = list(dict.fromkeys(headers))  # a header's cell holds its label's element too
+    parts = driver.execute_script(
+        "return Array.from(document.querySelectorAll('[role=row][row-index]'))"
+        ".map(r => [r.getAttribute('row-index'), r.innerText])"
+    )
+    rows: dict[int, list[str]] = {}
+    for index, text in parts:
+        cells = [c for c in text.split("\n") if c and c not in ("Pin run", "Pin group")]
+        rows.setdefault(int(index), []).extend(c for c in cells if not c.startswith("#"))
+    return headers, [rows[i] for i in sorted(rows)]
+
+
+def _parent(client, rows) -> str:
+    return client.get_run(rows[0]["run_id"]).data.tags["mlflow.parentRunId"]
+
+
+# The verdict metric, val_acc beside it, and the cost.
+METRIC_COLUMNS = {"test_acc", "val_acc", "train_time_s"}
+
+
+def test_the_printed_page_opens_on_each_variants_ranking_with_its_cost(study, browser, shoot):
     uri, rows = study
     client = mlflow.MlflowClient(uri)
-    experiment_id = client.get_run(rows[0]["run_id"]).info.experiment_id
-    # The page freezelab prints at the end of a study.
-    browser.get(ui_page(uri, experiment_id))
-    expander = _wait(
+    # The page the study prints last, opened with no click at all.
+    browser.get(study_page(uri, _parent(client, rows)))
+
+    def shown(driver):
+        headers, table = _runs_table(driver)
+        runs = [r for r in table if not r[0].startswith("Group: ")]
+        # Every run's row whole: its name, created, duration, then the metrics' cells.
+        width = 3 + len(METRIC_COLUMNS & set(headers))
+        return len(runs) == len(rows) and all(len(r) >= width for r in runs) and (headers, table)
+
+    headers, table = _wait(browser, shown, "the study's runs with their metrics")
+    shoot(browser, "study-page")
+    # The ranking per variant: each group holds its variant's fine-tuning runs (no
+    # parent, no pretraining), best test_acc first; the cost beside it.
+    assert METRIC_COLUMNS <= set(headers), headers
+    metric_columns = [h for h in headers if h in METRIC_COLUMNS]
+    runs = {r["run_id"]: client.get_run(r["run_id"]) for r in rows}
+    by_name = {run.info.run_name: run for run in runs.values()}
+    groups: dict[str, list[list[str]]] = {}
+    for cells in table:
+        if cells[0].startswith("Group: "):
+            variant = cells[0].removeprefix("Group: ")
+            groups[variant] = []
+        else:
+            groups[variant].append(cells)
+    assert set(groups) == {r["variant"] for r in rows}
+    for variant, members in groups.items():
+        expected = sorted(
+            (r for r in rows if r["variant"] == variant), key=lambda r: -r["test_acc"]
+        )
+        assert [cells[0] for cells in members] == [
+            runs[r["run_id"]].info.run_name for r in expected
+        ]
+        for cells in members:
+            values = dict(zip(metric_columns, cells[-len(metric_columns) :], strict=True))
+            run = by_name[cells[0]]
+            assert float(values["test_acc"]) == pytest.approx(run.data.metrics["test_acc"])
+            assert float(values["train_time_s"]) == pytest.approx(run.data.metrics["train_time_s"])
+    # Short names: the policy and the variant, the whole label in a tag.
+    for row in rows:
+        run = runs[row["run_id"]]
+        policy, variant = run.info.run_name.split(" · ")
+        assert policy == row["policy"] and row["variant"].endswith(variant)
+        assert run.data.tags["freezelab.label"] == f"{row['policy']} {row['variant']}"
+
+
+def test_the_study_states_its_answer_in_its_description(study, browser, shoot):
+    uri, rows = study
+    client = mlflow.MlflowClient(uri)
+    parent = client.get_run(_parent(client, rows))
+    browser.get(ui_page(uri, parent.info.experiment_id, parent.info.run_id))
+    blocks = _wait(
         browser,
-        lambda d: _css(d, "[role=row] button[data-component-id*='runnamecellrenderer']"),
-        "the study's parent run",
+        lambda d: d.execute_script(
+            "const box = document.querySelector('.note-editor-preview-content');"
+            "return box && Array.from(box.children).map(c => [c.tagName, c.innerText]);"
+        ),
+        "the parent's description",
     )
-    assert "Overview" not in [a.text for a in _css(browser, "nav a, aside a")][:3]
-    expander[0].click()
-    names = _wait(
-        browser,
-        lambda d: [
-            a.text for a in _css(d, "a[href*='/runs/']") if a.text and a.text.count(" ") >= 1
-        ],
-        "the study's runs",
-    )
-    shoot(browser, "runs")
-    assert sorted(names) == sorted(f"{r['policy']} {r['variant']}" for r in rows)
+    shoot(browser, "study-parent")
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    # A heading and a table per variant first, then the summary in words.
+    for index, variant in enumerate(variants):
+        heading, table = blocks[2 * index], blocks[2 * index + 1]
+        assert heading[0] == "P" and heading[1].startswith(f"{variant}: ")
+        assert table[0] == "TABLE"
+        assert table[1].splitlines()[0].split("\t") == [
+            "policy",
+            "test_acc",
+            "cost: train s per run",
+        ]
+        winner = parent.data.tags[f"freezelab.best.{variant}.policy"]
+        assert table[1].splitlines()[1].startswith(winner + "\t")
+    assert "freezelab.variant" not in parent.data.tags
+    assert len(parent.data.tags["mlflow.note.content"]) < 8000
 
 
 def test_a_run_shows_its_datasets_and_its_model_the_last_epochs_metrics(study, browser, shoot):
@@ -166,15 +250,57 @@ def test_the_study_report_shows_its_figures_inside_mlflow(study, browser, shoot)
             ),
             "the report's figures",
         )
-        links = browser.execute_script("return Array.from(document.links).map(a => a.href)")
+        links = browser.execute_script(
+            "return Array.from(document.links).map(a => [a.href, a.target, a.innerText])"
+        )
         title = browser.execute_script("return document.title")
+        headers = browser.execute_script(
+            "return Array.from(document.querySelectorAll('#settings th, #runs th'))"
+            ".map(h => h.innerText)"
+        )
+        variants = browser.execute_script(
+            "return Array.from(document.querySelectorAll('#runs tbody tr'))"
+            ".map(r => r.cells[0].innerText)"
+        )
+        sandboxed = browser.execute_script("return !document.getElementById('sandboxed').hidden")
     finally:
         browser.switch_to.default_content()
     shoot(browser, "report")
     assert len(images) >= 4 and all(width > 0 for _, width in images), images
     assert "study" in title
+    assert headers.count("target variant") == 2
+    assert sorted(variants) == sorted(r["variant"] for r in rows)
+    # The links point at the server this page came from and replace the page; MLflow's
+    # frame cannot navigate (sandbox="allow-scripts"), so the page says how to open them.
+    assert sandboxed
     expected = {ui_page(uri, experiment_id, r["run_id"]) for r in rows}
-    assert expected <= set(links)
+    assert expected <= {href for href, _, _ in links}
+    assert {target for _, target, _ in links} == {"_top"}
+    (study_link,) = [href for href, _, text in links if "study's runs" in text]
+    assert study_link == study_page(uri, parent)
+    # A link works when opened (from the context menu, or from the report on its own).
+    run = rows[0]
+    browser.get(ui_page(uri, experiment_id, run["run_id"]))
+    _wait(browser, lambda d: run["run_name"] in d.find_element("tag name", "body").text, "the run")
+
+
+def test_the_registered_model_says_what_it_holds(study, browser, shoot):
+    uri, rows = study
+    registry = mlflow.MlflowClient(uri, registry_uri=uri)
+    version = registry.get_model_version_by_alias("transfer-study-best", "champion")
+    run = next(r for r in rows if r["run_id"] == version.run_id)
+    assert version.tags["freezelab.policy"] == run["policy"]
+    assert version.tags["freezelab.variant"] == run["variant"]
+    assert version.tags["freezelab.verdict"].startswith("test_acc ")
+    assert version.tags["freezelab.study"] in version.description
+    base = ui_page(uri, "0").split("#", 1)[0]
+    browser.get(f"{base}#/models/transfer-study-best/versions/{version.version}")
+    _wait(
+        browser,
+        lambda d: version.description in d.find_element("tag name", "body").text,
+        "the version's description",
+    )
+    shoot(browser, "model-version")
 
 
 def test_the_compare_view_defaults_to_val_acc(study, browser, shoot):

@@ -468,7 +468,7 @@ def test_the_held_out_test_accuracy_is_a_final_metric_and_in_the_study_row(tiny_
     tracked = train(config)
     client = mlflow.MlflowClient(sqlite_uri)
     metrics = _run(client, tracked.run_id).data.metrics
-    for key in ("test_acc", "test_loss", "test_acc/rotate:90"):
+    for key in ("test_acc", "test_loss", "shifted/test_acc/rotate:90"):
         # Logged once, at the last epoch: a final metric of the run, never a curve.
         history = client.get_metric_history(tracked.run_id, key)
         assert [m.step for m in history] == [config.epochs - 1], key
@@ -481,12 +481,12 @@ def test_the_held_out_test_accuracy_is_a_final_metric_and_in_the_study_row(tiny_
     )
     row = study_row(config, tracked, ())
     assert row["test_acc"] == metrics["test_acc"]
-    assert row["test_evaluations"] == {"rotate:90": metrics["test_acc/rotate:90"]}
-    assert row["evaluations"] == {"rotate:90": metrics["val_acc/rotate:90"]}
+    assert row["test_evaluations"] == {"rotate:90": metrics["shifted/test_acc/rotate:90"]}
+    assert row["evaluations"] == {"rotate:90": metrics["shifted/val_acc/rotate:90"]}
     group: dict = {}
     group_measures(group, [row, row])
     assert group["test_evaluations"] == ["rotate:90"]
-    assert group["test_eval/rotate:90"] == pytest.approx(metrics["test_acc/rotate:90"])
+    assert group["test_eval/rotate:90"] == pytest.approx(metrics["shifted/test_acc/rotate:90"])
     # A run without a test split: the fields are there, empty.
     without = _tracked(tiny_config, sqlite_uri, name="no-test", mlflow={"log_model": False})
     row = study_row(without, train(without), ())

@@ -118,6 +118,10 @@ def test_a_study_registers_its_winner_with_the_verdict(
     assert version.tags["freezelab.variant"] == "new-digits"
     assert version.tags["freezelab.separated"] == separated
     assert version.tags.get("freezelab.tied_with") == tied_with
+    assert version.tags["freezelab.study"] == "demo-1234"
+    assert version.tags["freezelab.chosen_by"] == "study demo-1234"
+    assert version.tags["freezelab.verdict"].startswith("val_acc 0.")
+    assert version.tags["freezelab.verdict"] in version.description
     assert version.description.startswith(
         "The winner of study demo-1234: policy full, variant new-digits, val_acc "
     )

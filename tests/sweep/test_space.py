@@ -210,7 +210,7 @@ def test_seeds_repeat_every_trial_and_refuse_optuna():
         _sweep(seeds=[0, 0])
 
 
-@pytest.mark.parametrize("metric", ["test_acc", "test_loss", "test_acc/rotate:90"])
+@pytest.mark.parametrize("metric", ["test_acc", "test_loss", "shifted/test_acc/rotate:90"])
 def test_a_sweep_never_chooses_on_the_held_out_test_set(metric):
     with pytest.raises(ValueError, match=f"metric '{metric}': the held-out test set judges"):
         _sweep(metric=metric)

@@ -109,16 +109,16 @@ def test_the_loop_reports_accuracy_under_each_shift_and_on_an_image_folder(tiny_
     outcome = run_training(config)
     first, second, third, fourth = outcome.history
     for epoch in (first, third):  # not evaluation epochs
-        assert not any(k.startswith("val_acc/") for k in epoch)
+        assert not any(k.startswith("shifted/") for k in epoch)
     for epoch in (second, fourth):
         for name in ("invert", "rotate:90", "ood"):
-            assert 0.0 <= epoch[f"val_acc/{name}"] <= 1.0
+            assert 0.0 <= epoch[f"shifted/val_acc/{name}"] <= 1.0
     # 9 images of 3 classes: the accuracy is a multiple of 1/9
-    assert round(fourth["val_acc/ood"] * 9, 6) == round(fourth["val_acc/ood"] * 9)
+    assert round(fourth["shifted/val_acc/ood"] * 9, 6) == round(fourth["shifted/val_acc/ood"] * 9)
     # The model learned the digits (well above chance), and inverted digits are not
     # digits it has seen: its accuracy falls.
     assert fourth["val_acc"] > 0.6
-    assert fourth["val_acc/invert"] < fourth["val_acc"] - 0.2
+    assert fourth["shifted/val_acc/invert"] < fourth["val_acc"] - 0.2
 
 
 def test_a_shifted_task_trains_on_shifted_images(tiny_config):

@@ -287,12 +287,13 @@ def test_the_test_set_is_evaluated_once_at_the_end_on_the_handed_over_model(tiny
     config = tiny_config(name="held-out", data=HELD_OUT)
     outcome = run_training(config)
     first, last = outcome.history
-    assert not [key for key in first if key.startswith("test_")]
-    assert {key for key in last if key.startswith("test_")} == {
+    tested = ("test_", "shifted/test_")
+    assert not [key for key in first if key.startswith(tested)]
+    assert {key for key in last if key.startswith(tested)} == {
         "test_acc",
         "test_loss",
         "test_images",
-        "test_acc/rotate:90",
+        "shifted/test_acc/rotate:90",
     }
     model = build_for_config(config)
     ckpt.load_model_weights(outcome.checkpoint_dir, model)
@@ -304,7 +305,7 @@ def test_the_test_set_is_evaluated_once_at_the_end_on_the_handed_over_model(tiny
     assert last["test_acc"] == pytest.approx(accuracy)
     assert last["test_loss"] == pytest.approx(loss, rel=1e-5)
     shifted, _ = _accuracy_and_loss(model, views["rotate:90"])
-    assert last["test_acc/rotate:90"] == pytest.approx(shifted)
+    assert last["shifted/test_acc/rotate:90"] == pytest.approx(shifted)
     assert outcome.metrics["test_acc"] == last["test_acc"]
 
 
@@ -334,10 +335,13 @@ def test_test_labels_change_no_choice(tiny_config, monkeypatch, policy):
     swapped = run_training(tiny_config(name="other-labels", policy=policy, data=HELD_OUT))
 
     assert swapped.metrics["test_acc"] != plain.metrics["test_acc"]
-    assert swapped.metrics["test_acc/rotate:90"] != plain.metrics["test_acc/rotate:90"]
+    assert (
+        swapped.metrics["shifted/test_acc/rotate:90"] != plain.metrics["shifted/test_acc/rotate:90"]
+    )
     for before, after in zip(plain.history, swapped.history, strict=True):
-        kept = {k for k in before if k not in TIMINGS and not k.startswith("test_")}
-        assert kept == {k for k in after if k not in TIMINGS and not k.startswith("test_")}
+        tested = ("test_", "shifted/test_")
+        kept = {k for k in before if k not in TIMINGS and not k.startswith(tested)}
+        assert kept == {k for k in after if k not in TIMINGS and not k.startswith(tested)}
         assert {k: before[k] for k in kept} == {k: after[k] for k in kept}
     a, b = _weights(plain), _weights(swapped)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
