@@ -1,5 +1,5 @@
 """An advice as an MLflow run (tag ``freezelab.stage=advise``), its search runs nested
-under it (tagged the same): each candidate's val_acc and interval, the budget spent,
+under it (tagged the same): each candidate's val_acc and interval (`candidate/...`), the budget spent,
 the signals per group as metrics, the recommended policy and rate as params, a tag and
 the artifact ``recommended_policy.yaml``, and the whole advice as ``advice.json``.
 
@@ -116,10 +116,10 @@ def _metrics(advice: Any) -> list[Any]:
     }
     for ranked in advice.ranking:
         slug = ranked.policy.slug()
-        values[f"val_acc/{slug}"] = ranked.score
+        values[f"candidate/val_acc/{slug}"] = ranked.score
         low, high = ranked.interval()
         if low is not None:
-            values[f"val_acc_ci95_half/{slug}"] = (high - low) / 2
+            values[f"candidate/val_acc_ci95_half/{slug}"] = (high - low) / 2
     if advice.signals is not None:
         for group in advice.signals.to_dict().get("groups", []):
             for key, value in group.items():
