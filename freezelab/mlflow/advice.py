@@ -1,6 +1,6 @@
 """An advice as an MLflow run (tag ``freezelab.stage=advise``), its search runs nested
-under it (tagged the same): each candidate's val_acc and interval (`candidate/...`), the budget spent,
-the signals per group as metrics, the recommended policy and rate as params, a tag and
+under it (tagged the same): each candidate's val_acc and interval (``candidate/...``),
+the budget spent, the signals per group as metrics, the recommended policy and rate as params, a tag and
 the artifact ``recommended_policy.yaml``, and the whole advice as ``advice.json``.
 
 A train config's own run goes beside it in the same experiment; ``compare`` and
