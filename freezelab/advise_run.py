@@ -24,7 +24,7 @@ from typing import Any
 
 from freezelab.advise.advice import Advice
 from freezelab.advise.candidates import default_candidates, distinct_valid
-from freezelab.advise.measure import DEFAULT_SAMPLES
+from freezelab.advise.measure import DEFAULT_SAMPLES, MIN_SAMPLES
 from freezelab.advise.search import (
     DEFAULT_BUDGET,
     AdviseError,
@@ -119,6 +119,11 @@ def prepare(
             f"--samples {samples}: the data has {classes} classes, and LogME needs at least "
             "one image of each"
         )
+    if samples < MIN_SAMPLES:
+        raise AdviseError(
+            f"--samples {samples}: the signals need at least {MIN_SAMPLES} images (two "
+            "gradient batches of two)"
+        )
     model = build_unallocated(config)
     if policies is None:
         candidates = default_candidates(model, config.epochs)
@@ -144,10 +149,10 @@ def prepare(
         classes=classes,
         rates=rates,
         budget=budget,
-        # Trials of one candidate side by side, at most: one per rate. The plan does not
-        # depend on the cluster, so the same advice comes from any cluster.
-        concurrent=len(rates),
     )
+    # A search run's config, validated as each will be: what the search adds to the
+    # config (data.epoch_fraction) must hold for it (not with Ray Data, say).
+    _run_config(config, plan, "advise", candidates[0], plan.rates[0], config.seed, "check")
     return Prepared(config, candidates, origin, plan, step_flops)
 
 
@@ -213,15 +218,16 @@ def run_advise(
 
 
 def advise_tag(prepared: Prepared) -> str:
-    """The search's name: the config, the candidates and the plan. The same advise
-    again continues (its finished runs kept); any change is another search."""
+    """The search's name: the config, the candidates, the plan and when it started."""
     identity = {
         "config": prepared.config.to_dict(),
         "candidates": [p.to_dict() for p in prepared.candidates],
         "plan": prepared.plan.to_dict(),
     }
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
-    return f"advise-{prepared.config.name}-{digest}"
+    # A new search each time: a resumed one would restart its interrupted runs from
+    # their first epoch outside the budget that the scheduler counted.
+    return f"advise-{prepared.config.name}-{digest}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _search(
@@ -270,7 +276,7 @@ def _search(
         scheduler=scheduler,
         groups={c.name: c.mlflow.tags[GROUP_TAG] for c in search},
     )
-    for run in search:
+    for run in search if parent is not None else []:
         outcome = outcomes.get(run.name, {})
         if rows[run.name] is None and outcome and not outcome.get("error"):
             close_stopped_run(run, outcome["epochs"], "advise: behind its candidate at a rung")
@@ -327,7 +333,6 @@ def _search(
         for run in confirm:
             key, row = run.mlflow.tags[GROUP_TAG], rows2[run.name]
             chosen[key].flops += _flops(outcomes2.get(run.name))
-            chosen[key].stage = "confirmed"
             if row is None:
                 error = outcomes2.get(run.name, {}).get("error") or "did not finish"
                 chosen[key].diverged.append(f"seed {run.seed}: failed: {error}")
@@ -335,6 +340,12 @@ def _search(
                 chosen[key].diverged.append(f"seed {run.seed}: {row.get('diverged_reason')}")
             else:
                 chosen[key].values.append(row["val_acc"])
+    for key in survivors:
+        # Confirmed: more than its one search run, which was the best of its rates and so
+        # flattered. A survivor whose every confirmation run failed or diverged keeps its
+        # search run, ranked with those never confirmed, its notes naming the runs.
+        if len(chosen[key].values) >= 2:
+            chosen[key].stage = "confirmed"
     ranking = rank_candidates(chosen)
     tied = tied_with_winner(ranking)
     search_s = time.perf_counter() - started

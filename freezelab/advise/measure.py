@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 DEFAULT_SAMPLES = 2000
 DEFAULT_BATCHES = 8
 _FEATURE_BATCH = 256
-_MIN_SAMPLES = 4
+MIN_SAMPLES = 4
 
 
 def measure_signals(
@@ -59,10 +59,10 @@ def measure_signals(
     model = build_for_config(config).eval()
     data = config.data.model_copy(update={"augment": False, "eval_shifts": (), "eval_sets": {}})
     train, _, num_classes = build_datasets(data, model)
-    if samples < max(_MIN_SAMPLES, num_classes):
+    if samples < max(MIN_SAMPLES, num_classes):
         raise AdviseError(
             f"--samples {samples}: needs one image per class ({num_classes}) and at least "
-            f"{_MIN_SAMPLES} (two gradient batches of two)"
+            f"{MIN_SAMPLES} (two gradient batches of two)"
         )
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed))
     chosen = Subset(train, order[: min(samples, len(train))].tolist())

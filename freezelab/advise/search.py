@@ -129,7 +129,6 @@ def plan_search(
     classes: int,
     rates: Sequence[float],
     budget: float = DEFAULT_BUDGET,
-    concurrent: int = 1,
     survivors: int = SURVIVORS,
     confirm_seeds: int = CONFIRM_SEEDS,
 ) -> SearchPlan:
@@ -147,13 +146,15 @@ def plan_search(
     survivors = min(survivors, count)
     grace = max(1, epochs // 4)
     # Each candidate: one rate to the end, a second promoted to the end, the rest to
-    # the first rung. Past the cap a trial stops at its next report: trials running side
-    # by side may each finish the epoch they are in, and a trial that starts after the
-    # cap trains one epoch before it reports.
-    full_runs = 2 if len(rates) > 1 else 1
-    group_epochs = min(len(rates) * epochs, full_runs * epochs + (len(rates) - full_runs) * grace)
-    overshoot = max(0, concurrent - 1) + len(rates) - 1
-    charged = min(len(rates) * epochs, group_epochs + overshoot)
+    # the first rung. Past the cap a trial stops at its next report, so each of the
+    # other rates adds at most the epoch it is in (or starts); and while no rate has
+    # reached the end, the most advanced one goes on (``GroupedASHA``), having trained
+    # at least the cap shared among the rates.
+    count_rates = len(rates)
+    full_runs = 2 if count_rates > 1 else 1
+    group_epochs = min(count_rates * epochs, full_runs * epochs + (count_rates - full_runs) * grace)
+    spared = max(0, epochs - math.ceil(group_epochs / count_rates))
+    charged = min(count_rates * epochs, group_epochs + (count_rates - 1) + spared)
     costliest = sorted(step_flops, reverse=True)[:survivors]
 
     def steps(images: int) -> float:

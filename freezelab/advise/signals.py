@@ -27,6 +27,7 @@ signals on 64 training images (4 gradient batches); the head fitted on them has 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,8 +96,9 @@ class Signals:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: floats, ints, strings, booleans and None only."""
         return {
-            "groups": [g.to_dict() for g in self.groups],
-            "head_to_backbone": self.head_to_backbone,
+            "groups": [{k: _finite(v) for k, v in g.to_dict().items()} for g in self.groups],
+            # Infinite when the backbone gets no gradient: JSON has no infinity.
+            "head_to_backbone": _finite(self.head_to_backbone),
             "head_train_accuracy": self.head_train_accuracy,
             "samples": self.samples,
             "gradient_batches": self.batches,
@@ -131,3 +133,10 @@ class Signals:
                 *(f"  {line}" for line in MEANINGS),
             ]
         )
+
+
+def _finite(value: Any) -> Any:
+    """``value``, or None where it is a float that JSON cannot hold (NaN, infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -15,7 +15,8 @@ ASHA keeps the first trial to reach a rung (there is nothing to compare it with 
 the order of a group's trials matters, and so does their timing when more trials of a
 group run at once than one after another. ``group_epochs`` caps what a group's trials
 train in all (``freezelab advise`` holds its budget so): a trial that reports past it
-stops, whatever ASHA says.
+stops, whatever ASHA says, except the group's most advanced trial while none of the
+group has reached ``max_t``.
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ class GroupedASHA(FIFOScheduler):
         self.stopped: dict[str, int] = {}  # trial id -> the iteration it was stopped at
         self._group_epochs = group_epochs
         self._spent: dict[str, int] = {}  # group -> iterations its trials reported
+        self._reached: dict[str, int] = {}  # trial id -> its last iteration
+        self._finished_groups: set[str] = set()  # a trial of the group reached max_t
+        self._protected: dict[str, str | None] = {}  # group -> the trial the cap spares
 
     def rungs(self) -> list[int]:
         """The iterations at which a group's trials are compared."""
@@ -105,14 +109,37 @@ class GroupedASHA(FIFOScheduler):
             scheduler.on_trial_add(tune_controller, trial)
         action = scheduler.on_trial_result(tune_controller, trial, result)
         group = self._group_of_trial[trial.trial_id]
+        iteration = int(result.get("training_iteration", 0))
         self._spent[group] = self._spent.get(group, 0) + 1
-        if result.get("training_iteration", 0) >= self._asha["max_t"]:
+        self._reached[trial.trial_id] = iteration
+        if iteration >= self._asha["max_t"]:
+            self._finished_groups.add(group)
             return TrialScheduler.CONTINUE  # its last epoch: the run ends on its own
         if self._group_epochs is not None and self._spent[group] >= self._group_epochs:
-            action = TrialScheduler.STOP  # the group's epochs are spent, however it scored
+            if trial.trial_id != self._protected_trial(group):
+                action = TrialScheduler.STOP  # the group's epochs are spent, however it scored
         if action == TrialScheduler.STOP:
-            self.stopped[trial.trial_id] = int(result.get("training_iteration", 0))
+            self.stopped[trial.trial_id] = iteration
         return action
+
+    def _protected_trial(self, group: str) -> str | None:
+        """The trial the spent cap lets go on: while no trial of ``group`` has trained
+        every epoch, its most advanced live trial (the first of a tie), chosen once, so
+        that trials side by side in step never all stop short of the end. Only one that
+        has trained at least the cap over the group's trials, so what it adds is at most
+        ``max_t - ceil(group_epochs / trials)`` (``freezelab.advise.search`` charges it)."""
+        if group in self._finished_groups:
+            return None
+        if group not in self._protected:
+            members = [t for t, g in self._group_of_trial.items() if g == group]
+            live = [t for t in members if t not in self.stopped and t in self._reached]
+            chosen = None
+            if live:
+                best = max(live, key=lambda t: (self._reached[t], -members.index(t)))
+                if self._reached[best] >= math.ceil(self._group_epochs / len(members)):
+                    chosen = best
+            self._protected[group] = chosen
+        return self._protected[group]
 
     def on_trial_complete(self, tune_controller, trial, result: dict[str, Any]) -> None:
         scheduler = self._scheduler(trial)

@@ -178,6 +178,7 @@ def test_where_the_frozen_features_say_nothing_advise_trains_the_backbone(tmp_pa
     [
         (["--samples", "2"], "--samples 2: the data has 3 classes"),
         (["--samples", "1"], "--samples 1: at least 2 images"),
+        (["--samples", "3"], "--samples 3: the signals need at least 4 images"),
         (["--budget", "0.001"], "--budget 0.001: the search cannot train one image per class"),
         (["--budget", "2"], "--budget 2: give a share"),
         (["--rates", "0.01,x"], "--rates: '0.01,x': give learning rates"),

@@ -26,16 +26,17 @@ DEMO = {"train_images": 100, "batch_size": 16, "epochs": 8, "classes": 5}
 
 
 def _plan(**kw):
-    return plan_search(STEPS, **{**DEMO, "rates": (0.002, 0.01, 0.05), "concurrent": 3, **kw})
+    return plan_search(STEPS, **{**DEMO, "rates": (0.002, 0.01, 0.05), **kw})
 
 
 def _worst_case(plan) -> float:
     """The most the two stages can train, recounted here from the plan's sizes: every
-    candidate's search epochs at their cap plus what runs side by side may add, and the
-    costliest survivors' confirmation runs, each epoch as the loop counts it."""
+    candidate's search epochs at their cap, plus one epoch of each other rate past it and
+    the rest of the spared rate (it has trained at least 18 / 3 = 6 of its 8 epochs), and
+    the costliest survivors' confirmation runs, each epoch as the loop counts it."""
     images, batch = plan.images_per_epoch, DEMO["batch_size"]
     counted_steps = -(-images // batch) * min(images, batch) / batch
-    charged = min(len(plan.rates) * plan.epochs, plan.group_epochs + 2 * (len(plan.rates) - 1))
+    charged = min(len(plan.rates) * plan.epochs, plan.group_epochs + 2 + (8 - 6))
     confirm = plan.confirm_seeds * plan.epochs * sum(sorted(STEPS)[-plan.survivors :])
     return counted_steps * (charged * sum(STEPS) + confirm)
 

@@ -113,3 +113,26 @@ def test_a_group_stops_training_when_its_epochs_are_spent():
     # Another group has its own count.
     for epoch in range(1, 9):
         assert _report(scheduler, other, epoch, 0.5) == CONTINUE
+
+
+def test_rates_in_step_never_all_stop_short_of_the_end():
+    # Three rates side by side, tied at every rung (ASHA keeps ties): the cap (18) is
+    # reached at epoch 6 with nothing finished. The most advanced live trial (the first
+    # of the tie) goes on to the end; the others stop at their next report.
+    scheduler = _scheduler(reduction_factor=3, group_epochs=18)
+    trials = [_trial(f"a{i}", "g") for i in range(3)]
+    for trial in trials:
+        scheduler.on_trial_add(None, trial)
+    actions = {}
+    for epoch in range(1, 9):
+        for trial in trials:
+            if trial.trial_id in scheduler.stopped:
+                continue
+            actions[(trial.trial_id, epoch)] = _report(scheduler, trial, epoch, 0.5)
+    # The cap is reached at a2's epoch 6 (6 + 6 + 6): a2 stops there, a1 at its next
+    # report (7); a0, the first of the tie, trains to the end.
+    assert scheduler.stopped == {"a1": 7, "a2": 6}
+    assert all(actions[("a0", epoch)] == CONTINUE for epoch in range(1, 9))
+    # The group trained 8 + 7 + 6 = 21 epochs, within what advise's plan charges: the
+    # cap, one epoch of each other rate past it, and the spared rate's rest (8 - 18 / 3).
+    assert sum(scheduler.stopped.values()) + 8 <= 18 + 2 + (8 - 6)
