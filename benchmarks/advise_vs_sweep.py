@@ -148,7 +148,7 @@ def _study_cost(uri: str, tag: str) -> dict[str, dict[str, float]]:
             continue
         task = run.data.tags.get("freezelab.variant", "")
         found = cost.setdefault(task, {"flops": 0.0, "wall_s": 0.0, "runs": 0})
-        found["flops"] += run.data.metrics.get("train_flops", 0.0)
+        found["flops"] += run.data.metrics.get("cost/gflops", 0.0) * 1e9
         found["wall_s"] += ((run.info.end_time or 0) - run.info.start_time) / 1000
         found["runs"] += 1
     return cost

@@ -59,10 +59,12 @@ def test_study_pretrains_then_compares_policies_on_each_variant_and_writes_a_rep
     logged = mlflow.MlflowClient(uri).get_run(rows[2]["run_id"]).data
     assert logged.tags["freezelab.variant"] == "new-digits-inverted"
     assert logged.metrics["shifted/val_acc/rotate:30"] == rows[2]["evaluations"]["rotate:30"]
-    assert logged.metrics["forgetting"] == rows[2]["forgetting"]
-    assert {"source_probe_acc", "source_probe_acc_start", "early/grad_norm/layer1"} <= set(
-        logged.metrics
-    )
+    assert logged.metrics["forgetting/drop"] == rows[2]["forgetting"]
+    assert {
+        "forgetting/source_probe_acc",
+        "forgetting/source_probe_acc_start",
+        "early/grad_norm/layer1",
+    } <= set(logged.metrics)
     # The study in the MLflow UI: every run nested under its parent, named by its policy,
     # the pretraining tagged as such; the parent says what won.
     client = mlflow.MlflowClient(uri)

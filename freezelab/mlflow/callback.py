@@ -26,6 +26,7 @@ from ray.train import UserCallback
 from freezelab import objectstore
 from freezelab.mlflow.tracking import ensure_reachable
 from freezelab.redact import redact_text, redact_uri
+from freezelab.trainers.metric_names import LR, mlflow_name
 from freezelab.trainers.reporting import metric_points
 
 log = logging.getLogger(__name__)
@@ -124,13 +125,15 @@ def _append(path: str, text: str) -> None:
 
 # Health checks and bookkeeping: run-level tags in MLflow, not charts of a constant.
 AS_TAGS = ("nodes", "world_size", "replicas_in_sync", "feature_cache")
+# The metric logged last with each epoch: the mark that the epoch is in.
+EPOCH_MARK = mlflow_name("epoch")
 
 
 def epoch_metrics(report: dict[str, Any]) -> list[Any]:
     """The MLflow metrics of one epoch's report: its numbers at ``step=epoch``, and the
     early steps' gradient norms (``early_steps``, JSON) at their global steps.
 
-    The LRs of the groups are one ``lr`` when they are all equal (``lr/<group>`` when
+    The LRs of the groups are one ``lr/all`` when they are all equal (``lr/<group>`` when
     they differ); ``AS_TAGS`` are tags (``epoch_tags``), except a replica check that
     failed, which is charted too so that the epoch shows.
     """
@@ -139,21 +142,22 @@ def epoch_metrics(report: dict[str, Any]) -> list[Any]:
     now = int(time.time() * 1000)
     points = metric_points(report)
     rates = {value for key, value, _ in points if key.startswith("lr/")}
+    tags = {mlflow_name(key) for key in AS_TAGS}
     metrics = []
     for key, value, step in points:
-        if key in AS_TAGS and not (key == "replicas_in_sync" and value == 0):
+        if key in tags and not (key == mlflow_name("replicas_in_sync") and value == 0):
             continue
         if key.startswith("lr/") and len(rates) == 1:
             continue
         metrics.append(Metric(key, value, now, step))
     if len(rates) == 1:
-        metrics.append(Metric("lr", rates.pop(), now, int(report["epoch"])))
+        metrics.append(Metric(LR, rates.pop(), now, int(report["epoch"])))
     # Logged first, so MLflow's compare view picks val_acc as its default metric.
     return sorted(metrics, key=lambda m: m.key not in LEAD)
 
 
 # The metrics a user compares runs by first.
-LEAD = ("val_acc", "train_time_s")
+LEAD = ("val_acc", mlflow_name("train_time_s"))
 
 
 def epoch_tags(report: dict[str, Any]) -> dict[str, str]:
@@ -163,14 +167,14 @@ def epoch_tags(report: dict[str, Any]) -> dict[str, str]:
 
 
 def log_epoch(client, run_id: str, report: dict[str, Any]) -> None:
-    """Log one epoch's report; its ``epoch`` metric last, as the mark that it is in.
+    """Log one epoch's report; its ``run/epoch`` metric last, as the mark that it is in.
 
     A batch is one transaction of the store (one request to a server): an epoch that
     fits in one batch (at most 1000 values) is written with its mark at once."""
     from mlflow.entities import Metric, RunTag
 
     epoch = int(report["epoch"])
-    mark = Metric("epoch", epoch, int(time.time() * 1000), epoch)
+    mark = Metric(EPOCH_MARK, epoch, int(time.time() * 1000), epoch)
     batch = [*epoch_metrics(report), mark]
     tags = [RunTag(k, v) for k, v in epoch_tags(report).items()]
     for start in range(0, len(batch), 1000):  # log_batch takes at most 1000 per call
@@ -180,5 +184,5 @@ def log_epoch(client, run_id: str, report: dict[str, Any]) -> None:
 
 
 def logged_epochs(client, run_id: str) -> set[int]:
-    """Epochs whose metrics the run already has (its ``epoch`` metric's steps)."""
-    return {int(m.step) for m in client.get_metric_history(run_id, "epoch")}
+    """Epochs whose metrics the run already has (its ``run/epoch`` metric's steps)."""
+    return {int(m.step) for m in client.get_metric_history(run_id, EPOCH_MARK)}

@@ -13,6 +13,7 @@ from freezelab.console import Column, format_table
 from freezelab.errors import NotFound
 from freezelab.stats import summarize
 from freezelab.trainers.location import RESULT_NEUTRAL
+from freezelab.trainers.metric_names import mlflow_name
 
 TABLE = (
     Column("policy", max_width=48),
@@ -58,21 +59,23 @@ def compare_rows(
             continue  # a study's selection run: it chose a learning rate
         if tags.get(STAGE_TAG) == ADVISE:
             continue  # `freezelab advise`: signals, nothing trained
-        trainable = metrics.get("trainable_params")
-        frozen = metrics.get("frozen_params")
+        trainable = logged_metric(metrics, "trainable_params")
+        frozen = logged_metric(metrics, "frozen_params")
         total = (trainable or 0) + (frozen or 0)
         end = run.info.end_time or run.info.start_time
+        epoch = logged_metric(metrics, "epoch")
+        wall = logged_metric(metrics, "wall_time_s")
         rows.append(
             {
                 "policy": _policy_summary(params),
-                "best_val_acc": metrics.get("best_val_acc"),
+                "best_val_acc": logged_metric(metrics, "best_val_acc"),
                 "val_acc": metrics.get("val_acc"),
-                "epochs": int(metrics["epoch"]) + 1 if "epoch" in metrics else None,
-                "train_time_s": metrics.get("train_time_s"),
-                # Runs from before wall_time_s was logged: MLflow's own duration.
-                "wall_time_s": metrics.get(
-                    "wall_time_s", (end - run.info.start_time) / 1000 if end else None
-                ),
+                "epochs": int(epoch) + 1 if epoch is not None else None,
+                "train_time_s": logged_metric(metrics, "train_time_s"),
+                # Runs from before the wall time was logged: MLflow's own duration.
+                "wall_time_s": wall
+                if wall is not None
+                else ((end - run.info.start_time) / 1000 if end else None),
                 "trainable_pct": round(100 * trainable / total, 2) if total else None,
                 "status": run.info.status,
                 "run_name": run.info.run_name,
@@ -93,13 +96,23 @@ def compare_rows(
     return rows
 
 
+def logged_metric(metrics: dict[str, float], key: str) -> float | None:
+    """The run's last value of the loop's ``key`` under its MLflow name, or under the
+    name itself for a run logged before the names had sections."""
+    value = metrics.get(mlflow_name(key))
+    return metrics.get(key) if value is None else value
+
+
 def _policy_summary(params: dict[str, str]) -> str:
-    """The run's policy label: the ``policy`` param, else rebuilt from ``policy.*``."""
+    """The run's policy label: the ``policy`` param, else (a run logged without it)
+    rebuilt from the ``policy.*`` params."""
     from freezelab.policies import PolicyError, from_dict
 
+    if "policy" in params:
+        return params["policy"]
     fields = {k.removeprefix("policy."): v for k, v in params.items() if k.startswith("policy.")}
     if "type" not in fields:
-        return params.get("policy", "?")
+        return "?"
     try:
         import yaml
 
@@ -120,7 +133,7 @@ def settings_of(params_of: dict[str, dict[str, str]]) -> dict[str, tuple[str, st
     varying = sorted(
         key
         for key in {k for params in params_of.values() for k in params}
-        if key != "policy"  # the policy's label: its fields are the policy.* params
+        if key != "policy"  # the policy's label and its fields: the key below
         and not key.startswith("policy.")
         and not any(key == n or key.startswith(n + ".") for n in NOT_A_SETTING)
         and len({params.get(key) for params in params_of.values()}) > 1
@@ -128,8 +141,8 @@ def settings_of(params_of: dict[str, dict[str, str]]) -> dict[str, tuple[str, st
     settings = {}
     for run_id, params in params_of.items():
         label = ", ".join(f"{k}={params.get(k)}" for k in varying)
-        # Keyed on the policy's own params: two policy labels can look alike.
-        policy = sorted((k, v) for k, v in params.items() if k.startswith("policy."))
+        # Keyed on the policy's label and whichever of its fields are params.
+        policy = sorted((k, v) for k, v in params.items() if k.partition(".")[0] == "policy")
         settings[run_id] = (json.dumps([policy, label]), label)
     return settings
 

@@ -31,8 +31,9 @@ def log_checkpoint_model(
     ``mlflow.pytorch.load_model`` returns the ``nn.Module``, the weights are stored once,
     and no reader runs code from the file.
 
-    ``step`` is the checkpoint's epoch: MLflow links the run's metrics of that step to
-    the model, so the Models tab shows the handed-over model's val_acc, not epoch 0's."""
+    ``step`` is the checkpoint's epoch, the run's output step of the model. The model's
+    metrics are the run's final ones (``link_final_metrics``), so the Models tab shows
+    the handed-over model's val_acc, not epoch 0's."""
     import mlflow
     import numpy as np
     import timm
@@ -62,30 +63,59 @@ def log_checkpoint_model(
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
     signature = mlflow.models.infer_signature(example, output)
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    run = client.get_run(run_id)
+    # Named as its run, so the Models tab tells the policies apart.
+    name = re.sub(r"[/:.%\"']", "_", config.mlflow.run_name or config.name)
     # MLflow warns against pickled models: this one's pickle loads nothing but tensors
     # and freezelab's rebuild (model_file.py), so the warning would mislead at every run.
-    with (
-        tracking_uri_set(tracking_uri),
-        mlflow.start_run(run_id=run_id),
-        _quiet("mlflow.pytorch"),
-    ):
+    # The model is created for the run, then filled outside any active run: a model
+    # logged inside one gets that run's metrics of ``step``, which early/* (logged at
+    # global steps) can share with another meaning.
+    with tracking_uri_set(tracking_uri), _quiet("mlflow.pytorch"):
+        created = mlflow.initialize_logged_model(
+            name=name,
+            source_run_id=run_id,
+            tags={"freezelab.policy": config.policy.label(), "freezelab.epoch": str(step)},
+            params=run.data.params,
+            experiment_id=run.info.experiment_id,
+        )
         info = mlflow.pytorch.log_model(
             model,
-            # Named as its run, so the Models tab tells the policies apart.
-            name=re.sub(r"[/:.%\"']", "_", config.mlflow.run_name or config.name),
+            name=name,
+            model_id=created.model_id,
             signature=signature,
             input_example=example,
             serialization_format="pickle",
             pickle_module=model_file,
-            step=step,
-            tags={"freezelab.policy": config.policy.label(), "freezelab.epoch": str(step)},
             pip_requirements=[
                 f"torch=={torch.__version__.split('+')[0]}",
                 f"timm=={timm.__version__}",
                 f"freezelab=={__version__}",
             ],
         )
+    link_final_metrics(client, run_id, created.model_id, step)
     return info.model_uri
+
+
+def link_final_metrics(client: Any, run_id: str, model_id: str, step: int) -> None:
+    """Make the run's final metrics the model's, and the model the run's output at
+    ``step``: each metric's last point (the highest step, then the latest), as the run
+    page shows it."""
+    from mlflow.entities import LoggedModelOutput, Metric
+
+    client.log_outputs(run_id, [LoggedModelOutput(model_id, step=step)])
+    final = []
+    for key in client.get_run(run_id).data.metrics:
+        history = client.get_metric_history(run_id, key)
+        if history:
+            last = max(history, key=lambda m: (m.step, m.timestamp))
+            # The point itself (its timestamp too): linked, not logged a second time.
+            final.append(
+                Metric(key, last.value, last.timestamp, last.step, run_id=run_id, model_id=model_id)
+            )
+    for start in range(0, len(final), 1000):
+        client.log_batch(run_id, metrics=final[start : start + 1000])
 
 
 @contextlib.contextmanager

@@ -36,6 +36,7 @@ from freezelab.mlflow.tracking import (
 )
 from freezelab.redact import redact_uri
 from freezelab.trainers.location import RunLocation
+from freezelab.trainers.metric_names import mlflow_name
 from freezelab.trainers.models import build_for_config
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 # The reason a run diverged (``trainers/divergence.py``), set only on such runs; the
 # ``diverged`` metric (0/1) is on every run.
 DIVERGED_TAG = "freezelab.diverged"
+WALL = mlflow_name("wall_time_s")  # the run's wall clock, logged once at the end
 
 
 @dataclass
@@ -137,14 +139,14 @@ class TrackedRun:
         model_uri = None
         try:
             last = int(outcome.metrics.get("epoch", 0)) if outcome is not None else 0
-            logged = client.get_metric_history(self.run_id, "wall_time_s")
+            logged = client.get_metric_history(self.run_id, WALL)
             if (
                 wall_time_s is not None
                 and outcome is not None
                 and not outcome.already_complete
                 and not any(m.step == last for m in logged)
             ):
-                client.log_metric(self.run_id, "wall_time_s", wall_time_s, step=last)
+                client.log_metric(self.run_id, WALL, wall_time_s, step=last)
             reason = outcome.metrics.get("diverged_reason") if outcome is not None else None
             if reason:
                 client.set_tag(self.run_id, DIVERGED_TAG, reason)

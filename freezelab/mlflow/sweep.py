@@ -19,6 +19,7 @@ from freezelab.mlflow.tracking import STAGE_TAG, ensure_reachable, resolve_track
 from freezelab.mlflow.verdict import register_winner
 from freezelab.redact import redact_config, redact_text
 from freezelab.trainers.location import RunLocation
+from freezelab.trainers.metric_names import mlflow_name
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def finish_sweep_run(sweep: Any, base: Any, outcome: Any) -> None:
     run_id = outcome.parent_run_id
     best = outcome.best_row
     if best is not None and best["metric"] is not None:
-        client.log_metric(run_id, f"best_{sweep.metric}", float(best["metric"]))
+        client.log_metric(run_id, best_metric("", sweep.metric), float(best["metric"]))
     with tempfile.TemporaryDirectory() as tmp:
         best_config = {"policy": outcome.best_policy, "params": outcome.best_params}
         (Path(tmp) / "best_config.yaml").write_text(yaml.safe_dump(best_config, sort_keys=False))
@@ -145,7 +146,7 @@ def finish_study_run(
     """Close a study's parent run with what it found in each target variant
     (``winners``: the variant's winning setting, ``""`` for a study without variants):
     metrics ``best/<variant>/<metric>`` (its verdict metric, and val_acc and
-    ``train_time_s`` beside it), tags ``freezelab.best.<variant>.policy`` and
+    ``cost/train_s`` beside it), tags ``freezelab.best.<variant>.policy`` and
     ``.setting``; the ``description`` (the run page's), its whole text ``details`` as
     ``summary.md``, and every fine-tuning run's row as ``results.json``."""
     import mlflow
@@ -154,7 +155,7 @@ def finish_study_run(
     tags = {"mlflow.note.content": description}
     for variant, best in winners.items():
         metrics = {best["metric"]: best["score"], "val_acc": best["val_acc"]}
-        metrics["train_time_s"] = best.get("train_time_s")
+        metrics[mlflow_name("train_time_s")] = best.get("train_time_s")
         for name, value in metrics.items():
             if value is not None:
                 client.log_metric(run_id, best_metric(variant, name), float(value))

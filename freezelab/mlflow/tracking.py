@@ -156,18 +156,27 @@ PARAM_KEYS = (
 )
 
 
+POLICY_TYPE_PARAM = "policy.type"
+
+
 def run_params(config: Any, swept: tuple[str, ...] = ()) -> dict[str, str]:
-    """A run's MLflow params: its policy as one label and as fields, the config keys
-    of ``PARAM_KEYS`` that are set, and the ``swept`` keys (a sweep's dimensions).
+    """A run's MLflow params: its policy once, as its label (type and non-default
+    fields) and its type, which every policy has; the config keys of ``PARAM_KEYS``
+    that are set; and the ``swept`` keys (a sweep's dimensions, ``policy.n`` among
+    them when a sweep varies it). A field that only some policies have is no param of
+    its own: the compare view would plot it as an axis that most runs lack.
 
     >>> from freezelab.trainers.config import validate_config
     >>> config = validate_config({"name": "x", "model": {"name": "resnet18"}, "epochs": 3,
     ...     "data": {"kind": "digits"}, "policy": {"type": "last_n", "n": 2}})
-    >>> run_params(config)["policy"], run_params(config)["policy.n"]
-    ('last_n(n=2)', '2')
+    >>> params = run_params(config)
+    >>> params["policy"], params["policy.type"], "policy.n" in params
+    ('last_n(n=2)', 'last_n', False)
+    >>> run_params(config, swept=("policy.n",))["policy.n"]
+    '2'
     """
     flat = flatten_params({k: v for k, v in config.safe_dict().items() if k != "mlflow"})
-    policy = {k: v for k, v in flat.items() if k.startswith("policy.") and v != "None"}
+    policy = {POLICY_TYPE_PARAM: config.policy.type}
     chosen = {k: flat[k] for k in (*PARAM_KEYS, *swept) if k in flat and flat[k] != "None"}
     return {"policy": config.policy.label(), **policy, **chosen}
 
@@ -238,12 +247,12 @@ ADVISE = "advise"
 
 
 def run_tags(config: Any) -> dict[str, str]:
-    """Tags that make runs searchable: policy, model, dataset, job id, commit, version."""
+    """Tags that make runs searchable: model, dataset, job id, commit, version (the
+    policy is the params ``policy`` and ``policy.type``)."""
     from freezelab import __version__
 
     tags = {
         **source_tags(),
-        "freezelab.policy": config.policy.type,
         "freezelab.model": config.model.name,
         "freezelab.dataset": config.data.kind,
         "freezelab.version": __version__,

@@ -20,11 +20,12 @@ import json
 from typing import Any
 
 from freezelab.mlflow.tracking import FINETUNE, STAGE_TAG, STUDY_TAG, VARIANT_TAG
+from freezelab.trainers.metric_names import mlflow_name
 
 # The experiment tag that holds a shared view of the runs table, by its key.
 SHARED_VIEW_TAG = "mlflow.sharedViewState."
 # What a run costs, as the tables and the summary state it: seconds of training.
-COST_METRIC = "train_time_s"
+COST_METRIC = mlflow_name("train_time_s")
 
 
 def view_key(study_tag: str) -> str:

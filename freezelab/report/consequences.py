@@ -31,6 +31,7 @@ import math
 from typing import Any
 
 from freezelab.stats import difference
+from freezelab.trainers.metric_names import mlflow_name, mlflow_value
 from freezelab.trainers.reporting import history_from_epochs
 from freezelab.trainers.shifts import shifted_metric
 
@@ -54,10 +55,12 @@ def run_measures(
         values = history.get(key)
         return values[max(values)] if values else math.nan
 
+    # Measures keep the loop's names and units (FLOPs), read from their MLflow names.
     measures: dict[str, Any] = {
-        key: last(key) for key in ("train_flops", "forgetting", "source_probe_acc")
+        key: last(mlflow_name(key))
+        for key in ("forgetting", "source_probe_acc", "source_probe_acc_start")
     }
-    measures["source_probe_acc_start"] = last("source_probe_acc_start")
+    measures["train_flops"] = last(mlflow_name("train_flops")) / mlflow_value("train_flops", 1.0)
     measures["evaluations"] = {
         key.removeprefix(EVAL_PREFIX): last(key)
         for key in sorted(history)

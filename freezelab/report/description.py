@@ -47,7 +47,7 @@ def variant_tables(groups: list[dict[str, Any]], limit: int | None = None) -> li
         lines = [
             heading + f"{best[0]['label']} won on {metric}",
             "",
-            f"| policy | {metric} | cost: train s per run |",
+            f"| policy | {metric} | cost/train_s per run |",
             "|:--|--:|--:|",
         ]
         shown = best if limit is None else best[:limit]

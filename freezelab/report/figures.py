@@ -135,7 +135,7 @@ def _accuracy_vs_time(groups: list[dict[str, Any]], rows: list[dict[str, Any]], 
         times = [t for t, _ in time_and_accuracy(members) if 0 < t < math.inf]
         if times and max(times) / min(times) > 20:
             ax.set_xscale("log")
-        ax.set_xlabel("training time per run (s, train_time_s)")
+        ax.set_xlabel("training time per run (s, cost/train_s)")
         if variant:
             ax.set_title(f"target {variant!r}", fontsize=9)
         ax.grid(alpha=0.3)

@@ -131,7 +131,7 @@ setting's finished runs that did not diverge.</p>
 {_table("runs", columns, rows)}
 <p>Each MLflow run links to its page in the MLflow UI: the tracking server's, or for a local
 store the address of <code>mlflow ui</code> ({escape(LOCAL_UI)}).</p>
-<p>Training time is <code>train_time_s</code>, the sum of the training passes; the trainable
+<p>Training time is <code>cost/train_s</code>, the sum of the training passes; the trainable
 share is that of the last epoch; backbone drift is the mean over the non-head layer groups of
 their relative L2 drift at the last epoch.</p>
 <h2>Figures</h2>

@@ -32,6 +32,7 @@ from freezelab.mlflow.tracking import (  # noqa: F401  (VARIANT_TAG: re-exported
 from freezelab.redact import redact_uri
 from freezelab.trainers import checkpoint as ckpt
 from freezelab.trainers.location import RunLocation, config_changes
+from freezelab.trainers.metric_names import current_name, current_value, mlflow_name
 from freezelab.trainers.shifts import SHIFTED_PREFIX
 
 SWEEP_KIND_TAG = "freezelab.kind"
@@ -40,21 +41,23 @@ GROUP_TAG = "freezelab.group"
 DIVERGED_TAG = "freezelab.diverged"  # the reason a run counts as diverged
 SELECTED_TAG = "freezelab.select.point"  # a study run's values of select.grid, as JSON
 DRIFT_PREFIX = "drift/"
-HISTORY_KEYS = (
-    "val_acc",
-    "test_acc",
-    "test_loss",
-    "train_loss",
-    "epoch_time_s",
-    "images_per_s",
-    "train_time_s",
-    "train_images",
-    "trainable_params",
-    "frozen_params",
-    "train_flops",
-    "forgetting",
-    "source_probe_acc",
-    "source_probe_acc_start",
+HISTORY_KEYS = tuple(
+    mlflow_name(key)
+    for key in (
+        "val_acc",
+        "test_acc",
+        "test_loss",
+        "train_loss",
+        "epoch_time_s",
+        "train_time_s",
+        "train_images",
+        "trainable_params",
+        "frozen_params",
+        "train_flops",
+        "forgetting",
+        "source_probe_acc",
+        "source_probe_acc_start",
+    )
 )
 # Metric families read whole: evaluations under shifts and on extra sets (of the
 # held-out test set too), and the gradient norms of the early steps (at their global step).
@@ -247,26 +250,26 @@ class RunRecord:
     def train_time_s(self) -> float:
         """The training passes' time (README, "What a run costs"); for runs from before
         the metric existed, the sum of the epochs' times."""
-        values = [v for _, v in self.series("train_time_s")]
+        values = [v for _, v in self.series(mlflow_name("train_time_s"))]
         if values:
             return values[-1]
-        values = [v for _, v in self.series("epoch_time_s")]
+        values = [v for _, v in self.series(mlflow_name("epoch_time_s"))]
         return sum(values) if values else math.nan
 
     @property
     def images_per_s(self) -> float:
         """Images seen over the training passes' time: not a mean of per-epoch rates,
         which cached epochs would inflate."""
-        images = [v for _, v in self.series("train_images")]
+        images = [v for _, v in self.series(mlflow_name("train_images"))]
         if images and self.train_time_s > 0:
             return images[-1] / self.train_time_s
-        values = [v for _, v in self.series("images_per_s")]
-        return sum(values) / len(values) if values else math.nan
+        return math.nan
 
     @property
     def trainable_share(self) -> float:
         """Trainable parameters over all parameters, at the last epoch."""
-        trainable, frozen = self.last("trainable_params"), self.last("frozen_params")
+        trainable = self.last(mlflow_name("trainable_params"))
+        frozen = self.last(mlflow_name("frozen_params"))
         total = trainable + frozen
         return trainable / total if total > 0 else math.nan
 
@@ -280,12 +283,22 @@ class RunRecord:
 def load_record(client: Any, run: Any, tracking_uri: str) -> RunRecord:
     """Read a run's metric histories (one value per epoch) and its config."""
     notes: list[str] = []
-    keys = [
-        k
+    # Read under today's names: a run logged before the metrics had sections
+    # (``train_time_s``, ``val_acc/<shift>``) reads as one logged now.
+    logged = {
+        k: current_name(k)
         for k in run.data.metrics
-        if k in HISTORY_KEYS or k.startswith((DRIFT_PREFIX, *HISTORY_PREFIXES))
-    ]
-    history = {key: _history(client, run.info.run_id, key) for key in keys}
+        if current_name(k) in HISTORY_KEYS
+        or current_name(k).startswith((DRIFT_PREFIX, *HISTORY_PREFIXES))
+    }
+    history = {
+        name: {
+            step: current_value(k, value)
+            for step, value in _history(client, run.info.run_id, k).items()
+        }
+        for k, name in logged.items()
+    }
+    keys = list(history)
     config = _load_config(run.info.run_id, tracking_uri, notes)
     drifted = [k.removeprefix(DRIFT_PREFIX) for k in keys if k.startswith(DRIFT_PREFIX)]
     order, head = _layout(config, notes) if config is not None else ([], frozenset({"head"}))
@@ -371,7 +384,7 @@ def head_groups_of(config: Any) -> frozenset[str]:
 def policy_label(config: Any | None, params: dict[str, str]) -> str:
     """The policy's type and its non-default fields: ``last_n(n=2)``."""
     if config is None:
-        return params.get("policy.type", "?")
+        return params.get("policy") or params.get("policy.type", "?")
     return config.policy.label()
 
 

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 from freezelab import objectstore
 from freezelab.trainers.checkpoint import STATE_FILE
+from freezelab.trainers.metric_names import IMAGES_PER_S, NOT_LOGGED, mlflow_name, mlflow_value
 
 WriteCheckpoint = Callable[[Path], None]
 
@@ -168,13 +169,20 @@ def history_from_epochs(epochs: Iterable[dict[str, Any]]) -> dict[str, dict[int,
 
 
 def metric_points(report: dict[str, Any]) -> list[tuple[str, float, int]]:
-    """``(key, value, step)`` of one epoch's report, as MLflow logs them."""
+    """``(name, value, step)`` of one epoch's report, as MLflow logs them: under their
+    MLflow names and units (``metric_names``), and the run's throughput so far."""
     epoch = int(report["epoch"])
     points = [
-        (key, float(value), epoch)
+        (mlflow_name(key), mlflow_value(key, float(value)), epoch)
         for key, value in report.items()
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch"
+        if isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and key != "epoch"
+        and key not in NOT_LOGGED
     ]
+    images, seconds = report.get("train_images"), report.get("train_time_s")
+    if images is not None and seconds:
+        points.append((IMAGES_PER_S, float(images) / float(seconds), epoch))
     for row in json.loads(report.get("early_steps") or "[]"):
         step = int(row["step"])
         points += [(f"early/{k}", float(v), step) for k, v in row.items() if k != "step"]

@@ -142,7 +142,7 @@ def test_the_advice_is_an_mlflow_run_with_its_short_runs_nested_under_it(advised
     # 3 candidates x 2 rates, then 3 survivors x 2 seeds; the stopped ones are KILLED.
     assert len(children) == 12
     assert {c.data.tags["freezelab.stage"] for c in children} == {"advise"}
-    assert sum(c.data.metrics["train_flops"] for c in children) == pytest.approx(
+    assert sum(c.data.metrics["cost/gflops"] * 1e9 for c in children) == pytest.approx(
         found["budget"]["spent_flops"]
     )
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

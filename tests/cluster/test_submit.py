@@ -352,7 +352,7 @@ def test_two_jobs_of_one_upload_keep_their_own_results_at_freezelab_home(
     }
     assert all(len(found) == 1 and found[0].info.status == "FINISHED" for found in runs.values())
     assert runs[1][0].info.run_id != runs[2][0].info.run_id
-    assert runs[1][0].data.metrics["epoch"] == 0 and runs[2][0].data.metrics["epoch"] == 1
+    assert runs[1][0].data.metrics["run/epoch"] == 0 and runs[2][0].data.metrics["run/epoch"] == 1
     directories = sorted((home / "freezelab_runs").glob("twin-*"))
     assert len(directories) == 2 and all(
         list(d.glob("checkpoint_*/state.json")) for d in directories

@@ -48,7 +48,7 @@ def _config(tiny_config, server: Server, **update):
     )
 
 
-def _epochs(client, run_id: str, key: str = "epoch") -> list[int]:
+def _epochs(client, run_id: str, key: str = "run/epoch") -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
@@ -100,13 +100,13 @@ def test_a_server_away_at_the_end_leaves_the_run_to_freezelab_sync(
         )
         history = {
             key: [(m.step, m.value) for m in client.get_metric_history(tracked.run_id, key)]
-            for key in ("epoch", "val_acc", "wall_time_s")
+            for key in ("run/epoch", "val_acc", "cost/wall_s")
         }
         return run.info.status, [m.model_id for m in models], history
 
     status, models, history = state()
     assert status == "FINISHED" and len(models) == 1
-    assert sorted(step for step, _ in history["epoch"]) == [0, 1, 2, 3, 4]
+    assert sorted(step for step, _ in history["run/epoch"]) == [0, 1, 2, 3, 4]
     assert sorted(history["val_acc"]) == [
         (h["epoch"], h["val_acc"]) for h in tracked.outcome.history
     ]

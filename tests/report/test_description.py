@@ -72,7 +72,7 @@ def test_a_three_variant_study_opens_on_a_table_per_variant():
     assert starts[0] == 0
     for start in starts:
         assert lines[start].endswith("full [optimizer.lr=0.01] won on test_acc")
-        assert lines[start + 2] == "| policy | test_acc | cost: train s per run |"
+        assert lines[start + 2] == "| policy | test_acc | cost/train_s per run |"
         table = lines[start + 4 : start + 4 + len(LABELS)]
         assert [row.split(" | ")[0] for row in table] == [
             f"| {label} [optimizer.lr=0.01]" for label in LABELS

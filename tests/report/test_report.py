@@ -117,16 +117,17 @@ def test_table_matches_the_mlflow_runs(sweep):
         metrics = run.data.metrics
         val_acc = _history(client, run.info.run_id, "val_acc")
         assert row["val_acc"] == metrics["val_acc"] == val_acc[-1]
-        assert row["best_val_acc"] == metrics["best_val_acc"] == max(val_acc)
+        assert row["best_val_acc"] == metrics["epoch/best_val_acc"] == max(val_acc)
         assert row["epochs_to_best"] == val_acc.index(max(val_acc)) + 1
         assert row["epochs"] == len(val_acc) == 2
-        # One definition of cost: the run's last cumulative train_time_s.
-        times = _history(client, run.info.run_id, "train_time_s")
+        # One definition of cost: the run's last cumulative cost/train_s.
+        times = _history(client, run.info.run_id, "cost/train_s")
         assert row["train_time_s"] == pytest.approx(times[-1], rel=1e-12)
         # Images seen over that time: not a mean of per-epoch rates.
-        images = _history(client, run.info.run_id, "train_images")
+        images = _history(client, run.info.run_id, "cost/train_images")
         assert row["images_per_s"] == pytest.approx(images[-1] / times[-1], rel=1e-12)
-        trainable, frozen = metrics["trainable_params"], metrics["frozen_params"]
+        assert row["images_per_s"] == pytest.approx(metrics["cost/images_per_s"], rel=1e-12)
+        trainable, frozen = metrics["model/trainable_params"], metrics["model/frozen_params"]
         assert row["trainable_share"] == trainable / (trainable + frozen)
         backbone = [v for k, v in metrics.items() if k.startswith("drift/") and k != "drift/head"]
         assert row["backbone_drift"] == pytest.approx(sum(backbone) / len(backbone), rel=1e-12)

@@ -93,7 +93,7 @@ def test_grid_sweep_with_asha_and_nested_mlflow_runs(ray_session, tmp_path, caps
             filter_string=f"source_run_id = '{child.info.run_id}'",
         )
         assert len(models) == 1, child.info.run_name
-        epochs = [m.step for m in client.get_metric_history(child.info.run_id, "epoch")]
+        epochs = [m.step for m in client.get_metric_history(child.info.run_id, "run/epoch")]
         assert epochs == list(range(len(epochs))) and len(epochs) >= 1
     parent = mlflow.MlflowClient(uri).get_run(outcome.parent_run_id)
     assert parent.data.tags["freezelab.kind"] == "sweep"
@@ -103,7 +103,7 @@ def test_grid_sweep_with_asha_and_nested_mlflow_runs(ray_session, tmp_path, caps
 
     # Resuming a finished sweep reruns nothing: no Train run gains an epoch or a run.
     epochs_before = {
-        c.info.run_id: len(mlflow.MlflowClient(uri).get_metric_history(c.info.run_id, "epoch"))
+        c.info.run_id: len(mlflow.MlflowClient(uri).get_metric_history(c.info.run_id, "run/epoch"))
         for c in children
     }
     again = run_sweep(sweep, resume=True)
@@ -111,7 +111,7 @@ def test_grid_sweep_with_asha_and_nested_mlflow_runs(ray_session, tmp_path, caps
     after = child_runs(uri, "sweeps", outcome.parent_run_id)
     assert {c.info.run_id for c in after} == set(epochs_before)
     for run_id, count in epochs_before.items():
-        assert len(mlflow.MlflowClient(uri).get_metric_history(run_id, "epoch")) == count
+        assert len(mlflow.MlflowClient(uri).get_metric_history(run_id, "run/epoch")) == count
 
 
 def test_an_existing_sweep_needs_resume(ray_session, tmp_path):

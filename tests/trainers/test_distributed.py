@@ -113,7 +113,7 @@ def test_replicas_that_disagree_fail_the_run_and_hand_over_no_model(
         filter_string=f"source_run_id = '{run.info.run_id}'",
     )
     # The epoch whose replicas disagree is charted; its report saved no checkpoint.
-    checks = client.get_metric_history(run.info.run_id, "replicas_in_sync")
+    checks = client.get_metric_history(run.info.run_id, "run/replicas_in_sync")
     assert [(m.step, m.value) for m in checks] == [(1, 0.0)]
     from freezelab.trainers import checkpoint as ckpt
 

@@ -144,7 +144,7 @@ def test_a_diverged_run_is_tagged_in_mlflow_and_named_on_the_console(tiny_config
     run = client.get_run(diverged.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags[DIVERGED_TAG] == "train_loss nan at epoch 1"
-    assert [m.value for m in client.get_metric_history(diverged.run_id, "diverged")] == [1, 1]
+    assert [m.value for m in client.get_metric_history(diverged.run_id, "run/diverged")] == [1, 1]
     calm_run = client.get_run(calm.run_id)
     assert DIVERGED_TAG not in calm_run.data.tags
-    assert calm_run.data.metrics["diverged"] == 0
+    assert calm_run.data.metrics["run/diverged"] == 0

@@ -104,7 +104,7 @@ def test_mlflow_charts_the_early_steps_at_their_global_step(tiny_config, tmp_pat
         epochs=2,
         policy={"type": "lp_ft", "probe_epochs": 1},
         metrics={"early_steps": 2},
-        mlflow={"enabled": True, "tracking_uri": uri, "experiment": "shock", "log_model": False},
+        mlflow={"enabled": True, "tracking_uri": uri, "experiment": "shock"},
     )
     tracked = train_tracked(config)
     client = mlflow.MlflowClient(uri)
@@ -114,4 +114,14 @@ def test_mlflow_charts_the_early_steps_at_their_global_step(tiny_config, tmp_pat
     epochs = client.get_metric_history(tracked.run_id, "grad_norm/layer1")
     assert [m.value for m in sorted(epochs, key=lambda m: m.step)][0] == 0.0
     # the JSON of the early steps is no metric of its own
-    assert "early_steps" not in client.get_run(tracked.run_id).data.metrics
+    run = client.get_run(tracked.run_id)
+    assert "early_steps" not in run.data.metrics
+    # The model (of epoch 1) has the run's final metrics, not the early step 1's norm.
+    (model,) = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{tracked.run_id}'",
+    )
+    linked = {m.key: (m.value, m.step) for m in model.metrics}
+    last = max(history, key=lambda m: m.step)
+    assert linked["early/grad_norm/head"] == (last.value, steps_per_epoch + 1)
+    assert {key: value for key, (value, _) in linked.items()} == run.data.metrics

@@ -95,7 +95,7 @@ def test_a_run_on_s3_killed_after_an_epoch_resumes_from_s3_and_is_tracked(
     client = mlflow.MlflowClient(uri)
     run = client.get_run(tracked.run_id)
     assert run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(tracked.run_id, "epoch")] == [0, 1, 2]
+    assert [m.step for m in client.get_metric_history(tracked.run_id, "run/epoch")] == [0, 1, 2]
     assert run.data.tags["freezelab.run_key"].startswith(f"{storage}/on-s3#")
     from freezelab.trainers.artifacts import download_weights
     from freezelab.trainers.checkpoint import load_weights_only
@@ -125,7 +125,7 @@ def test_a_run_on_s3_killed_after_an_epoch_resumes_from_s3_and_is_tracked(
     )
     assert sync(storage, tracking_uri=uri) == [late]
     assert client.get_run(late).info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(late, "epoch")] == [0, 1, 2]
+    assert [m.step for m in client.get_metric_history(late, "run/epoch")] == [0, 1, 2]
     assert f"runs/on-s3/{SYNC_FILE}" not in list_keys(s3_endpoint, s3_bucket)
 
     # --overwrite on S3: every object moved aside under NAME.replaced-TIMESTAMP.
