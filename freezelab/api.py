@@ -62,15 +62,17 @@ def summarize(config: TrainConfig, tracked: TrackedOutcome) -> str:
     outcome = tracked.outcome
     m = outcome.metrics
     nan = float("nan")
+    train_s, images = m.get("train_time_s", nan), int(m.get("train_images", 0))
     lines = [
         f"run {outcome.name}: {m.get('epoch', -1) + 1} epochs, policy {config.policy.label()}, "
         f"model {config.model.name}",
-        f"  val_acc {m.get('val_acc', nan):.4f} (best {m.get('best_val_acc', nan):.4f}), "
+        f"  val_acc {m.get('val_acc', nan):.4f} (best epoch {m.get('best_val_acc', nan):.4f}), "
         f"val_loss {m.get('val_loss', nan):.4f}, train_loss {m.get('train_loss', nan):.4f}",
         f"  trainable params {m.get('trainable_params', 0):,}, frozen {m.get('frozen_params', 0):,}",
-        f"  time: {m.get('train_time_s', nan):.1f} s training, {tracked.wall_time_s or nan:.1f} s "
-        f"wall clock; {m.get('train_images', 0):,} images, "
-        f"{m.get('train_flops', 0) / 1e9:,.1f} GFLOP",
+        # Named as MLflow's cost/* metrics, whose last values these are.
+        f"  cost: train_s {train_s:.1f}, wall_s {tracked.wall_time_s or nan:.1f}, "
+        f"gflops {m.get('train_flops', 0) / 1e9:,.1f}, train_images {images:,}, "
+        f"images_per_s {images / train_s if train_s > 0 else nan:.0f}",
     ]
     if "test_acc" in m:  # the held-out test set, evaluated once on the handed-over model
         shifted = "".join(

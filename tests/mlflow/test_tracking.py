@@ -492,9 +492,14 @@ def test_the_held_out_test_accuracy_is_a_final_metric_and_in_the_study_row(tiny_
     from freezelab.api import summarize
 
     # The run's closing lines name it, with its image count.
-    assert f"test_acc {metrics['test_acc']:.4f} on 107 held-out images" in summarize(
-        config, tracked
-    )
+    summary = summarize(config, tracked)
+    assert f"test_acc {metrics['test_acc']:.4f} on 107 held-out images" in summary
+    # The cost it states is MLflow's cost/* family, under the same names.
+    assert (
+        f"cost: train_s {metrics['cost/train_s']:.1f}, wall_s {metrics['cost/wall_s']:.1f}, "
+        f"gflops {metrics['cost/gflops']:,.1f}, train_images {metrics['cost/train_images']:,.0f}, "
+        f"images_per_s {metrics['cost/images_per_s']:.0f}"
+    ) in summary
     row = study_row(config, tracked, ())
     assert row["test_acc"] == metrics["test_acc"]
     assert row["test_evaluations"] == {"rotate:90": metrics["shifted/test_acc/rotate:90"]}
