@@ -324,3 +324,29 @@ def test_the_compare_view_defaults_to_val_acc(study, browser, shoot):
     assert "policy" in params
     # No axis that only one policy has (gradual's `every`, lp_ft's `probe_epochs`).
     assert not [p for p in params if p.startswith("policy.") and p != "policy.type"], params
+
+
+def test_the_chart_mode_shows_the_verdict_and_the_cost_before_the_diagnostics(
+    study, browser, shoot
+):
+    uri, rows = study
+    client = mlflow.MlflowClient(uri)
+    browser.get(study_page(uri, _parent(client, rows)) + "&compareRunsMode=CHART")
+
+    def sections(driver):
+        # Each section's header reads "<name>\n(<charts>)": the names in page order.
+        lines = driver.find_element("tag name", "body").text.splitlines()
+        found = [a for a, b in zip(lines, lines[1:]) if b.startswith("(") and b.endswith(")")]
+        return len(found) >= 4 and "drift" in found and found
+
+    found = _wait(browser, sections, "the chart sections")
+    shoot(browser, "study-charts")
+    # MLflow's own order would be alphabetical with the unprefixed metrics last.
+    assert found[:2] == ["Model metrics", "cost"], found
+    assert found.index("shifted/test_acc") < found.index("drift") < found.index("run"), found
+    # The verdict metric's chart first in its section, val_acc next.
+    lines = browser.find_element("tag name", "body").text.splitlines()
+    start = lines.index("Model metrics")
+    names = {"test_acc", "val_acc", "val_loss", "train_loss", "train_acc", "test_loss"}
+    titles = [line for line in lines[start : lines.index("cost", start)] if line in names]
+    assert titles[:2] == ["test_acc", "val_acc"], titles
