@@ -112,7 +112,7 @@ def test_study_pretrains_then_compares_policies_on_each_variant_and_writes_a_rep
     assert "freezelab.variant" not in parent.data.tags
     description = parent.data.tags["mlflow.note.content"]
     assert description.startswith("**new-digits**: ")
-    assert "| policy | test_acc | cost: train s per run |" in description.splitlines()[2]
+    assert "| policy | test_acc | cost/train_s per run |" in description.splitlines()[2]
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["freezelab.stage"] == "study"
     # the model the study hands over: registered, and a module its users can fine-tune
