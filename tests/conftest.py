@@ -3,6 +3,13 @@
 Starting Ray costs about 15 s on a 2-core machine, so every test that needs a cluster
 shares the session-scoped ``ray_session``; loop logic runs in one process without Ray
 (``scaling.num_workers: 0``) instead.
+
+The suite runs on two pytest-xdist workers (``addopts``; ``-n 0`` runs it in one
+process). Each worker is a pytest session of its own, with its own session fixtures (its
+own Ray, its own S3 endpoint) and its own Ray temporary folder (below). Test files are
+handed out whole, so module fixtures (a Ray head, an MLflow server) start once; the tests
+that read one shared run (``demo_run``, ``small_study_run``) go to one worker together,
+so that run happens once (``pytest_xdist_make_scheduler``).
 """
 
 from __future__ import annotations
@@ -10,7 +17,11 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -21,6 +32,22 @@ from freezelab.trainers.config import deep_merge
 # Ray Train V2 changes into a per-run directory in the workers; tests keep cwd.
 os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+# Ray finds "its" cluster through the address file in its temporary folder
+# (ray_current_cluster): a bare ray.init() reads it, and so does Ray Train's
+# placement-group cleaner, which several Rays behind one file confuse. So each xdist
+# worker gets a folder of its own, set before any Ray starts; the subprocesses that
+# tests start inherit it. (Short: Ray's unix socket paths under it must stay within 107
+# characters.) Once per worker: the test modules that import ``tests.conftest`` run this
+# module a second time.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _WORKER and "FREEZELAB_TESTS_RAY_TMPDIR" not in os.environ:
+    os.environ["RAY_TMPDIR"] = os.environ["FREEZELAB_TESTS_RAY_TMPDIR"] = tempfile.mkdtemp(
+        prefix=f"ray-{_WORKER}-", dir=os.environ.get("RAY_TMPDIR", "/tmp")
+    )
+
+# The session fixtures that hold one shared run: the tests that read one go to one worker.
+SHARED_RUNS = ("demo_run", "small_study_run")
 
 TINY: dict[str, Any] = {
     "name": "tiny",
@@ -43,6 +70,51 @@ TINY: dict[str, Any] = {
 
 
 merge = deep_merge
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks (it tags the test ids)
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for name in SHARED_RUNS:
+            if name in item.fixturenames:
+                item.add_marker(pytest.mark.xdist_group(name))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup`` as this suite means it: a test in an ``xdist_group`` goes with
+    its group, any other test with its file (as ``--dist loadfile``)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class FileOrGroupScheduling(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            group = super()._split_scope(nodeid)
+            return nodeid.split("::", 1)[0] if group == nodeid else group
+
+    return FileOrGroupScheduling(config, log)
+
+
+def pytest_configure(config):
+    """Before the workers start: Ray's token. A new local Ray writes one to
+    ``~/.ray/auth_token`` when there is none (a fresh machine, as in CI); two workers
+    starting their Rays at once would each write their own, and a Ray could then
+    start with the other's. The controller writes it once, first."""
+    if _WORKER or not getattr(config.option, "numprocesses", None):
+        return
+    if not (Path.home() / ".ray" / "auth_token").exists():
+        subprocess.run(
+            [sys.executable, "-m", "ray.scripts.scripts", "get-auth-token", "--generate"],
+            check=True,
+            capture_output=True,
+        )
+
+
+def pytest_unconfigure(config):
+    folder = os.environ.get("FREEZELAB_TESTS_RAY_TMPDIR")
+    if _WORKER and folder:  # the worker's Ray has stopped: its session folders (logs) go
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
