@@ -94,7 +94,11 @@ def chart_layout(metric: str) -> dict[str, Any]:
                 "useGlobalLineSmoothing": True,
             }
         )
-    return {"isAccordionReordered": True, "compareRunSections": sections, "compareRunCharts": charts}
+    return {
+        "isAccordionReordered": True,
+        "compareRunSections": sections,
+        "compareRunCharts": charts,
+    }
 
 
 def view_key(study_tag: str) -> str:

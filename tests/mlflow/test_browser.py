@@ -338,7 +338,7 @@ def test_the_chart_mode_shows_the_verdict_and_the_cost_before_the_diagnostics(
     def sections(driver):
         # Each section's header reads "<name>\n(<charts>)": the names in page order.
         lines = driver.find_element("tag name", "body").text.splitlines()
-        found = [a for a, b in zip(lines, lines[1:]) if b.startswith("(") and b.endswith(")")]
+        found = [a for a, b in zip(lines, lines[1:], strict=False) if b[:1] + b[-1:] == "()"]
         return len(found) >= 4 and "drift" in found and found
 
     found = _wait(browser, sections, "the chart sections")

@@ -86,7 +86,12 @@ def test_run_logs_params_metrics_artifacts_and_model(tiny_config, sqlite_uri):
     # Sections a person can scan: without a prefix only what a run is judged by; one cost
     # family, whose rate is the run's (the summary's), not the last epoch's.
     metrics = run.data.metrics
-    assert {k for k in metrics if "/" not in k} == {"val_acc", "val_loss", "train_acc", "train_loss"}
+    assert {k for k in metrics if "/" not in k} == {
+        "val_acc",
+        "val_loss",
+        "train_acc",
+        "train_loss",
+    }
     assert metrics["cost/train_s"] == outcome.metrics["train_time_s"]
     assert metrics["cost/gflops"] == pytest.approx(outcome.metrics["train_flops"] / 1e9)
     assert metrics["cost/images_per_s"] == pytest.approx(
