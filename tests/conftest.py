@@ -104,11 +104,13 @@ def pytest_configure(config):
     if _WORKER or not getattr(config.option, "numprocesses", None):
         return
     if not (Path.home() / ".ray" / "auth_token").exists():
-        subprocess.run(
+        made = subprocess.run(
             [sys.executable, "-m", "ray.scripts.scripts", "get-auth-token", "--generate"],
-            check=True,
             capture_output=True,
+            text=True,
         )
+        if made.returncode != 0:
+            raise pytest.UsageError(f"could not write Ray's token: {made.stderr[-2000:]}")
 
 
 def pytest_unconfigure(config):

@@ -37,11 +37,7 @@ def start_advice_run(config: Any) -> tuple[str, str]:
     uri = resolve_tracking_uri(config.mlflow.tracking_uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
     experiment_id = experiment_id_for(client, config.mlflow.experiment)
-    tags = {
-        k: v
-        for k, v in run_tags(config).items()
-        if k not in ("freezelab.policy", "freezelab.run_name")
-    }
+    tags = {k: v for k, v in run_tags(config).items() if k != "freezelab.run_name"}
     tags[STAGE_TAG] = ADVISE
     run = client.create_run(experiment_id, run_name=f"advise {config.model.name}", tags=tags)
     log.info(

@@ -184,5 +184,10 @@ def log_epoch(client, run_id: str, report: dict[str, Any]) -> None:
 
 
 def logged_epochs(client, run_id: str) -> set[int]:
-    """Epochs whose metrics the run already has (its ``run/epoch`` metric's steps)."""
-    return {int(m.step) for m in client.get_metric_history(run_id, EPOCH_MARK)}
+    """Epochs whose metrics the run already has (its ``run/epoch`` metric's steps, and
+    ``epoch``'s, the mark of runs logged before the metrics had sections)."""
+    return {
+        int(m.step)
+        for mark in (EPOCH_MARK, "epoch")
+        for m in client.get_metric_history(run_id, mark)
+    }

@@ -17,10 +17,15 @@ import re
 from pathlib import Path
 from typing import Any
 
+from freezelab.errors import FreezelabError
 from freezelab.mlflow.tracking import tracking_uri_set
 from freezelab.trainers.models import build_for_config
 
 log = logging.getLogger(__name__)
+
+
+class ActiveRunError(FreezelabError, RuntimeError):
+    """Another MLflow run is active in this process, which MLflow would give the model to."""
 
 
 def log_checkpoint_model(
@@ -33,7 +38,8 @@ def log_checkpoint_model(
 
     ``step`` is the checkpoint's epoch, the run's output step of the model. The model's
     metrics are the run's final ones (``link_final_metrics``), so the Models tab shows
-    the handed-over model's val_acc, not epoch 0's."""
+    the handed-over model's val_acc, not epoch 0's. Refused while another MLflow run is
+    active in this process (``ActiveRunError``), before anything is logged."""
     import mlflow
     import numpy as np
     import timm
@@ -45,6 +51,13 @@ def log_checkpoint_model(
     from freezelab.trainers.data import input_size_of, num_classes_of
     from freezelab.trainers.head_init import labels_from
 
+    active = mlflow.active_run()
+    if active is not None:
+        # MLflow would give the model to the active run: its output, its metrics.
+        raise ActiveRunError(
+            f"an MLflow run ({active.info.run_id}) is active in this process: freezelab "
+            f"logs run {run_id}'s model itself; call it outside `mlflow.start_run()`"
+        )
     model = build_for_config(config, with_weights=False)
     ckpt.load_model_weights(checkpoint_dir, model)
     head = config.model.head.model_dump() if config.model.head else None
@@ -94,20 +107,40 @@ def log_checkpoint_model(
                 f"freezelab=={__version__}",
             ],
         )
-    link_final_metrics(client, run_id, created.model_id, step)
+    link_final_metrics(client, run_id, created.model_id, step, _global_step(checkpoint_dir))
     return info.model_uri
 
 
-def link_final_metrics(client: Any, run_id: str, model_id: str, step: int) -> None:
-    """Make the run's final metrics the model's, and the model the run's output at
-    ``step``: each metric's last point (the highest step, then the latest), as the run
-    page shows it."""
+def _global_step(checkpoint_dir: str) -> int | None:
+    """The optimizer steps the checkpoint had taken (its ``state.json``), if it says."""
+    from freezelab.trainers import checkpoint as ckpt
+
+    try:
+        return int(ckpt.read_state(checkpoint_dir)["step"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+def link_final_metrics(
+    client: Any, run_id: str, model_id: str, step: int, global_step: int | None = None
+) -> None:
+    """Make the model the run's output at epoch ``step`` and give it the run's metrics
+    of its weights: each metric's last point up to ``step``, as the run page shows a
+    finished run's. ``early/*`` count global optimizer steps: theirs up to
+    ``global_step``. Up to, not the last: a trial stopped past its last checkpoint has
+    epochs the model never saw. Linking again changes nothing."""
     from mlflow.entities import LoggedModelOutput, Metric
 
-    client.log_outputs(run_id, [LoggedModelOutput(model_id, step=step)])
+    run = client.get_run(run_id)
+    outputs = run.outputs.model_outputs if run.outputs else []
+    if not any(o.model_id == model_id for o in outputs):
+        client.log_outputs(run_id, [LoggedModelOutput(model_id, step=step)])
     final = []
-    for key in client.get_run(run_id).data.metrics:
-        history = client.get_metric_history(run_id, key)
+    for key in run.data.metrics:
+        limit = global_step if key.startswith("early/") else step
+        history = [
+            m for m in client.get_metric_history(run_id, key) if limit is None or m.step <= limit
+        ]
         if history:
             last = max(history, key=lambda m: (m.step, m.timestamp))
             # The point itself (its timestamp too): linked, not logged a second time.
@@ -130,13 +163,22 @@ def _quiet(logger_name: str):
 
 
 def logged_model_uri(client: Any, experiment_id: str, run_id: str, step: int) -> str | None:
-    """The URI of the model this run already logged for ``step``, if any."""
-    for model in client.search_logged_models(
-        experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'"
-    ):
+    """The URI of the model this run already logged for ``step``, if any: a whole one
+    (READY), not one whose logging failed or was cut off."""
+    for model in ready_models(client, experiment_id, run_id):
         if model.tags.get("freezelab.epoch") == str(step):
             return model.model_uri
     return None
+
+
+def ready_models(client: Any, experiment_id: str, run_id: str, **search: Any) -> list[Any]:
+    """The run's logged models whose logging finished (status READY)."""
+    from mlflow.entities import LoggedModelStatus
+
+    found = client.search_logged_models(
+        experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'", **search
+    )
+    return [m for m in found if m.status == LoggedModelStatus.READY]
 
 
 def registry_client(uri: str) -> Any:

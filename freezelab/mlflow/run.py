@@ -25,7 +25,13 @@ from typing import Any
 import yaml
 
 from freezelab.mlflow.callback import MlflowMetricsCallback
-from freezelab.mlflow.models import is_registered, log_checkpoint_model, logged_model_uri, register
+from freezelab.mlflow.models import (
+    is_registered,
+    link_final_metrics,
+    log_checkpoint_model,
+    logged_model_uri,
+    register,
+)
 from freezelab.mlflow.store import RUN_KEY_TAG, experiment_id_for, find_run_by_key, log_datasets
 from freezelab.mlflow.tracking import (
     dataset_inputs,
@@ -158,6 +164,10 @@ class TrackedRun:
                 if model_uri is None:
                     model_uri = log_checkpoint_model(
                         self.tracking_uri, self.run_id, config, outcome.checkpoint_dir, step=last
+                    )
+                else:  # linked then, unless that finish stopped between the two
+                    link_final_metrics(
+                        client, self.run_id, model_uri.removeprefix("models:/"), last
                     )
                 name = config.mlflow.register_as
                 if name and not is_registered(client, name, model_uri):

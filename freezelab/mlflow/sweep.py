@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from freezelab.mlflow.models import ready_models
 from freezelab.mlflow.store import RUN_KEY_TAG, experiment_id_for, find_run_by_key
 from freezelab.mlflow.tracking import STAGE_TAG, ensure_reachable, resolve_tracking_uri, run_tags
 from freezelab.mlflow.verdict import register_winner
@@ -38,11 +39,7 @@ def start_group_run(base: Any, name: str, kind: str) -> tuple[str, bool]:
     if run_id:
         client.update_run(run_id, status="RUNNING")
         return run_id, True
-    tags = {
-        k: v
-        for k, v in run_tags(base).items()
-        if k not in ("freezelab.policy", "freezelab.run_name")
-    }
+    tags = {k: v for k, v in run_tags(base).items() if k != "freezelab.run_name"}
     # Reports and `freezelab compare` treat every group run alike: kind "sweep".
     tags.update(
         {RUN_KEY_TAG: key, "freezelab.kind": "sweep", "freezelab.group": kind, STAGE_TAG: kind}
@@ -91,7 +88,7 @@ def finish_sweep_run(sweep: Any, base: Any, outcome: Any) -> None:
     run_id = outcome.parent_run_id
     best = outcome.best_row
     if best is not None and best["metric"] is not None:
-        client.log_metric(run_id, best_metric("", sweep.metric), float(best["metric"]))
+        client.log_metric(run_id, best_metric("", mlflow_name(sweep.metric)), float(best["metric"]))
     with tempfile.TemporaryDirectory() as tmp:
         best_config = {"policy": outcome.best_policy, "params": outcome.best_params}
         (Path(tmp) / "best_config.yaml").write_text(yaml.safe_dump(best_config, sort_keys=False))
@@ -213,9 +210,7 @@ def best_trial_model_uri(client: Any, base: Any, run_name: str) -> str | None:
         return None
     # The client's search, not the fluent one: that reads the process's tracking URI,
     # which need not be the config's.
-    models = client.search_logged_models(
-        experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'"
-    )
+    models = ready_models(client, experiment_id, run_id)
     return models[0].model_uri if models else None
 
 

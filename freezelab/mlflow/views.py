@@ -56,6 +56,7 @@ CHART_SECTIONS = (
     ("early/rel_grad_norm", False),
     ("lr", False),
     ("run", False),
+    ("run/train_images", False),
 )
 # The charts listed first in their section: the verdict metric comes before these.
 LEAD_CHARTS = ("val_acc", "val_loss", "train_loss", COST_METRIC, "cost/gflops")

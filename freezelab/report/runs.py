@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from freezelab.errors import FreezelabError
+from freezelab.mlflow.models import ready_models
 from freezelab.mlflow.tracking import (  # noqa: F401  (VARIANT_TAG: re-exported)
     ADVISE,
     PRETRAIN,
@@ -291,13 +292,13 @@ def load_record(client: Any, run: Any, tracking_uri: str) -> RunRecord:
         if current_name(k) in HISTORY_KEYS
         or current_name(k).startswith((DRIFT_PREFIX, *HISTORY_PREFIXES))
     }
-    history = {
-        name: {
-            step: current_value(k, value)
-            for step, value in _history(client, run.info.run_id, k).items()
-        }
-        for k, name in logged.items()
-    }
+    history: dict[str, dict[int, float]] = {}
+    # A run resumed across the rename holds both names: today's wins at a shared step.
+    for k, name in sorted(logged.items(), key=lambda item: item[0] == item[1]):
+        points = _history(client, run.info.run_id, k)
+        history.setdefault(name, {}).update(
+            {step: current_value(k, value) for step, value in points.items()}
+        )
     keys = list(history)
     config = _load_config(run.info.run_id, tracking_uri, notes)
     drifted = [k.removeprefix(DRIFT_PREFIX) for k in keys if k.startswith(DRIFT_PREFIX)]
@@ -432,9 +433,10 @@ def _logged_weights(
 ) -> Path | None:
     from freezelab.trainers.artifacts import download_weights
 
-    models = client.search_logged_models(
-        experiment_ids=[record.experiment_id],
-        filter_string=f"source_run_id = '{record.run_id}'",
+    models = ready_models(
+        client,
+        record.experiment_id,
+        record.run_id,
         order_by=[{"field_name": "creation_time", "ascending": False}],
     )
     if not models:

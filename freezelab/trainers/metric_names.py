@@ -7,11 +7,11 @@ group them:
 
 - no prefix: what a run is judged by, ``val_acc``, ``val_loss``, ``test_acc``,
   ``test_loss``, ``train_acc``, ``train_loss``;
-- ``cost/``: what the run cost so far, summed over its epochs (its last value is the
-  run's): ``cost/train_s`` (the training passes' seconds), ``cost/wall_s`` (start-up
-  included, logged once at the end), ``cost/gflops``, ``cost/train_images``,
-  ``cost/images_per_s`` (``cost/train_images`` over ``cost/train_s``: the rate the
-  summary states), ``cost/peak_memory_mb``;
+- ``cost/``: what the run cost so far (its last value is the run's): summed over the
+  epochs, ``cost/train_s`` (the training passes' seconds), ``cost/gflops`` and
+  ``cost/train_images``; ``cost/images_per_s`` (``cost/train_images`` over
+  ``cost/train_s``: the rate the summary states); ``cost/peak_memory_mb``; and
+  ``cost/wall_s`` (start-up included, logged once at the end);
 - ``epoch/``: one epoch's own numbers: ``epoch/time_s`` (training and evaluation),
   ``epoch/best_val_acc`` (the best epoch's val_acc so far; the run's model is its last
   epoch's, ``val_acc``);

@@ -100,3 +100,72 @@ def test_a_run_logged_under_the_earlier_names_still_reads(tmp_path):
     assert (row["train_time_s"], row["wall_time_s"], row["epochs"]) == (4.0, 9.0, 2)
     assert row["best_val_acc"] == 0.75 and row["policy"] == "last_n(n=2)"
     assert not math.isnan(row["trainable_pct"])
+
+
+def test_a_run_resumed_across_the_rename_keeps_each_epoch_once(tmp_path):
+    from freezelab.mlflow.callback import log_epoch, logged_epochs
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(client.create_experiment("resumed"), run_name="resumed")
+    run_id = run.info.run_id
+    for epoch in (0, 1):  # logged by an earlier version: the old names, "epoch" as the mark
+        for key, value in (("val_acc", 0.5 + epoch / 10), ("train_time_s", 2.0 + epoch)):
+            client.log_metric(run_id, key, value, step=epoch)
+        client.log_metric(run_id, "epoch", epoch, step=epoch)
+    assert logged_epochs(client, run_id) == {0, 1}  # not written again on resume or sync
+    log_epoch(client, run_id, {"epoch": 2, "val_acc": 0.7, "train_time_s": 4.0})
+    assert logged_epochs(client, run_id) == {0, 1, 2}
+
+    record = load_record(client, client.get_run(run_id), uri)
+    assert record.series("cost/train_s") == [(0, 2.0), (1, 3.0), (2, 4.0)]
+    assert record.train_time_s == 4.0
+
+
+def _run_with_a_model(tmp_path):
+    """A run whose metrics go past epoch 1, and a (bare) logged model of it."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("linked")
+    run_id = client.create_run(experiment, run_name="linked").info.run_id
+    for epoch in range(3):
+        client.log_metric(run_id, "val_acc", 0.5 + epoch / 10, step=epoch)
+    for step in range(6):  # global optimizer steps
+        client.log_metric(run_id, "early/grad_norm/head", 10.0 - step, step=step)
+    model = client.create_logged_model(experiment, name="linked", source_run_id=run_id)
+    return client, run_id, model.model_id
+
+
+def test_a_model_of_an_earlier_epoch_gets_that_epochs_metrics_once(tmp_path):
+    from freezelab.mlflow.models import link_final_metrics
+
+    client, run_id, model_id = _run_with_a_model(tmp_path)
+    # The checkpoint of epoch 1, 4 optimizer steps in: a trial stopped after epoch 2.
+    for _ in range(2):  # linking again (a retried finish) changes nothing
+        link_final_metrics(client, run_id, model_id, step=1, global_step=3)
+    linked = {m.key: (m.value, m.step) for m in client.get_logged_model(model_id).metrics}
+    assert linked == {"val_acc": (0.6, 1), "early/grad_norm/head": (7.0, 3)}
+    assert [o.model_id for o in client.get_run(run_id).outputs.model_outputs] == [model_id]
+    assert len(client.get_metric_history(run_id, "val_acc")) == 3  # linked, not logged again
+
+
+def test_a_model_whose_logging_did_not_finish_is_not_reused(tmp_path):
+    from freezelab.mlflow.models import logged_model_uri
+
+    client, run_id, model_id = _run_with_a_model(tmp_path)
+    client.set_logged_model_tags(model_id, {"freezelab.epoch": "2"})
+    experiment = client.get_run(run_id).info.experiment_id
+    assert logged_model_uri(client, experiment, run_id, 2) is None  # still PENDING
+    client.finalize_logged_model(model_id, "READY")
+    assert logged_model_uri(client, experiment, run_id, 2) == f"models:/{model_id}"
+
+
+def test_a_model_is_not_logged_into_another_active_run(tmp_path):
+    from freezelab.mlflow.models import ActiveRunError, log_checkpoint_model
+    from freezelab.mlflow.tracking import tracking_uri_set
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with tracking_uri_set(uri), mlflow.start_run() as mine:
+        with pytest.raises(ActiveRunError, match=mine.info.run_id):
+            log_checkpoint_model(uri, "0" * 32, config=None, checkpoint_dir="nowhere", step=0)
+    assert mlflow.MlflowClient(uri).search_logged_models(experiment_ids=["0"]) == []
