@@ -37,8 +37,8 @@ def log_checkpoint_model(
     and no reader runs code from the file.
 
     ``step`` is the checkpoint's epoch, the run's output step of the model. The model's
-    metrics are the run's final ones (``link_final_metrics``), so the Models tab shows
-    the handed-over model's val_acc, not epoch 0's. Refused while another MLflow run is
+    metrics are the run's up to that epoch (``link_final_metrics``): a finished run's
+    final ones, so the Models tab shows the handed-over model's val_acc, not epoch 0's. Refused while another MLflow run is
     active in this process (``ActiveRunError``), before anything is logged."""
     import mlflow
     import numpy as np
