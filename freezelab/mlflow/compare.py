@@ -13,7 +13,7 @@ from freezelab.console import Column, format_table
 from freezelab.errors import NotFound
 from freezelab.stats import summarize
 from freezelab.trainers.location import RESULT_NEUTRAL
-from freezelab.trainers.metric_names import mlflow_name
+from freezelab.trainers.metric_names import current_metrics, mlflow_name
 
 TABLE = (
     Column("policy", max_width=48),
@@ -50,7 +50,8 @@ def compare_rows(
         )
     rows, params_of = [], {}
     for run in client.search_runs([found.experiment_id], max_results=5000):
-        metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
+        # Under today's names, whichever names the run was logged under.
+        metrics, params, tags = current_metrics(run.data.metrics), run.data.params, run.data.tags
         if tags.get("freezelab.kind") == "sweep":
             continue  # a sweep's parent run: its trials are the rows
         if tags.get(STAGE_TAG) == PRETRAIN and not with_pretraining:
@@ -59,19 +60,19 @@ def compare_rows(
             continue  # a study's selection run: it chose a learning rate
         if tags.get(STAGE_TAG) == ADVISE:
             continue  # `freezelab advise`: signals, nothing trained
-        trainable = logged_metric(metrics, "trainable_params")
-        frozen = logged_metric(metrics, "frozen_params")
+        trainable = metrics.get(mlflow_name("trainable_params"))
+        frozen = metrics.get(mlflow_name("frozen_params"))
         total = (trainable or 0) + (frozen or 0)
         end = run.info.end_time or run.info.start_time
-        epoch = logged_metric(metrics, "epoch")
-        wall = logged_metric(metrics, "wall_time_s")
+        epoch = metrics.get(mlflow_name("epoch"))
+        wall = metrics.get(mlflow_name("wall_time_s"))
         rows.append(
             {
                 "policy": _policy_summary(params),
-                "best_val_acc": logged_metric(metrics, "best_val_acc"),
+                "best_val_acc": metrics.get(mlflow_name("best_val_acc")),
                 "val_acc": metrics.get("val_acc"),
                 "epochs": int(epoch) + 1 if epoch is not None else None,
-                "train_time_s": logged_metric(metrics, "train_time_s"),
+                "train_time_s": metrics.get(mlflow_name("train_time_s")),
                 # Runs from before the wall time was logged: MLflow's own duration.
                 "wall_time_s": wall
                 if wall is not None
@@ -94,13 +95,6 @@ def compare_rows(
         )
     )
     return rows
-
-
-def logged_metric(metrics: dict[str, float], key: str) -> float | None:
-    """The run's last value of the loop's ``key`` under its MLflow name, or under the
-    name itself for a run logged before the names had sections."""
-    value = metrics.get(mlflow_name(key))
-    return metrics.get(key) if value is None else value
 
 
 def _policy_summary(params: dict[str, str]) -> str:

@@ -38,8 +38,9 @@ def log_checkpoint_model(
 
     ``step`` is the checkpoint's epoch, the run's output step of the model. The model's
     metrics are the run's up to that epoch (``link_final_metrics``): a finished run's
-    final ones, so the Models tab shows the handed-over model's val_acc, not epoch 0's. Refused while another MLflow run is
-    active in this process (``ActiveRunError``), before anything is logged."""
+    final ones, so the Models tab shows the handed-over model's val_acc, not epoch 0's.
+    Refused while another MLflow run is active in this process (``ActiveRunError``),
+    before anything is logged."""
     import mlflow
     import numpy as np
     import timm
@@ -107,11 +108,11 @@ def log_checkpoint_model(
                 f"freezelab=={__version__}",
             ],
         )
-    link_final_metrics(client, run_id, created.model_id, step, _global_step(checkpoint_dir))
+    link_final_metrics(client, run_id, created.model_id, step, global_step_of(checkpoint_dir))
     return info.model_uri
 
 
-def _global_step(checkpoint_dir: str) -> int | None:
+def global_step_of(checkpoint_dir: str) -> int | None:
     """The optimizer steps the checkpoint had taken (its ``state.json``), if it says."""
     from freezelab.trainers import checkpoint as ckpt
 

@@ -26,6 +26,7 @@ import yaml
 
 from freezelab.mlflow.callback import MlflowMetricsCallback
 from freezelab.mlflow.models import (
+    global_step_of,
     is_registered,
     link_final_metrics,
     log_checkpoint_model,
@@ -167,7 +168,11 @@ class TrackedRun:
                     )
                 else:  # linked then, unless that finish stopped between the two
                     link_final_metrics(
-                        client, self.run_id, model_uri.removeprefix("models:/"), last
+                        client,
+                        self.run_id,
+                        model_uri.removeprefix("models:/"),
+                        last,
+                        global_step_of(outcome.checkpoint_dir),
                     )
                 name = config.mlflow.register_as
                 if name and not is_registered(client, name, model_uri):

@@ -66,10 +66,7 @@ IMAGES_PER_S = "cost/images_per_s"
 LR = "lr/all"  # the learning rate when every group has the same one
 
 # Names of runs logged before these sections existed, readable as today's.
-_LEGACY = {
-    **{old: new for old, new in RENAMED.items() if old not in ("epoch",)},
-    "lr": LR,
-}
+_LEGACY = {**RENAMED, "lr": LR}
 
 
 def mlflow_name(key: str) -> str:
@@ -101,3 +98,12 @@ def current_name(logged: str) -> str:
 def current_value(logged: str, value: float) -> float:
     """``value`` of the metric an older run logged as ``logged``, in today's unit."""
     return mlflow_value(logged, value) if logged in _LEGACY else value
+
+
+def current_metrics(logged: dict[str, float]) -> dict[str, float]:
+    """A run's last values (``run.data.metrics``) under today's names and units; where
+    a run holds a metric under both names (resumed across the rename), today's wins."""
+    found: dict[str, float] = {}
+    for key, value in sorted(logged.items(), key=lambda item: current_name(item[0]) == item[0]):
+        found[current_name(key)] = current_value(key, value)
+    return found
